@@ -1,0 +1,71 @@
+//! Key checks and prefix handling shared by every backend.
+
+use crate::{Error, Result};
+
+/// Checks that `key`, given as the argument named `argument`, is a valid key.
+pub fn check_key(argument: &'static str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        Err(Error::empty_key(argument))
+    } else {
+        Ok(())
+    }
+}
+
+/// The `prefix` option: puts it in front of every key and takes it off again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    /// A prefix; empty means none.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        KeyPrefix(prefix.into())
+    }
+
+    /// The prefix itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `key` as stored.
+    pub fn apply(&self, key: &str) -> String {
+        let mut stored = String::with_capacity(self.0.len() + key.len());
+        stored.push_str(&self.0);
+        stored.push_str(key);
+        stored
+    }
+
+    /// `stored` as callers see it, or `None` when it lies outside the prefix.
+    pub fn strip<'a>(&self, stored: &'a str) -> Option<&'a str> {
+        stored.strip_prefix(self.0.as_str())
+    }
+
+    /// The stored keys of the inclusive caller range `[start, end]`, or `None` when it is empty
+    /// (`start > end`). An empty `start` means "from the first key under the prefix".
+    pub fn range(&self, start: &str, end: &str) -> Option<(String, String)> {
+        // No key is empty, so nothing lies at or below an empty `end`.
+        if end.is_empty() || start > end {
+            return None;
+        }
+        Some((self.apply(start), self.apply(end)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let none = KeyPrefix::default();
+        assert_eq!(none.range("b", "a"), None);
+        assert_eq!(none.range("a", ""), None);
+        assert_eq!(none.range("", ""), None);
+        assert_eq!(none.range("", "z"), Some((String::new(), "z".into())));
+        let p = KeyPrefix::new("p/");
+        assert_eq!(p.range("", ""), None);
+        assert_eq!(p.range("", "a"), Some(("p/".into(), "p/a".into())));
+        assert_eq!(p.range("a", "b"), Some(("p/a".into(), "p/b".into())));
+        assert_eq!(p.strip("p/a"), Some("a"));
+        assert_eq!(p.strip("q/a"), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! The `Kvi` trait: the fourteen operations of the contract, plus streams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{CompareOp, KeyChange, KeyValue, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream};
+
+/// A handle on a key-value store: etcd, or the in-memory store.
+///
+/// Every backend behaves the same way; the rules are those of the project's contract and
+/// are checked by one conformance suite against each backend. A handle is `Send + Sync`:
+/// one `Box<dyn Kvi>` or `Arc<dyn Kvi>` serves many tasks at once.
+///
+/// Each handle is one participant in its distributed lock (the `lock_name` option) and
+/// owns one lease for its temporary keys.
+#[async_trait]
+pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
+    /// Takes the handle's distributed lock, waiting as long as it takes (first come, first
+    /// served). `Ok` at once if this handle already holds it.
+    async fn dist_lock(&self) -> Result<()>;
+
+    /// Like [`dist_lock`](Kvi::dist_lock), but gives up after `timeout` with
+    /// [`Error::LockTimeout`](crate::Error::LockTimeout); a given-up attempt leaves no trace.
+    async fn dist_timed_lock(&self, timeout: Duration) -> Result<()>;
+
+    /// Releases the lock; `Ok` if this handle does not hold it.
+    async fn dist_unlock(&self) -> Result<()>;
+
+    /// Creates or overwrites `key`.
+    async fn store(&self, key: &str, value: &str) -> Result<()>;
+
+    /// Stores `"1"` at `key`, bound to this handle's lease: the key vanishes when the handle
+    /// is closed, and within `lease_ttl` when its process dies.
+    async fn temp_key(&self, key: &str) -> Result<()>;
+
+    /// The value of `key`: `None` when absent, `Some("")` when present and empty.
+    async fn get(&self, key: &str) -> Result<Option<String>>;
+
+    /// Every key `k` with `key_start <= k <= key_end` (both inclusive, byte order), sorted
+    /// ascending. `key_start > key_end` gives an empty `Vec`; an empty `key_start` means
+    /// from the first key.
+    async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>>;
+
+    /// Deletes `key`; deleting an absent key is `Ok`.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// In one atomic step: if `value_of(key) op value` holds, stores `then_value` at
+    /// `then_key` and returns `true`; otherwise stores `else_value` at `else_key` and
+    /// returns `false`. A missing `key` makes every comparison false.
+    #[allow(clippy::too_many_arguments)]
+    async fn transaction(
+        &self,
+        key: &str,
+        op: CompareOp,
+        value: &str,
+        then_key: &str,
+        then_value: &str,
+        else_key: &str,
+        else_value: &str,
+    ) -> Result<bool>;
+
+    /// Test-and-set: if `key` exists and holds `test_value`, sets it to `set_value` and
+    /// returns `true`; otherwise writes nothing and returns `false` (a missing key stays missing).
+    async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool>;
+
+    /// Waits for the next change to `key` after the call began.
+    async fn watch(&self, key: &str) -> Result<WatchEvent>;
+
+    /// Calls `cb` for every event of kind `change` on `key`, in revision order, until `cb`
+    /// returns `false`, the key is deleted, the returned handle is cancelled, or this store
+    /// handle is closed.
+    async fn watch_with_cb(&self, key: &str, change: KeyChange, cb: WatchCallback) -> Result<WatchHandle>;
+
+    /// Cancels a callback watcher; same as [`WatchHandle::cancel`].
+    fn watch_cb_cancel(&self, handle: WatchHandle);
+
+    /// Releases the lock, removes the temp keys, stops every watcher; every later call fails
+    /// with [`Error::Closed`](crate::Error::Closed). Closing twice is `Ok`.
+    async fn close(&self) -> Result<()>;
+
+    /// Every change to `key` from now on. The watch is registered before this returns.
+    async fn watch_stream(&self, key: &str) -> Result<WatchStream>;
+
+    /// Every change to any key starting with `prefix` from now on. The watch is registered
+    /// before this returns.
+    async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream>;
+}
+
+macro_rules! forward_kvi {
+    ($($wrapper:ident),*) => {$(
+        #[deny(clippy::missing_trait_methods)]
+        #[async_trait]
+        impl<T: Kvi + ?Sized> Kvi for $wrapper<T> {
+            async fn dist_lock(&self) -> Result<()> {
+                (**self).dist_lock().await
+            }
+            async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
+                (**self).dist_timed_lock(timeout).await
+            }
+            async fn dist_unlock(&self) -> Result<()> {
+                (**self).dist_unlock().await
+            }
+            async fn store(&self, key: &str, value: &str) -> Result<()> {
+                (**self).store(key, value).await
+            }
+            async fn temp_key(&self, key: &str) -> Result<()> {
+                (**self).temp_key(key).await
+            }
+            async fn get(&self, key: &str) -> Result<Option<String>> {
+                (**self).get(key).await
+            }
+            async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
+                (**self).get_range(key_start, key_end).await
+            }
+            async fn delete(&self, key: &str) -> Result<()> {
+                (**self).delete(key).await
+            }
+            async fn transaction(
+                &self,
+                key: &str,
+                op: CompareOp,
+                value: &str,
+                then_key: &str,
+                then_value: &str,
+                else_key: &str,
+                else_value: &str,
+            ) -> Result<bool> {
+                (**self)
+                    .transaction(key, op, value, then_key, then_value, else_key, else_value)
+                    .await
+            }
+            async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
+                (**self).tas(key, test_value, set_value).await
+            }
+            async fn watch(&self, key: &str) -> Result<WatchEvent> {
+                (**self).watch(key).await
+            }
+            async fn watch_with_cb(&self, key: &str, change: KeyChange, cb: WatchCallback) -> Result<WatchHandle> {
+                (**self).watch_with_cb(key, change, cb).await
+            }
+            fn watch_cb_cancel(&self, handle: WatchHandle) {
+                (**self).watch_cb_cancel(handle)
+            }
+            async fn close(&self) -> Result<()> {
+                (**self).close().await
+            }
+            async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
+                (**self).watch_stream(key).await
+            }
+            async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
+                (**self).watch_prefix(prefix).await
+            }
+        }
+    )*};
+}
+
+forward_kvi!(Box, Arc);

@@ -1,0 +1,29 @@
+//! The core of hmetcd: the [`Kvi`] trait every backend implements, its types, the one
+//! [`Error`] enum, and the parsers for `open`'s endpoint and options strings.
+//!
+//! Applications use the `hmetcd` crate; backends depend on this crate alone.
+//!
+//! ```
+//! use hmetcd_core::{CompareOp, Endpoint, Options};
+//!
+//! let op: CompareOp = "<".parse()?;
+//! assert!(op.holds("val0051", "val0052"));
+//! assert!(matches!(Endpoint::parse("mem:tests")?, Endpoint::Memory { .. }));
+//! assert_eq!(Options::parse("")?, Options::default());
+//! # Ok::<(), hmetcd_core::Error>(())
+//! ```
+
+mod endpoint;
+mod error;
+pub mod keys;
+mod kvi;
+mod options;
+mod types;
+pub mod watch;
+
+pub use endpoint::{Endpoint, EtcdUrl, Scheme};
+pub use error::{BoxError, Error, Result};
+pub use kvi::Kvi;
+pub use options::{Options, Password, DEFAULT_LOCK_NAME};
+pub use types::{CompareOp, KeyChange, KeyValue, WatchEvent};
+pub use watch::{WatchCallback, WatchHandle, WatchStream};

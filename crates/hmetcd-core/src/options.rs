@@ -1,0 +1,305 @@
+//! The `options` string of `open`: comma-separated `name=value` pairs.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// A password that never shows itself in `Debug` or `Display` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps a password.
+    pub fn new(password: impl Into<String>) -> Self {
+        Password(password.into())
+    }
+
+    /// The password itself, for handing to the store's client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl fmt::Display for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Options for opening a store, parsed from `""` or `"name=value,name=value"`.
+///
+/// ```
+/// use std::time::Duration;
+/// use hmetcd_core::Options;
+///
+/// let options: Options = "request_timeout=500ms, lease_ttl=5s, prefix=svc/".parse()?;
+/// assert_eq!(options.request_timeout, Duration::from_millis(500));
+/// assert_eq!(options.lease_ttl, Duration::from_secs(5));
+/// assert_eq!(options.prefix, "svc/");
+/// assert_eq!(options.lock_name, "hbtd_dist_lock");
+///
+/// let err = "lease_ttl=soon".parse::<Options>().unwrap_err();
+/// assert!(err.to_string().contains("lease_ttl=soon"));
+/// # Ok::<(), hmetcd_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// Limit for every single request to etcd (not lock waits, not watches). Default 5 s.
+    pub request_timeout: Duration,
+    /// Limit for opening a connection. Default 10 s.
+    pub connect_timeout: Duration,
+    /// How long temp keys and lock sessions outlive a crashed owner. Default 10 s.
+    pub lease_ttl: Duration,
+    /// The name of the handle's distributed lock. Default `hbtd_dist_lock`.
+    pub lock_name: String,
+    /// Prefix every key is stored under; callers never see it. Default empty.
+    pub prefix: String,
+    /// etcd user name.
+    pub user: Option<String>,
+    /// etcd password.
+    pub password: Option<Password>,
+    /// CA certificate (PEM) for `https://` endpoints.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for `https://` endpoints.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for `https://` endpoints.
+    pub key_file: Option<PathBuf>,
+}
+
+/// The lock name used when none is given, the same as the Go package's.
+pub const DEFAULT_LOCK_NAME: &str = "hbtd_dist_lock";
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(10),
+            lock_name: DEFAULT_LOCK_NAME.to_owned(),
+            prefix: String::new(),
+            user: None,
+            password: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lock_name", &self.lock_name)
+            .field("prefix", &self.prefix)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+impl Options {
+    /// Parses an options string; see the type's documentation.
+    pub fn parse(options: &str) -> Result<Self> {
+        let mut parsed = Options::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for item in options.split(',').map(str::trim) {
+            if item.is_empty() {
+                if options.trim().is_empty() {
+                    continue;
+                }
+                return Err(invalid(item, "empty item (two commas in a row, or a trailing comma)"));
+            }
+            let Some((name, value)) = item.split_once('=') else {
+                return Err(invalid(item, "expected name=value"));
+            };
+            let (name, value) = (name.trim(), value.trim());
+            if seen.contains(&name) {
+                return Err(invalid(item, "given more than once"));
+            }
+            parsed.set(name, value, item)?;
+            seen.push(name);
+        }
+        parsed.check()?;
+        Ok(parsed)
+    }
+
+    fn set(&mut self, name: &str, value: &str, item: &str) -> Result<()> {
+        match name {
+            "request_timeout" => self.request_timeout = duration(item, value)?,
+            "connect_timeout" => self.connect_timeout = duration(item, value)?,
+            "lease_ttl" => {
+                let ttl = duration(item, value)?;
+                if ttl < Duration::from_secs(1) {
+                    return Err(invalid(item, "must be at least 1s (etcd leases count whole seconds)"));
+                }
+                if ttl.subsec_nanos() != 0 {
+                    return Err(invalid(item, "must be whole seconds (etcd leases count whole seconds)"));
+                }
+                self.lease_ttl = ttl;
+            }
+            "lock_name" => {
+                if value.is_empty() {
+                    return Err(invalid(item, "must not be empty"));
+                }
+                self.lock_name = value.to_owned();
+            }
+            "prefix" => self.prefix = value.to_owned(),
+            "user" => self.user = Some(non_empty(item, value)?.to_owned()),
+            "password" => {
+                if value.is_empty() {
+                    return Err(invalid("password=", "must not be empty"));
+                }
+                self.password = Some(Password::new(value));
+            }
+            "ca_file" => self.ca_file = Some(non_empty(item, value)?.into()),
+            "cert_file" => self.cert_file = Some(non_empty(item, value)?.into()),
+            "key_file" => self.key_file = Some(non_empty(item, value)?.into()),
+            "" => return Err(invalid(item, "missing option name")),
+            _ => {
+                return Err(invalid(
+                    item,
+                    "unknown option; known: request_timeout, connect_timeout, lease_ttl, lock_name, \
+                     prefix, user, password, ca_file, cert_file, key_file",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        match (&self.user, &self.password) {
+            (Some(user), None) => Err(invalid(&format!("user={user}"), "given without password")),
+            (None, Some(_)) => Err(invalid("password=<redacted>", "given without user")),
+            _ => match (&self.cert_file, &self.key_file) {
+                (Some(cert), None) => Err(invalid(
+                    &format!("cert_file={}", cert.display()),
+                    "given without key_file",
+                )),
+                (None, Some(key)) => Err(invalid(
+                    &format!("key_file={}", key.display()),
+                    "given without cert_file",
+                )),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+impl FromStr for Options {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Options::parse(s)
+    }
+}
+
+fn redact(item: &str) -> String {
+    match item.split_once('=') {
+        Some((name, _)) if name.trim() == "password" => "password=<redacted>".to_owned(),
+        _ => item.to_owned(),
+    }
+}
+
+fn invalid(item: &str, reason: &str) -> Error {
+    Error::InvalidOption {
+        option: redact(item),
+        reason: reason.to_owned(),
+    }
+}
+
+fn non_empty<'a>(item: &str, value: &'a str) -> Result<&'a str> {
+    if value.is_empty() {
+        Err(invalid(item, "must not be empty"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Reads `500ms`, `5s`, `2m` (and the other forms `humantime` knows, such as `1m30s`).
+fn duration(item: &str, value: &str) -> Result<Duration> {
+    let parsed = humantime::parse_duration(value).map_err(|err| {
+        invalid(item, &format!("not a duration ({err}); write it like 500ms, 5s or 2m"))
+    })?;
+    if parsed.is_zero() {
+        return Err(invalid(item, "must be greater than zero"));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reject(options: &str) -> (String, String) {
+        match Options::parse(options) {
+            Err(Error::InvalidOption { option, reason }) => (option, reason),
+            other => panic!("{options:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_string_gives_defaults() {
+        assert_eq!(Options::parse("").ok(), Some(Options::default()));
+        assert_eq!(Options::parse("  ").ok(), Some(Options::default()));
+    }
+
+    #[test]
+    fn parses_every_option() {
+        let options = Options::parse(
+            " request_timeout=500ms , connect_timeout=2m,lease_ttl=3s,lock_name=mine,prefix=a/b/,\
+             user=svc,password=s3cret,ca_file=/ca.pem,cert_file=/c.pem,key_file=/k.pem",
+        )
+        .unwrap_or_default();
+        assert_eq!(options.request_timeout, Duration::from_millis(500));
+        assert_eq!(options.connect_timeout, Duration::from_secs(120));
+        assert_eq!(options.lease_ttl, Duration::from_secs(3));
+        assert_eq!(options.lock_name, "mine");
+        assert_eq!(options.prefix, "a/b/");
+        assert_eq!(options.user.as_deref(), Some("svc"));
+        assert_eq!(options.password.as_ref().map(Password::expose), Some("s3cret"));
+        assert_eq!(options.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(options.key_file, Some(PathBuf::from("/k.pem")));
+    }
+
+    #[test]
+    fn rejections_name_the_pair() {
+        assert_eq!(reject("nosuch=1").0, "nosuch=1");
+        assert_eq!(reject("request_timeout=fast").0, "request_timeout=fast");
+        assert_eq!(reject("request_timeout=0s").0, "request_timeout=0s");
+        assert_eq!(reject("lease_ttl=500ms").0, "lease_ttl=500ms");
+        assert_eq!(reject("lease_ttl=1500ms").0, "lease_ttl=1500ms");
+        assert_eq!(reject("lock_name=").0, "lock_name=");
+        assert_eq!(reject("prefix").0, "prefix");
+        assert_eq!(reject("prefix=a,,lease_ttl=2s").0, "");
+        assert_eq!(reject("prefix=a,prefix=b").0, "prefix=b");
+        assert_eq!(reject("=5").0, "=5");
+        assert_eq!(reject("user=svc").0, "user=svc");
+    }
+
+    #[test]
+    fn password_never_shows() {
+        let (option, _) = reject("password=hunter2");
+        assert!(!option.contains("hunter2"), "{option}");
+        let options = Options::parse("user=u,password=hunter2").unwrap_or_default();
+        assert!(!format!("{options:?}").contains("hunter2"));
+        let err = Options::parse("user=u,password=hunter2,password=hunter2").err();
+        assert!(!format!("{err:?}").contains("hunter2"));
+        assert!(!err.map(|e| e.to_string()).unwrap_or_default().contains("hunter2"));
+    }
+}
