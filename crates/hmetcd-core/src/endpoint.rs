@@ -153,10 +153,15 @@ mod tests {
 
     #[test]
     fn memory_endpoints() {
-        assert_eq!(Endpoint::parse("mem:").ok(), Some(Endpoint::Memory { name: None }));
+        assert_eq!(
+            Endpoint::parse("mem:").ok(),
+            Some(Endpoint::Memory { name: None })
+        );
         assert_eq!(
             Endpoint::parse(" mem:a ").ok(),
-            Some(Endpoint::Memory { name: Some("a".into()) })
+            Some(Endpoint::Memory {
+                name: Some("a".into())
+            })
         );
     }
 
@@ -168,13 +173,33 @@ mod tests {
             panic!("did not parse");
         };
         let shown: Vec<String> = urls.iter().map(|u| u.to_url(false)).collect();
-        assert_eq!(shown, ["http://a:1", "https://b.example:2379", "http://c-1:3", "http://[::1]:4"]);
+        assert_eq!(
+            shown,
+            [
+                "http://a:1",
+                "https://b.example:2379",
+                "http://c-1:3",
+                "http://[::1]:4"
+            ]
+        );
         assert_eq!(urls[2].to_url(true), "https://c-1:3");
     }
 
     #[test]
     fn rejections_name_the_endpoint() {
-        for bad in ["", "memory", "localhost", "ftp://a:1", "a:b", "a:0", "a:70000", ":1", "a:1,,b:2", "[]:1", "a b:1"] {
+        for bad in [
+            "",
+            "memory",
+            "localhost",
+            "ftp://a:1",
+            "a:b",
+            "a:0",
+            "a:70000",
+            ":1",
+            "a:1,,b:2",
+            "[]:1",
+            "a b:1",
+        ] {
             match Endpoint::parse(bad) {
                 Err(Error::InvalidEndpoint { endpoint, .. }) => assert_eq!(endpoint, bad),
                 other => panic!("{bad:?} gave {other:?}"),

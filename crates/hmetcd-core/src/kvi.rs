@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{CompareOp, KeyChange, KeyValue, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream};
+use crate::{
+    CompareOp, KeyChange, KeyValue, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+};
 
 /// A handle on a key-value store: etcd, or the in-memory store.
 ///
@@ -71,7 +73,12 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// Calls `cb` for every event of kind `change` on `key`, in revision order, until `cb`
     /// returns `false`, the key is deleted, the returned handle is cancelled, or this store
     /// handle is closed.
-    async fn watch_with_cb(&self, key: &str, change: KeyChange, cb: WatchCallback) -> Result<WatchHandle>;
+    async fn watch_with_cb(
+        &self,
+        key: &str,
+        change: KeyChange,
+        cb: WatchCallback,
+    ) -> Result<WatchHandle>;
 
     /// Cancels a callback watcher; same as [`WatchHandle::cancel`].
     fn watch_cb_cancel(&self, handle: WatchHandle);

@@ -123,7 +123,10 @@ impl Options {
                 if options.trim().is_empty() {
                     continue;
                 }
-                return Err(invalid(item, "empty item (two commas in a row, or a trailing comma)"));
+                return Err(invalid(
+                    item,
+                    "empty item (two commas in a row, or a trailing comma)",
+                ));
             }
             let Some((name, value)) = item.split_once('=') else {
                 return Err(invalid(item, "expected name=value"));
@@ -146,10 +149,16 @@ impl Options {
             "lease_ttl" => {
                 let ttl = duration(item, value)?;
                 if ttl < Duration::from_secs(1) {
-                    return Err(invalid(item, "must be at least 1s (etcd leases count whole seconds)"));
+                    return Err(invalid(
+                        item,
+                        "must be at least 1s (etcd leases count whole seconds)",
+                    ));
                 }
                 if ttl.subsec_nanos() != 0 {
-                    return Err(invalid(item, "must be whole seconds (etcd leases count whole seconds)"));
+                    return Err(invalid(
+                        item,
+                        "must be whole seconds (etcd leases count whole seconds)",
+                    ));
                 }
                 self.lease_ttl = ttl;
             }
@@ -171,13 +180,11 @@ impl Options {
             "cert_file" => self.cert_file = Some(non_empty(item, value)?.into()),
             "key_file" => self.key_file = Some(non_empty(item, value)?.into()),
             "" => return Err(invalid(item, "missing option name")),
-            _ => {
-                return Err(invalid(
-                    item,
-                    "unknown option; known: request_timeout, connect_timeout, lease_ttl, lock_name, \
+            _ => return Err(invalid(
+                item,
+                "unknown option; known: request_timeout, connect_timeout, lease_ttl, lock_name, \
                      prefix, user, password, ca_file, cert_file, key_file",
-                ))
-            }
+            )),
         }
         Ok(())
     }
@@ -234,7 +241,10 @@ fn non_empty<'a>(item: &str, value: &'a str) -> Result<&'a str> {
 /// Reads `500ms`, `5s`, `2m` (and the other forms `humantime` knows, such as `1m30s`).
 fn duration(item: &str, value: &str) -> Result<Duration> {
     let parsed = humantime::parse_duration(value).map_err(|err| {
-        invalid(item, &format!("not a duration ({err}); write it like 500ms, 5s or 2m"))
+        invalid(
+            item,
+            &format!("not a duration ({err}); write it like 500ms, 5s or 2m"),
+        )
     })?;
     if parsed.is_zero() {
         return Err(invalid(item, "must be greater than zero"));
@@ -272,7 +282,10 @@ mod tests {
         assert_eq!(options.lock_name, "mine");
         assert_eq!(options.prefix, "a/b/");
         assert_eq!(options.user.as_deref(), Some("svc"));
-        assert_eq!(options.password.as_ref().map(Password::expose), Some("s3cret"));
+        assert_eq!(
+            options.password.as_ref().map(Password::expose),
+            Some("s3cret")
+        );
         assert_eq!(options.ca_file, Some(PathBuf::from("/ca.pem")));
         assert_eq!(options.key_file, Some(PathBuf::from("/k.pem")));
     }
@@ -300,6 +313,9 @@ mod tests {
         assert!(!format!("{options:?}").contains("hunter2"));
         let err = Options::parse("user=u,password=hunter2,password=hunter2").err();
         assert!(!format!("{err:?}").contains("hunter2"));
-        assert!(!err.map(|e| e.to_string()).unwrap_or_default().contains("hunter2"));
+        assert!(!err
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("hunter2"));
     }
 }

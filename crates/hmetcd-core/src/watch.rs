@@ -35,7 +35,9 @@ impl Control {
     }
 
     fn callback(&self) -> MutexGuard<'_, Option<WatchCallback>> {
-        self.callback.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.callback
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs the callback unless cancelled; `false` means stop.
@@ -111,7 +113,11 @@ impl WatchHandle {
 ///
 /// Backends implement [`Kvi::watch_with_cb`](crate::Kvi::watch_with_cb) with it. It must be
 /// called within a Tokio runtime.
-pub fn spawn_callback_watcher(stream: WatchStream, change: KeyChange, callback: WatchCallback) -> WatchHandle {
+pub fn spawn_callback_watcher(
+    stream: WatchStream,
+    change: KeyChange,
+    callback: WatchCallback,
+) -> WatchHandle {
     let control = Arc::new(Control {
         callback: Mutex::new(Some(callback)),
         cancelled: AtomicBool::new(false),

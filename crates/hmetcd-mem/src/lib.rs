@@ -1,1 +1,410 @@
-//! x
+//! The in-memory backend of hmetcd: the etcd contract kept in one process, for tests and
+//! single-instance services.
+//!
+//! Every rule of the contract holds here exactly as on etcd: inclusive sorted ranges,
+//! atomic transactions with etcd's missing-key rule, a store-wide revision counter, a real
+//! first-come-first-served lock, temp keys that vanish with their handle, and watches that
+//! are pushed to watchers as writes happen (no polling).
+//!
+//! ```
+//! use hmetcd_core::Kvi;
+//! use hmetcd_mem::MemKvs;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> hmetcd_core::Result<()> {
+//! let kv = MemKvs::new();
+//! kv.store("jobs/1", "queued").await?;
+//! assert!(kv.tas("jobs/1", "queued", "running").await?);
+//! assert_eq!(kv.get("jobs/1").await?.as_deref(), Some("running"));
+//!
+//! // Handles opened with the same name share one store and one lock.
+//! let a = MemKvs::open("shared", "lock_name=jobs")?;
+//! let b = MemKvs::open("shared", "lock_name=jobs")?;
+//! a.dist_lock().await?;
+//! assert!(b.dist_timed_lock(std::time::Duration::from_millis(10)).await.is_err());
+//! a.close().await?;
+//! b.dist_lock().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod store;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use hmetcd_core::keys::{check_key, KeyPrefix};
+use hmetcd_core::watch::{first_event, spawn_callback_watcher};
+use hmetcd_core::{
+    CompareOp, Error, KeyChange, KeyValue, Kvi, Options, Result, WatchCallback, WatchEvent,
+    WatchHandle, WatchStream,
+};
+use tokio::sync::OwnedMutexGuard;
+
+use store::{LeaseId, Store, Target};
+
+// Stores opened by name live as long as the process, as in the Go package: data outlives `close()`.
+static NAMED_STORES: LazyLock<DashMap<String, Arc<Store>>> = LazyLock::new(DashMap::new);
+
+/// A handle on an in-memory store.
+///
+/// [`MemKvs::new`] makes a fresh private store; [`MemKvs::open`] opens a named store that
+/// every handle opened with the same name shares (the empty name is the process-wide store
+/// behind the `mem:` endpoint). Each handle is one participant in its lock and owns its temp
+/// keys; dropping the handle releases both at once, as `close()` does.
+///
+/// Callback watchers ([`Kvi::watch_with_cb`]) run on the Tokio runtime they were started in.
+pub struct MemKvs {
+    store: Arc<Store>,
+    store_name: Option<String>,
+    options: Options,
+    prefix: KeyPrefix,
+    lease: LeaseId,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    held: Mutex<Option<OwnedMutexGuard<()>>>,
+    acquiring: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+    closing: tokio::sync::watch::Sender<bool>,
+    temp_keys: Mutex<BTreeSet<String>>,
+}
+
+impl fmt::Debug for MemKvs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemKvs")
+            .field("store", &self.store_name.as_deref().unwrap_or("<private>"))
+            .field("prefix", &self.prefix.as_str())
+            .field("lock_name", &self.options.lock_name)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemKvs {
+    fn default() -> Self {
+        MemKvs::new()
+    }
+}
+
+impl MemKvs {
+    /// A handle on a fresh private store that no other handle sees: what a unit test wants.
+    pub fn new() -> Self {
+        MemKvs::on_store(Arc::new(Store::default()), None, Options::default())
+    }
+
+    /// A handle on the store named `name`, shared by every handle opened with that name in
+    /// this process; `""` is the process-wide store of the `mem:` endpoint. `options` is the
+    /// contract's options string: `prefix`, `lock_name` and `lease_ttl` apply, the
+    /// connection options are accepted and ignored.
+    ///
+    /// ```
+    /// use hmetcd_mem::MemKvs;
+    ///
+    /// let kv = MemKvs::open("orders", "prefix=svc/, lock_name=orders")?;
+    /// assert!(MemKvs::open("orders", "lease_ttl=forever").is_err());
+    /// # drop(kv);
+    /// # Ok::<(), hmetcd_core::Error>(())
+    /// ```
+    pub fn open(name: &str, options: &str) -> Result<Self> {
+        let options = Options::parse(options)?;
+        let store = Arc::clone(NAMED_STORES.entry(name.to_owned()).or_default().value());
+        Ok(MemKvs::on_store(store, Some(name.to_owned()), options))
+    }
+
+    /// Another handle on the same store as this one (a second participant in the lock).
+    pub fn open_sibling(&self, options: &str) -> Result<Self> {
+        let options = Options::parse(options)?;
+        Ok(MemKvs::on_store(
+            Arc::clone(&self.store),
+            self.store_name.clone(),
+            options,
+        ))
+    }
+
+    fn on_store(store: Arc<Store>, store_name: Option<String>, options: Options) -> Self {
+        let prefix = KeyPrefix::new(options.prefix.clone());
+        // The lock lives under the prefix like every other key, as on etcd.
+        let lock = store.lock_mutex(&prefix.apply(&options.lock_name));
+        let lease = store.next_id();
+        MemKvs {
+            store,
+            store_name,
+            options,
+            prefix,
+            lease,
+            lock,
+            held: Mutex::new(None),
+            acquiring: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
+            temp_keys: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The options this handle was opened with.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn holds_lock(&self) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    async fn acquire(&self) -> Result<()> {
+        self.check_open()?;
+        if self.holds_lock() {
+            return Ok(());
+        }
+        let mut closing = self.closing.subscribe();
+        // One waiter per handle: a second task of this handle waits here, then finds it held.
+        let acquire = async {
+            let _one_at_a_time = self.acquiring.lock().await;
+            if self.holds_lock() {
+                return;
+            }
+            // tokio's mutex queues waiters first come, first served.
+            let guard = Arc::clone(&self.lock).lock_owned().await;
+            *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(guard);
+        };
+        tokio::select! {
+            () = acquire => {}
+            _ = closing.wait_for(|closed| *closed) => {}
+        }
+        if self.closed.load(Ordering::Acquire) {
+            self.release_lock();
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn release_lock(&self) {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Releases everything the handle holds in the store: lock, temp keys, watchers.
+    fn release(&self) {
+        self.release_lock();
+        let temp_keys: Vec<String> = std::mem::take(
+            &mut *self
+                .temp_keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect();
+        self.store.revoke(self.lease, &temp_keys);
+        self.store.unwatch_owner(self.lease);
+    }
+
+    fn watch_target(&self, target: Target) -> Result<WatchStream> {
+        self.check_open()?;
+        let stream = self
+            .store
+            .watch(target, self.prefix.as_str().len(), self.lease);
+        // A close that raced with this call may have missed it; dropping the stream unregisters it.
+        self.check_open()?;
+        Ok(Box::pin(stream))
+    }
+}
+
+impl Drop for MemKvs {
+    fn drop(&mut self) {
+        // As when an etcd client dies: the lock and temp keys go (here at once, not after a TTL).
+        self.release();
+    }
+}
+
+#[async_trait]
+impl Kvi for MemKvs {
+    async fn dist_lock(&self) -> Result<()> {
+        self.acquire().await
+    }
+
+    async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
+        match tokio::time::timeout(timeout, self.acquire()).await {
+            Ok(result) => result,
+            // Dropping the wait takes this handle out of the queue: no trace is left.
+            Err(_) => Err(Error::LockTimeout {
+                lock: self.options.lock_name.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn dist_unlock(&self) -> Result<()> {
+        self.check_open()?;
+        self.release_lock();
+        Ok(())
+    }
+
+    async fn store(&self, key: &str, value: &str) -> Result<()> {
+        self.check_open()?;
+        check_key("key", key)?;
+        self.store.put(&self.prefix.apply(key), value, None);
+        Ok(())
+    }
+
+    async fn temp_key(&self, key: &str) -> Result<()> {
+        self.check_open()?;
+        check_key("key", key)?;
+        let stored = self.prefix.apply(key);
+        self.temp_keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(stored.clone());
+        self.store.put(&stored, "1", Some(self.lease));
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>> {
+        self.check_open()?;
+        check_key("key", key)?;
+        Ok(self.store.get(&self.prefix.apply(key)))
+    }
+
+    async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
+        self.check_open()?;
+        Ok(match self.prefix.range(key_start, key_end) {
+            Some((start, end)) => self.store.range(&start, &end, self.prefix.as_str().len()),
+            None => Vec::new(),
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.check_open()?;
+        check_key("key", key)?;
+        self.store.delete(&self.prefix.apply(key));
+        Ok(())
+    }
+
+    async fn transaction(
+        &self,
+        key: &str,
+        op: CompareOp,
+        value: &str,
+        then_key: &str,
+        then_value: &str,
+        else_key: &str,
+        else_value: &str,
+    ) -> Result<bool> {
+        self.check_open()?;
+        check_key("key", key)?;
+        check_key("then_key", then_key)?;
+        check_key("else_key", else_key)?;
+        let (key, then_key, else_key) = (
+            self.prefix.apply(key),
+            self.prefix.apply(then_key),
+            self.prefix.apply(else_key),
+        );
+        Ok(self.store.transaction(
+            &key,
+            op,
+            value,
+            (&then_key, then_value),
+            (&else_key, else_value),
+        ))
+    }
+
+    async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
+        self.check_open()?;
+        check_key("key", key)?;
+        Ok(self
+            .store
+            .tas(&self.prefix.apply(key), test_value, set_value))
+    }
+
+    async fn watch(&self, key: &str) -> Result<WatchEvent> {
+        first_event(self.watch_stream(key).await?).await
+    }
+
+    async fn watch_with_cb(
+        &self,
+        key: &str,
+        change: KeyChange,
+        cb: WatchCallback,
+    ) -> Result<WatchHandle> {
+        Ok(spawn_callback_watcher(
+            self.watch_stream(key).await?,
+            change,
+            cb,
+        ))
+    }
+
+    fn watch_cb_cancel(&self, handle: WatchHandle) {
+        handle.cancel();
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.closing.send_replace(true);
+        self.release();
+        Ok(())
+    }
+
+    async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
+        check_key("key", key)?;
+        self.watch_target(Target::Key(self.prefix.apply(key)))
+    }
+
+    async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
+        self.watch_target(Target::Prefix(self.prefix.apply(prefix)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn dropped_and_closed_watchers_leave_the_store() {
+        let kv = MemKvs::new();
+        let stream = kv.watch_stream("a").await.unwrap();
+        let prefix_stream = kv.watch_prefix("").await.unwrap();
+        assert_eq!(kv.store.watcher_count(), 2);
+        drop(stream);
+        assert_eq!(kv.store.watcher_count(), 1);
+        let mut other = kv.watch_stream("b").await.unwrap();
+        kv.close().await.unwrap();
+        assert_eq!(kv.store.watcher_count(), 0);
+        assert!(
+            other.next().await.is_none(),
+            "a closed handle's streams end"
+        );
+        drop(prefix_stream);
+    }
+
+    #[tokio::test]
+    async fn watch_returns_only_after_registering() {
+        let kv = MemKvs::new();
+        for _ in 0..100 {
+            let _ = kv.watch_stream("a").await.unwrap();
+        }
+        assert_eq!(
+            kv.store.watcher_count(),
+            0,
+            "one-shot watches must not accumulate"
+        );
+    }
+}
