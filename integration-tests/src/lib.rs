@@ -39,7 +39,9 @@ pub struct TestStore {
 impl TestStore {
     /// A view under a new random prefix (`t-<random>/`) and lock name.
     pub fn new(opener: Arc<dyn Opener>) -> Self {
-        let tag: String = std::iter::repeat_with(fastrand::alphanumeric).take(12).collect();
+        let tag: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(12)
+            .collect();
         TestStore {
             opener,
             prefix: format!("t-{tag}/"),
@@ -69,7 +71,9 @@ impl TestStore {
 
     /// A new handle with the case's prefix and lock name; panics if the store cannot be opened.
     pub async fn open(&self) -> Box<dyn Kvi> {
-        self.open_with("").await.unwrap_or_else(|err| panic!("opening {}: {err}", self.backend()))
+        self.open_with("")
+            .await
+            .unwrap_or_else(|err| panic!("opening {}: {err}", self.backend()))
     }
 
     /// A new handle with extra options; `prefix` and `lock_name` default to the case's own
