@@ -1,5 +1,7 @@
 //! Key checks and prefix handling shared by every backend.
 
+use std::borrow::Cow;
+
 use crate::{Error, Result};
 
 /// Checks that `key`, given as the argument named `argument`, is a valid key.
@@ -32,6 +34,15 @@ impl KeyPrefix {
         stored.push_str(&self.0);
         stored.push_str(key);
         stored
+    }
+
+    /// `key` as stored, borrowing it when there is no prefix (no allocation on the hot path).
+    pub fn stored<'a>(&self, key: &'a str) -> Cow<'a, str> {
+        if self.0.is_empty() {
+            Cow::Borrowed(key)
+        } else {
+            Cow::Owned(self.apply(key))
+        }
     }
 
     /// `stored` as callers see it, or `None` when it lies outside the prefix.

@@ -258,7 +258,7 @@ impl Kvi for MemKvs {
     async fn store(&self, key: &str, value: &str) -> Result<()> {
         self.check_open()?;
         check_key("key", key)?;
-        self.store.put(&self.prefix.apply(key), value, None);
+        self.store.put(&self.prefix.stored(key), value, None);
         Ok(())
     }
 
@@ -277,7 +277,7 @@ impl Kvi for MemKvs {
     async fn get(&self, key: &str) -> Result<Option<String>> {
         self.check_open()?;
         check_key("key", key)?;
-        Ok(self.store.get(&self.prefix.apply(key)))
+        Ok(self.store.get(&self.prefix.stored(key)))
     }
 
     async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
@@ -291,7 +291,7 @@ impl Kvi for MemKvs {
     async fn delete(&self, key: &str) -> Result<()> {
         self.check_open()?;
         check_key("key", key)?;
-        self.store.delete(&self.prefix.apply(key));
+        self.store.delete(&self.prefix.stored(key));
         Ok(())
     }
 
@@ -310,9 +310,9 @@ impl Kvi for MemKvs {
         check_key("then_key", then_key)?;
         check_key("else_key", else_key)?;
         let (key, then_key, else_key) = (
-            self.prefix.apply(key),
-            self.prefix.apply(then_key),
-            self.prefix.apply(else_key),
+            self.prefix.stored(key),
+            self.prefix.stored(then_key),
+            self.prefix.stored(else_key),
         );
         Ok(self.store.transaction(
             &key,
@@ -328,7 +328,7 @@ impl Kvi for MemKvs {
         check_key("key", key)?;
         Ok(self
             .store
-            .tas(&self.prefix.apply(key), test_value, set_value))
+            .tas(&self.prefix.stored(key), test_value, set_value))
     }
 
     async fn watch(&self, key: &str) -> Result<WatchEvent> {

@@ -1,11 +1,12 @@
 //! One in-memory store: the data, etcd's revision counter, the watchers and the locks.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::task::{Context, Poll};
 
 use futures::Stream;
+use hashbrown::HashMap;
 use hmetcd_core::{CompareOp, KeyValue, Result, WatchEvent};
 use tokio::sync::mpsc;
 
