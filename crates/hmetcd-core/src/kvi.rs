@@ -1,5 +1,7 @@
 //! The `Kvi` trait: the fourteen operations of the contract, plus streams.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,69 +97,86 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream>;
 }
 
+/// The future every `Kvi` method returns (what `#[async_trait]` makes of an `async fn`).
+type KviFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+// Forwarding hands back the inner handle's future as it is: no second box per call.
 macro_rules! forward_kvi {
     ($($wrapper:ident),*) => {$(
         #[deny(clippy::missing_trait_methods)]
-        #[async_trait]
         impl<T: Kvi + ?Sized> Kvi for $wrapper<T> {
-            async fn dist_lock(&self) -> Result<()> {
-                (**self).dist_lock().await
+            fn dist_lock<'s, 'f>(&'s self) -> KviFuture<'f, ()>
+            where 's: 'f, Self: 'f {
+                (**self).dist_lock()
             }
-            async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
-                (**self).dist_timed_lock(timeout).await
+            fn dist_timed_lock<'s, 'f>(&'s self, timeout: Duration) -> KviFuture<'f, ()>
+            where 's: 'f, Self: 'f {
+                (**self).dist_timed_lock(timeout)
             }
-            async fn dist_unlock(&self) -> Result<()> {
-                (**self).dist_unlock().await
+            fn dist_unlock<'s, 'f>(&'s self) -> KviFuture<'f, ()>
+            where 's: 'f, Self: 'f {
+                (**self).dist_unlock()
             }
-            async fn store(&self, key: &str, value: &str) -> Result<()> {
-                (**self).store(key, value).await
+            fn store<'s, 'k, 'v, 'f>(&'s self, key: &'k str, value: &'v str) -> KviFuture<'f, ()>
+            where 's: 'f, 'k: 'f, 'v: 'f, Self: 'f {
+                (**self).store(key, value)
             }
-            async fn temp_key(&self, key: &str) -> Result<()> {
-                (**self).temp_key(key).await
+            fn temp_key<'s, 'k, 'f>(&'s self, key: &'k str) -> KviFuture<'f, ()>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).temp_key(key)
             }
-            async fn get(&self, key: &str) -> Result<Option<String>> {
-                (**self).get(key).await
+            fn get<'s, 'k, 'f>(&'s self, key: &'k str) -> KviFuture<'f, Option<String>>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).get(key)
             }
-            async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
-                (**self).get_range(key_start, key_end).await
+            fn get_range<'s, 'a, 'b, 'f>(&'s self, key_start: &'a str, key_end: &'b str) -> KviFuture<'f, Vec<KeyValue>>
+            where 's: 'f, 'a: 'f, 'b: 'f, Self: 'f {
+                (**self).get_range(key_start, key_end)
             }
-            async fn delete(&self, key: &str) -> Result<()> {
-                (**self).delete(key).await
+            fn delete<'s, 'k, 'f>(&'s self, key: &'k str) -> KviFuture<'f, ()>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).delete(key)
             }
-            async fn transaction(
-                &self,
-                key: &str,
+            #[allow(clippy::too_many_arguments)]
+            fn transaction<'s, 'a, 'b, 'c, 'd, 'e, 'g, 'f>(
+                &'s self,
+                key: &'a str,
                 op: CompareOp,
-                value: &str,
-                then_key: &str,
-                then_value: &str,
-                else_key: &str,
-                else_value: &str,
-            ) -> Result<bool> {
-                (**self)
-                    .transaction(key, op, value, then_key, then_value, else_key, else_value)
-                    .await
+                value: &'b str,
+                then_key: &'c str,
+                then_value: &'d str,
+                else_key: &'e str,
+                else_value: &'g str,
+            ) -> KviFuture<'f, bool>
+            where 's: 'f, 'a: 'f, 'b: 'f, 'c: 'f, 'd: 'f, 'e: 'f, 'g: 'f, Self: 'f {
+                (**self).transaction(key, op, value, then_key, then_value, else_key, else_value)
             }
-            async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
-                (**self).tas(key, test_value, set_value).await
+            fn tas<'s, 'a, 'b, 'c, 'f>(&'s self, key: &'a str, test_value: &'b str, set_value: &'c str) -> KviFuture<'f, bool>
+            where 's: 'f, 'a: 'f, 'b: 'f, 'c: 'f, Self: 'f {
+                (**self).tas(key, test_value, set_value)
             }
-            async fn watch(&self, key: &str) -> Result<WatchEvent> {
-                (**self).watch(key).await
+            fn watch<'s, 'k, 'f>(&'s self, key: &'k str) -> KviFuture<'f, WatchEvent>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).watch(key)
             }
-            async fn watch_with_cb(&self, key: &str, change: KeyChange, cb: WatchCallback) -> Result<WatchHandle> {
-                (**self).watch_with_cb(key, change, cb).await
+            fn watch_with_cb<'s, 'k, 'f>(&'s self, key: &'k str, change: KeyChange, cb: WatchCallback) -> KviFuture<'f, WatchHandle>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).watch_with_cb(key, change, cb)
             }
             fn watch_cb_cancel(&self, handle: WatchHandle) {
                 (**self).watch_cb_cancel(handle)
             }
-            async fn close(&self) -> Result<()> {
-                (**self).close().await
+            fn close<'s, 'f>(&'s self) -> KviFuture<'f, ()>
+            where 's: 'f, Self: 'f {
+                (**self).close()
             }
-            async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
-                (**self).watch_stream(key).await
+            fn watch_stream<'s, 'k, 'f>(&'s self, key: &'k str) -> KviFuture<'f, WatchStream>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).watch_stream(key)
             }
-            async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
-                (**self).watch_prefix(prefix).await
+            fn watch_prefix<'s, 'k, 'f>(&'s self, prefix: &'k str) -> KviFuture<'f, WatchStream>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).watch_prefix(prefix)
             }
         }
     )*};

@@ -1,1 +1,500 @@
-//! etcd backend (in progress).
+//! The etcd backend of hmetcd: [`EtcdKvs`] implements [`hmetcd_core::Kvi`] over
+//! [etcd-client](https://docs.rs/etcd-client).
+//!
+//! - Opening connects at once and fails with `Error::Unavailable` when no endpoint answers
+//!   within `connect_timeout`; every single request is bounded by `request_timeout`.
+//! - Each handle owns one lease (`lease_ttl`) for its temporary keys and its lock session,
+//!   kept alive in the background and taken anew (with the temp keys put back) if it is lost.
+//! - The distributed lock is etcd's own lock layout (`<prefix><lock_name>/<lease id in hex>`,
+//!   as Go's `concurrency.Mutex` writes it), so Go services using the same lock name and this
+//!   library exclude each other. The `prefix` option applies to the lock name as well; with
+//!   no prefix the keys are exactly Go's.
+//! - Watches are registered before `watch_stream`/`watch_prefix` return, deliver every event in
+//!   revision order, and resume after an etcd restart from the last delivered revision.
+//!
+//! ```no_run
+//! use hmetcd_core::Kvi;
+//! use hmetcd_etcd::EtcdKvs;
+//!
+//! # async fn example() -> hmetcd_core::Result<()> {
+//! let kv = EtcdKvs::connect("http://127.0.0.1:2379", "request_timeout=2s, prefix=svc/").await?;
+//! kv.store("config/mode", "active").await?;
+//! assert_eq!(kv.get("config/mode").await?.as_deref(), Some("active"));
+//!
+//! kv.dist_lock().await?;
+//! // ... work that only one process may do at a time ...
+//! kv.dist_unlock().await?;
+//!
+//! kv.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod connect;
+mod error;
+mod lock;
+mod retry;
+mod session;
+mod watch;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use etcd_client::{Client, Compare, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use hmetcd_core::keys::{check_key, KeyPrefix};
+use hmetcd_core::{
+    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, Options, Result, WatchCallback, WatchEvent,
+    WatchHandle, WatchStream,
+};
+
+use crate::error::{ErrorContext, Request};
+use crate::retry::AbortOnDrop;
+use crate::session::Session;
+
+/// A handle on an etcd cluster, implementing [`Kvi`].
+///
+/// Create it with [`EtcdKvs::connect`] (or [`EtcdKvs::connect_with`]); it is `Send + Sync`, so
+/// one handle (for example in an `Arc`) serves many tasks. Call [`Kvi::close`] when done: it
+/// revokes the handle's lease, so its temporary keys and its lock go at once. A handle dropped
+/// without closing stops its background tasks, and its lease expires within `lease_ttl`.
+pub struct EtcdKvs {
+    shared: Arc<Shared>,
+    keep_alive: Mutex<Option<AbortOnDrop>>,
+}
+
+/// What the handle and its background tasks share.
+pub(crate) struct Shared {
+    client: Client,
+    errors: ErrorContext,
+    options: Options,
+    prefix: KeyPrefix,
+    /// `<prefix><lock_name>/`, under which the lock's waiter keys live.
+    lock_prefix: String,
+    closed: AtomicBool,
+    /// Becomes `true` when the handle is closed or dropped; watches and lock waits end on it.
+    shutdown: tokio::sync::watch::Sender<bool>,
+    session: Session,
+    lock: lock::LockState,
+}
+
+impl EtcdKvs {
+    /// Connects to the etcd cluster at `endpoints` (`http://h:p`, `https://h:p`, `h:p`, or a
+    /// comma-separated list of them) with `options` (`""` or `name=value` pairs, see
+    /// [`Options`]).
+    ///
+    /// Fails with `Error::InvalidEndpoint` for anything that is not an etcd address (a `mem:`
+    /// endpoint included), `Error::InvalidOption` for a bad option, and `Error::Unavailable`
+    /// when no endpoint answers within `connect_timeout`.
+    pub async fn connect(endpoints: &str, options: &str) -> Result<EtcdKvs> {
+        let urls = match Endpoint::parse(endpoints)? {
+            Endpoint::Etcd(urls) => urls,
+            Endpoint::Memory { .. } => {
+                return Err(Error::InvalidEndpoint {
+                    endpoint: endpoints.to_owned(),
+                    reason: "an in-memory endpoint; the etcd backend needs http://host:port, \
+                             https://host:port or host:port"
+                        .to_owned(),
+                })
+            }
+        };
+        EtcdKvs::connect_with(&urls, Options::parse(options)?).await
+    }
+
+    /// Connects to the etcd cluster at `urls` with parsed `options`; see [`EtcdKvs::connect`].
+    pub async fn connect_with(urls: &[EtcdUrl], options: Options) -> Result<EtcdKvs> {
+        let errors = ErrorContext {
+            endpoints: connect::joined(urls),
+            user: options.user.clone(),
+            request_timeout: options.request_timeout,
+        };
+        let (dial, connect_options) = connect::connect_arguments(urls, &options)?;
+        let ttl = lease_seconds(options.lease_ttl);
+        let connecting = async {
+            let client = Client::connect(&dial, Some(connect_options))
+                .await
+                .map_err(|err| match err {
+                    etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
+                        Error::InvalidEndpoint {
+                            endpoint: errors.endpoints.clone(),
+                            reason: err.to_string(),
+                        }
+                    }
+                    err => errors.map(Request::keyless("connect"), err),
+                })?;
+            // Granting the lease is the first request: it proves a member answers and has a leader.
+            let lease = client
+                .lease_client()
+                .grant(ttl, None)
+                .await
+                .map_err(|err| errors.map(Request::keyless("lease grant"), err))?;
+            Ok::<_, Error>((client, lease.id()))
+        };
+        let (client, lease) = tokio::time::timeout(options.connect_timeout, connecting)
+            .await
+            .map_err(|_| {
+                errors.unavailable(
+                    format!(
+                        "no endpoint answered within connect_timeout ({:?})",
+                        options.connect_timeout
+                    ),
+                    None,
+                )
+            })??;
+        tracing::debug!(endpoints = %errors.endpoints, lease = %lease_hex(lease), "connected to etcd");
+
+        let prefix = KeyPrefix::new(options.prefix.clone());
+        let lock_prefix = format!("{}/", prefix.apply(&options.lock_name));
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared {
+            client,
+            errors,
+            session: Session::new(lease, ttl),
+            options,
+            prefix,
+            lock_prefix,
+            closed: AtomicBool::new(false),
+            shutdown,
+            lock: lock::LockState::default(),
+        });
+        let keep_alive = tokio::spawn(session::keep_alive(Arc::clone(&shared)));
+        Ok(EtcdKvs {
+            shared,
+            keep_alive: Mutex::new(Some(AbortOnDrop(keep_alive))),
+        })
+    }
+
+    fn stop_keep_alive(&self) {
+        let task = self
+            .keep_alive
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        drop(task);
+    }
+}
+
+impl Drop for EtcdKvs {
+    fn drop(&mut self) {
+        self.shared.shutdown.send_replace(true);
+        self.stop_keep_alive();
+    }
+}
+
+impl fmt::Debug for EtcdKvs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &self.shared;
+        f.debug_struct("EtcdKvs")
+            .field("endpoints", &shared.errors.endpoints)
+            .field("user", &shared.options.user)
+            .field("prefix", &shared.options.prefix)
+            .field("lock_name", &shared.options.lock_name)
+            .field("lease", &lease_hex(shared.session.current_lease()))
+            .field("closed", &shared.closed.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+/// etcd counts lease TTLs in whole seconds; the options parser already insists on them.
+fn lease_seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
+}
+
+/// A lease id the way Go's `fmt.Sprintf("%x", id)` writes it, as lock keys need.
+pub(crate) fn lease_hex(id: i64) -> String {
+    if id < 0 {
+        format!("-{:x}", id.unsigned_abs())
+    } else {
+        format!("{id:x}")
+    }
+}
+
+impl Shared {
+    fn ensure_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Runs one etcd request, bounded by `request_timeout`, mapping its error.
+    pub(crate) async fn request<T>(
+        &self,
+        request: Request<'_>,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        self.bounded(request, call)
+            .await?
+            .map_err(|err| self.errors.map(request, err))
+    }
+
+    /// Runs one etcd request bounded by `request_timeout`, leaving its own error unmapped
+    /// for callers that treat some etcd errors specially.
+    pub(crate) async fn bounded<T>(
+        &self,
+        request: Request<'_>,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<Result<T, etcd_client::Error>> {
+        tokio::time::timeout(self.options.request_timeout, call)
+            .await
+            .map_err(|_| self.errors.timeout(request))
+    }
+
+    /// The text of a value read from etcd; never a lossy conversion.
+    fn text(&self, key: &str, bytes: &[u8]) -> Result<String> {
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|source| Error::InvalidUtf8 {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    /// A key read from etcd as callers see it; `None` when it lies outside the prefix.
+    fn shown_key<'a>(&self, stored: &'a [u8]) -> Result<Option<&'a str>> {
+        let stored = std::str::from_utf8(stored).map_err(|source| Error::InvalidUtf8 {
+            key: String::from_utf8_lossy(stored).into_owned(),
+            source,
+        })?;
+        Ok(self.prefix.strip(stored))
+    }
+
+    async fn watch_key(&self, key: &str) -> Result<WatchStream> {
+        self.ensure_open()?;
+        check_key("key", key)?;
+        self.open_watch_stream(watch::Target::key(key, &self.prefix)).await
+    }
+}
+
+#[async_trait]
+impl Kvi for EtcdKvs {
+    async fn dist_lock(&self) -> Result<()> {
+        self.shared.ensure_open()?;
+        self.shared.acquire_lock(None).await
+    }
+
+    async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
+        self.shared.ensure_open()?;
+        // A timeout too far ahead to represent is no timeout at all.
+        let deadline = Instant::now().checked_add(timeout).map(|at| (at, timeout));
+        self.shared.acquire_lock(deadline).await
+    }
+
+    async fn dist_unlock(&self) -> Result<()> {
+        self.shared.ensure_open()?;
+        self.shared.release_lock().await
+    }
+
+    async fn store(&self, key: &str, value: &str) -> Result<()> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        check_key("key", key)?;
+        let stored = shared.prefix.apply(key);
+        // A plain put detaches the key from the lease: it is no longer temporary.
+        shared.session.forget_temp_key(&stored);
+        let mut kv = shared.client.kv_client();
+        shared.request(Request::new("put", key), kv.put(stored, value, None)).await?;
+        Ok(())
+    }
+
+    async fn temp_key(&self, key: &str) -> Result<()> {
+        self.shared.ensure_open()?;
+        check_key("key", key)?;
+        self.shared.put_temp_key(key).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        check_key("key", key)?;
+        let mut kv = shared.client.kv_client();
+        let answer = shared
+            .request(Request::new("get", key), kv.get(shared.prefix.apply(key), None))
+            .await?;
+        answer
+            .kvs()
+            .first()
+            .map(|found| shared.text(key, found.value()))
+            .transpose()
+    }
+
+    async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        // Answered here: etcd reads a range end of exactly "\0" as "every key from start on".
+        let Some((start, end)) = shared.prefix.range(key_start, key_end) else {
+            return Ok(Vec::new());
+        };
+        // etcd rejects an empty key; "\0" is the first possible key.
+        let start = if start.is_empty() { "\0".to_owned() } else { start };
+        let mut range_end = end.into_bytes();
+        range_end.push(0);
+        let options = GetOptions::new()
+            .with_range(range_end)
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        let mut kv = shared.client.kv_client();
+        let answer = shared
+            .request(Request::new("get range from", key_start), kv.get(start, Some(options)))
+            .await?;
+        let mut found = Vec::with_capacity(answer.kvs().len());
+        for pair in answer.kvs() {
+            let Some(key) = shared.shown_key(pair.key())? else {
+                continue;
+            };
+            found.push(KeyValue {
+                key: key.to_owned(),
+                value: shared.text(key, pair.value())?,
+            });
+        }
+        // etcd already answers in key order; this keeps the promise if a server ever did not.
+        found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        check_key("key", key)?;
+        let stored = shared.prefix.apply(key);
+        shared.session.forget_temp_key(&stored);
+        let mut kv = shared.client.kv_client();
+        shared.request(Request::new("delete", key), kv.delete(stored, None)).await?;
+        Ok(())
+    }
+
+    async fn transaction(
+        &self,
+        key: &str,
+        op: CompareOp,
+        value: &str,
+        then_key: &str,
+        then_value: &str,
+        else_key: &str,
+        else_value: &str,
+    ) -> Result<bool> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        check_key("key", key)?;
+        check_key("then_key", then_key)?;
+        check_key("else_key", else_key)?;
+        let stored = shared.prefix.apply(key);
+        let (then_stored, else_stored) = (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
+        let txn = Txn::new()
+            .when([
+                // etcd's value comparison on a missing key is already false for every operator;
+                // asking for the key's existence as well says so in the request itself.
+                Compare::version(stored.as_str(), etcd_client::CompareOp::Greater, 0),
+                Compare::value(stored.as_str(), compare_op(op), value),
+            ])
+            .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
+            .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
+        let mut kv = shared.client.kv_client();
+        let answer = shared.request(Request::new("transaction on", key), kv.txn(txn)).await?;
+        let written = if answer.succeeded() { &then_stored } else { &else_stored };
+        shared.session.forget_temp_key(written);
+        Ok(answer.succeeded())
+    }
+
+    async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        check_key("key", key)?;
+        let stored = shared.prefix.apply(key);
+        let txn = Txn::new()
+            .when([
+                Compare::version(stored.as_str(), etcd_client::CompareOp::Greater, 0),
+                Compare::value(stored.as_str(), etcd_client::CompareOp::Equal, test_value),
+            ])
+            .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
+        let mut kv = shared.client.kv_client();
+        let answer = shared.request(Request::new("test-and-set", key), kv.txn(txn)).await?;
+        if answer.succeeded() {
+            shared.session.forget_temp_key(&stored);
+        }
+        Ok(answer.succeeded())
+    }
+
+    async fn watch(&self, key: &str) -> Result<WatchEvent> {
+        hmetcd_core::watch::first_event(self.watch_stream(key).await?).await
+    }
+
+    async fn watch_with_cb(&self, key: &str, change: KeyChange, cb: WatchCallback) -> Result<WatchHandle> {
+        Ok(hmetcd_core::watch::spawn_callback_watcher(
+            self.watch_stream(key).await?,
+            change,
+            cb,
+        ))
+    }
+
+    fn watch_cb_cancel(&self, handle: WatchHandle) {
+        handle.cancel();
+    }
+
+    async fn close(&self) -> Result<()> {
+        let shared = &self.shared;
+        if shared.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        shared.shutdown.send_replace(true);
+        self.stop_keep_alive();
+        shared.lock.forget();
+        // Revoking the lease removes the temp keys and the lock key at once.
+        let lease = shared.session.current_lease();
+        let mut leases = shared.client.lease_client();
+        let request = Request::keyless("lease revoke");
+        match shared.bounded(request, leases.revoke(lease)).await? {
+            Ok(_) => Ok(()),
+            // Already gone (expired while etcd was unreachable): nothing left to remove.
+            Err(err) if error::is_lease_not_found(&err) => Ok(()),
+            Err(err) => Err(shared.errors.map(request, err)),
+        }
+    }
+
+    async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
+        self.shared.watch_key(key).await
+    }
+
+    async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
+        let shared = &self.shared;
+        shared.ensure_open()?;
+        shared
+            .open_watch_stream(watch::Target::prefix(prefix, &shared.prefix))
+            .await
+    }
+}
+
+fn compare_op(op: CompareOp) -> etcd_client::CompareOp {
+    match op {
+        CompareOp::Equal => etcd_client::CompareOp::Equal,
+        CompareOp::NotEqual => etcd_client::CompareOp::NotEqual,
+        CompareOp::Less => etcd_client::CompareOp::Less,
+        CompareOp::Greater => etcd_client::CompareOp::Greater,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_print_like_go() {
+        assert_eq!(lease_hex(0x694d_7a1b_2c3d_4e5f), "694d7a1b2c3d4e5f");
+        assert_eq!(lease_hex(255), "ff");
+        assert_eq!(lease_hex(-255), "-ff");
+    }
+
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn handle_is_send_and_sync() {
+        assert_send_sync::<EtcdKvs>();
+    }
+}

@@ -2,6 +2,8 @@
 //!
 //! `cargo bench -p hmetcd-mem`
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +21,10 @@ fn key(i: usize) -> String {
 }
 
 fn runtime() -> Runtime {
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => panic!("tokio runtime: {err}"),
     }
@@ -64,7 +69,13 @@ fn point_operations(c: &mut Criterion) {
             i = (i + 1) % KEYS;
             let key = &keys[i];
             let kv = &kv;
-            async move { black_box(kv.tas(key, "value-of-some-length", "value-of-some-length").await.ok()) }
+            async move {
+                black_box(
+                    kv.tas(key, "value-of-some-length", "value-of-some-length")
+                        .await
+                        .ok(),
+                )
+            }
         })
     });
     group.bench_function("get_range_100", |b| {
@@ -102,21 +113,22 @@ fn watch_latency(c: &mut Criterion) {
             )
             .await
     });
-    c.benchmark_group("mem_100k").bench_function("watch_latency", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let started = Instant::now();
-                    writer.store("watched", "v").await.ok();
-                    if let Some(seen) = seen_rx.recv().await {
-                        total += seen - started;
+    c.benchmark_group("mem_100k")
+        .bench_function("watch_latency", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let started = Instant::now();
+                        writer.store("watched", "v").await.ok();
+                        if let Some(seen) = seen_rx.recv().await {
+                            total += seen - started;
+                        }
                     }
-                }
-                total
+                    total
+                })
             })
-        })
-    });
+        });
 }
 
 /// Unlock by one handle to acquire by a handle already waiting for the lock.
@@ -124,34 +136,35 @@ fn lock_handoff(c: &mut Criterion) {
     let rt = runtime();
     let a = Arc::new(MemKvs::open("bench-lock", "").unwrap_or_default());
     let b_handle = Arc::new(MemKvs::open("bench-lock", "").unwrap_or_default());
-    c.benchmark_group("mem_100k").bench_function("lock_handoff", |bench| {
-        bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    a.dist_lock().await.ok();
-                    let (acquired_tx, acquired_rx) = oneshot::channel::<Instant>();
-                    let waiter = Arc::clone(&b_handle);
-                    let task = tokio::spawn(async move {
-                        waiter.dist_lock().await.ok();
-                        let _ = acquired_tx.send(Instant::now());
-                        waiter.dist_unlock().await.ok();
-                    });
-                    // On a current-thread runtime this lets the waiter run until it queues.
-                    for _ in 0..4 {
-                        tokio::task::yield_now().await;
+    c.benchmark_group("mem_100k")
+        .bench_function("lock_handoff", |bench| {
+            bench.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        a.dist_lock().await.ok();
+                        let (acquired_tx, acquired_rx) = oneshot::channel::<Instant>();
+                        let waiter = Arc::clone(&b_handle);
+                        let task = tokio::spawn(async move {
+                            waiter.dist_lock().await.ok();
+                            let _ = acquired_tx.send(Instant::now());
+                            waiter.dist_unlock().await.ok();
+                        });
+                        // On a current-thread runtime this lets the waiter run until it queues.
+                        for _ in 0..4 {
+                            tokio::task::yield_now().await;
+                        }
+                        let released = Instant::now();
+                        a.dist_unlock().await.ok();
+                        if let Ok(acquired) = acquired_rx.await {
+                            total += acquired - released;
+                        }
+                        task.await.ok();
                     }
-                    let released = Instant::now();
-                    a.dist_unlock().await.ok();
-                    if let Ok(acquired) = acquired_rx.await {
-                        total += acquired - released;
-                    }
-                    task.await.ok();
-                }
-                total
+                    total
+                })
             })
-        })
-    });
+        });
 }
 
 criterion_group! {

@@ -1,0 +1,185 @@
+//! The one place where etcd-client errors become [`hmetcd_core::Error`].
+
+use std::fmt;
+use std::time::Duration;
+
+use etcd_client::Error as EtcdError;
+use hmetcd_core::Error;
+use tonic::Code;
+
+/// A request to etcd, named the way error messages show it: `get "a/b"`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Request<'a> {
+    /// What was asked (`get`, `put`, `lease grant`, ...).
+    pub(crate) what: &'static str,
+    /// The key involved, as the caller wrote it (without the prefix); empty for none.
+    pub(crate) key: &'a str,
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(what: &'static str, key: &'a str) -> Self {
+        Request { what, key }
+    }
+
+    pub(crate) fn keyless(what: &'static str) -> Self {
+        Request { what, key: "" }
+    }
+}
+
+impl fmt::Display for Request<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(self.what)
+        } else {
+            write!(f, "{} {:?}", self.what, self.key)
+        }
+    }
+}
+
+/// What an error message needs to know about the handle.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorContext {
+    /// The endpoints, comma-separated, as given.
+    pub(crate) endpoints: String,
+    /// The user name, if any (never the password).
+    pub(crate) user: Option<String>,
+    /// `request_timeout`, reported when etcd itself says a deadline passed.
+    pub(crate) request_timeout: Duration,
+}
+
+impl ErrorContext {
+    /// The `Error::Timeout` for a request that did not finish within `request_timeout`.
+    pub(crate) fn timeout(&self, request: Request<'_>) -> Error {
+        Error::Timeout {
+            operation: request.to_string(),
+            timeout: self.request_timeout,
+        }
+    }
+
+    /// Maps an etcd-client error of `request` to the shared error enum.
+    pub(crate) fn map(&self, request: Request<'_>, err: EtcdError) -> Error {
+        let operation = request.to_string();
+        let status = match &err {
+            EtcdError::GRpcStatus(status) => status,
+            EtcdError::TransportError(_) | EtcdError::IoError(_) => {
+                return self.unavailable(format!("{operation}: {err}"), err);
+            }
+            _ => return backend(operation, err),
+        };
+        let message = status.message().to_owned();
+        let message = message.as_str();
+        match status.code() {
+            Code::Unavailable => self.unavailable(format!("{operation}: {message}"), err),
+            Code::DeadlineExceeded => self.timeout(request),
+            Code::Unauthenticated => self.unauthenticated(message, err),
+            Code::PermissionDenied => Error::PermissionDenied {
+                operation,
+                reason: message.to_owned(),
+                source: Some(Box::new(err)),
+            },
+            _ if is_auth_failure(message) => self.unauthenticated(message, err),
+            _ if message.contains("permission denied") => Error::PermissionDenied {
+                operation,
+                reason: message.to_owned(),
+                source: Some(Box::new(err)),
+            },
+            // etcd answers these while it has no leader or its raft is slow: an outage, not a bug.
+            _ if message.contains("request timed out") => self.timeout(request),
+            _ if message.contains("no leader") || message.contains("leader changed") => {
+                self.unavailable(format!("{operation}: {message}"), err)
+            }
+            // Only reads of an old revision are compacted; the message carries no revision numbers.
+            _ if message.contains("compacted") => Error::Compacted {
+                key: request.key.to_owned(),
+                revision: 0,
+                compact_revision: 0,
+            },
+            _ => backend(operation, err),
+        }
+    }
+
+    /// An `Error::Unavailable` naming the endpoints.
+    pub(crate) fn unavailable(&self, reason: String, err: impl Into<Option<EtcdError>>) -> Error {
+        Error::Unavailable {
+            endpoints: self.endpoints.clone(),
+            reason,
+            source: err
+                .into()
+                .map(|err| Box::new(err) as hmetcd_core::BoxError),
+        }
+    }
+
+    fn unauthenticated(&self, message: &str, err: EtcdError) -> Error {
+        Error::Unauthenticated {
+            user: self.user.clone().unwrap_or_default(),
+            reason: message.to_owned(),
+            source: Some(Box::new(err)),
+        }
+    }
+}
+
+fn backend(operation: String, err: EtcdError) -> Error {
+    Error::Backend {
+        operation,
+        reason: err.to_string(),
+        source: Some(Box::new(err)),
+    }
+}
+
+/// Whether etcd refused the credentials or the token (it uses several status codes for it).
+fn is_auth_failure(message: &str) -> bool {
+    message.contains("authentication failed")
+        || message.contains("user name is empty")
+        || message.contains("user name not found")
+        || message.contains("auth token")
+}
+
+/// Whether etcd says the lease does not exist (expired or revoked).
+pub(crate) fn is_lease_not_found(err: &EtcdError) -> bool {
+    match err {
+        EtcdError::GRpcStatus(status) => status.message().contains("requested lease not found"),
+        EtcdError::LeaseKeepAliveError(message) => message.contains("lease not found"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> ErrorContext {
+        ErrorContext {
+            endpoints: "http://127.0.0.1:1".into(),
+            user: Some("svc".into()),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn status(code: Code, message: &str) -> EtcdError {
+        EtcdError::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn statuses_map_to_variants() {
+        let cx = context();
+        let get = Request::new("get", "k");
+        assert!(matches!(cx.map(get, status(Code::Unavailable, "x")), Error::Unavailable { .. }));
+        assert!(
+            matches!(cx.map(get, status(Code::DeadlineExceeded, "x")), Error::Timeout { operation, .. } if operation == "get \"k\"")
+        );
+        assert!(matches!(
+            cx.map(get, status(Code::InvalidArgument, "etcdserver: authentication failed, invalid user ID or password")),
+            Error::Unauthenticated { user, .. } if user == "svc"
+        ));
+        assert!(matches!(
+            cx.map(get, status(Code::PermissionDenied, "etcdserver: permission denied")),
+            Error::PermissionDenied { operation, .. } if operation.contains("\"k\"")
+        ));
+        assert!(matches!(
+            cx.map(get, status(Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")),
+            Error::Compacted { .. }
+        ));
+        assert!(matches!(cx.map(get, status(Code::Internal, "boom")), Error::Backend { .. }));
+        assert!(is_lease_not_found(&status(Code::NotFound, "etcdserver: requested lease not found")));
+    }
+}

@@ -1,0 +1,136 @@
+//! A private etcd server for one test: started on free loopback ports in a temporary data
+//! directory, stopped (SIGTERM, then SIGKILL) when dropped.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+
+/// Where to look for an etcd binary, first match wins: `$HMETCD_TEST_ETCD`, then these.
+const CANDIDATES: [&str; 3] = ["/opt/etcd-3.5/etcd", "/usr/bin/etcd", "/usr/local/bin/etcd"];
+
+pub struct EtcdServer {
+    binary: PathBuf,
+    data: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
+    listener.local_addr().expect("no local address").port()
+}
+
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("HMETCD_TEST_ETCD") {
+        return PathBuf::from(path);
+    }
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "these tests need an etcd binary: none of {CANDIDATES:?} exists; \
+                 install etcd or set HMETCD_TEST_ETCD=/path/to/etcd"
+            )
+        })
+}
+
+impl EtcdServer {
+    /// Starts a fresh server and waits until it answers.
+    pub async fn start() -> EtcdServer {
+        let mut server = EtcdServer {
+            binary: binary(),
+            data: tempfile::tempdir().expect("no temporary directory"),
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
+        server.spawn();
+        server.wait_ready().await;
+        server
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// A plain etcd-client connection, for looking behind the library's back.
+    pub async fn raw_client(&self) -> Client {
+        Client::connect([self.endpoint()], None).await.expect("raw etcd client")
+    }
+
+    fn spawn(&mut self) {
+        let client_url = self.endpoint();
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&self.binary)
+            .arg("--name=hmetcd-test")
+            .arg(format!("--data-dir={}", self.data.path().join("etcd").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=hmetcd-test={peer_url}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", self.binary.display()));
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let probe = async {
+                let mut client = Client::connect([self.endpoint()], None).await.ok()?;
+                client.status().await.ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd ({}) did not answer on {} within 20 s",
+                self.binary.display(),
+                self.endpoint()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server: SIGTERM, then SIGKILL after two seconds.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Kills the server and starts it again on the same data directory and ports.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
