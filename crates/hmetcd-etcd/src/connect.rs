@@ -11,7 +11,10 @@ use hmetcd_core::{Error, EtcdUrl, Options, Result, Scheme};
 const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The URLs to dial and the options to dial them with.
-pub(crate) fn connect_arguments(urls: &[EtcdUrl], options: &Options) -> Result<(Vec<String>, ConnectOptions)> {
+pub(crate) fn connect_arguments(
+    urls: &[EtcdUrl],
+    options: &Options,
+) -> Result<(Vec<String>, ConnectOptions)> {
     if urls.is_empty() {
         return Err(Error::InvalidEndpoint {
             endpoint: String::new(),
@@ -75,7 +78,10 @@ fn read_option_file(option: &str, path: &Path) -> Result<Vec<u8>> {
 
 /// The endpoints as one comma-separated string, for messages.
 pub(crate) fn joined(urls: &[EtcdUrl]) -> String {
-    urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    urls.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -95,7 +101,10 @@ mod tests {
         let (dial, _) = connect_arguments(&urls("a:1,http://b:2"), &Options::default()).unwrap();
         assert_eq!(dial, ["http://a:1", "http://b:2"]);
         let err = connect_arguments(&urls("http://a:1,https://b:2"), &Options::default()).err();
-        assert!(matches!(err, Some(Error::InvalidEndpoint { .. })), "{err:?}");
+        assert!(
+            matches!(err, Some(Error::InvalidEndpoint { .. })),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -107,5 +116,4 @@ mod tests {
             "{err:?}"
         );
     }
-
 }

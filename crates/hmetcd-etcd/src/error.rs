@@ -103,9 +103,7 @@ impl ErrorContext {
         Error::Unavailable {
             endpoints: self.endpoints.clone(),
             reason,
-            source: err
-                .into()
-                .map(|err| Box::new(err) as hmetcd_core::BoxError),
+            source: err.into().map(|err| Box::new(err) as hmetcd_core::BoxError),
         }
     }
 
@@ -163,7 +161,10 @@ mod tests {
     fn statuses_map_to_variants() {
         let cx = context();
         let get = Request::new("get", "k");
-        assert!(matches!(cx.map(get, status(Code::Unavailable, "x")), Error::Unavailable { .. }));
+        assert!(matches!(
+            cx.map(get, status(Code::Unavailable, "x")),
+            Error::Unavailable { .. }
+        ));
         assert!(
             matches!(cx.map(get, status(Code::DeadlineExceeded, "x")), Error::Timeout { operation, .. } if operation == "get \"k\"")
         );
@@ -176,10 +177,22 @@ mod tests {
             Error::PermissionDenied { operation, .. } if operation.contains("\"k\"")
         ));
         assert!(matches!(
-            cx.map(get, status(Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")),
+            cx.map(
+                get,
+                status(
+                    Code::OutOfRange,
+                    "etcdserver: mvcc: required revision has been compacted"
+                )
+            ),
             Error::Compacted { .. }
         ));
-        assert!(matches!(cx.map(get, status(Code::Internal, "boom")), Error::Backend { .. }));
-        assert!(is_lease_not_found(&status(Code::NotFound, "etcdserver: requested lease not found")));
+        assert!(matches!(
+            cx.map(get, status(Code::Internal, "boom")),
+            Error::Backend { .. }
+        ));
+        assert!(is_lease_not_found(&status(
+            Code::NotFound,
+            "etcdserver: requested lease not found"
+        )));
     }
 }

@@ -47,8 +47,8 @@ use async_trait::async_trait;
 use etcd_client::{Client, Compare, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
-    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, Options, Result, WatchCallback, WatchEvent,
-    WatchHandle, WatchStream,
+    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, Options, Result, WatchCallback,
+    WatchEvent, WatchHandle, WatchStream,
 };
 
 use crate::error::{ErrorContext, Request};
@@ -270,7 +270,8 @@ impl Shared {
     async fn watch_key(&self, key: &str) -> Result<WatchStream> {
         self.ensure_open()?;
         check_key("key", key)?;
-        self.open_watch_stream(watch::Target::key(key, &self.prefix)).await
+        self.open_watch_stream(watch::Target::key(key, &self.prefix))
+            .await
     }
 }
 
@@ -301,7 +302,9 @@ impl Kvi for EtcdKvs {
         // A plain put detaches the key from the lease: it is no longer temporary.
         shared.session.forget_temp_key(&stored);
         let mut kv = shared.client.kv_client();
-        shared.request(Request::new("put", key), kv.put(stored, value, None)).await?;
+        shared
+            .request(Request::new("put", key), kv.put(stored, value, None))
+            .await?;
         Ok(())
     }
 
@@ -317,7 +320,10 @@ impl Kvi for EtcdKvs {
         check_key("key", key)?;
         let mut kv = shared.client.kv_client();
         let answer = shared
-            .request(Request::new("get", key), kv.get(shared.prefix.apply(key), None))
+            .request(
+                Request::new("get", key),
+                kv.get(shared.prefix.apply(key), None),
+            )
             .await?;
         answer
             .kvs()
@@ -334,7 +340,11 @@ impl Kvi for EtcdKvs {
             return Ok(Vec::new());
         };
         // etcd rejects an empty key; "\0" is the first possible key.
-        let start = if start.is_empty() { "\0".to_owned() } else { start };
+        let start = if start.is_empty() {
+            "\0".to_owned()
+        } else {
+            start
+        };
         let mut range_end = end.into_bytes();
         range_end.push(0);
         let options = GetOptions::new()
@@ -342,7 +352,10 @@ impl Kvi for EtcdKvs {
             .with_sort(SortTarget::Key, SortOrder::Ascend);
         let mut kv = shared.client.kv_client();
         let answer = shared
-            .request(Request::new("get range from", key_start), kv.get(start, Some(options)))
+            .request(
+                Request::new("get range from", key_start),
+                kv.get(start, Some(options)),
+            )
             .await?;
         let mut found = Vec::with_capacity(answer.kvs().len());
         for pair in answer.kvs() {
@@ -366,7 +379,9 @@ impl Kvi for EtcdKvs {
         let stored = shared.prefix.apply(key);
         shared.session.forget_temp_key(&stored);
         let mut kv = shared.client.kv_client();
-        shared.request(Request::new("delete", key), kv.delete(stored, None)).await?;
+        shared
+            .request(Request::new("delete", key), kv.delete(stored, None))
+            .await?;
         Ok(())
     }
 
@@ -386,7 +401,8 @@ impl Kvi for EtcdKvs {
         check_key("then_key", then_key)?;
         check_key("else_key", else_key)?;
         let stored = shared.prefix.apply(key);
-        let (then_stored, else_stored) = (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
+        let (then_stored, else_stored) =
+            (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
         let txn = Txn::new()
             .when([
                 // etcd's value comparison on a missing key is already false for every operator;
@@ -397,8 +413,14 @@ impl Kvi for EtcdKvs {
             .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
             .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
         let mut kv = shared.client.kv_client();
-        let answer = shared.request(Request::new("transaction on", key), kv.txn(txn)).await?;
-        let written = if answer.succeeded() { &then_stored } else { &else_stored };
+        let answer = shared
+            .request(Request::new("transaction on", key), kv.txn(txn))
+            .await?;
+        let written = if answer.succeeded() {
+            &then_stored
+        } else {
+            &else_stored
+        };
         shared.session.forget_temp_key(written);
         Ok(answer.succeeded())
     }
@@ -415,7 +437,9 @@ impl Kvi for EtcdKvs {
             ])
             .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
         let mut kv = shared.client.kv_client();
-        let answer = shared.request(Request::new("test-and-set", key), kv.txn(txn)).await?;
+        let answer = shared
+            .request(Request::new("test-and-set", key), kv.txn(txn))
+            .await?;
         if answer.succeeded() {
             shared.session.forget_temp_key(&stored);
         }
@@ -426,7 +450,12 @@ impl Kvi for EtcdKvs {
         hmetcd_core::watch::first_event(self.watch_stream(key).await?).await
     }
 
-    async fn watch_with_cb(&self, key: &str, change: KeyChange, cb: WatchCallback) -> Result<WatchHandle> {
+    async fn watch_with_cb(
+        &self,
+        key: &str,
+        change: KeyChange,
+        cb: WatchCallback,
+    ) -> Result<WatchHandle> {
         Ok(hmetcd_core::watch::spawn_callback_watcher(
             self.watch_stream(key).await?,
             change,

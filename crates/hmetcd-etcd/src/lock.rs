@@ -8,7 +8,10 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    WatchOptions,
+};
 use hmetcd_core::{Error, Result};
 
 use crate::error::{is_lease_not_found, Request};
@@ -32,7 +35,9 @@ struct HeldLock {
 
 impl LockState {
     fn held(&self) -> MutexGuard<'_, Option<HeldLock>> {
-        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Forgets the lock without touching etcd (closing revokes the lease, which removes it).
@@ -70,7 +75,10 @@ impl Shared {
             if self.session.is_alive(generation).await {
                 return Ok(());
             }
-            tracing::warn!(lock = self.lock_name(), "the lock was lost with the lease; queueing again");
+            tracing::warn!(
+                lock = self.lock_name(),
+                "the lock was lost with the lease; queueing again"
+            );
             self.lock.forget();
         }
         loop {
@@ -114,7 +122,10 @@ impl Shared {
         };
         let mut kv = self.client.kv_client();
         let outcome = self
-            .request(Request::new("unlock", self.lock_name()), kv.delete(held.key.as_str(), None))
+            .request(
+                Request::new("unlock", self.lock_name()),
+                kv.delete(held.key.as_str(), None),
+            )
             .await;
         if outcome.is_err() {
             // Still ours as far as we know; a later unlock tries again.
@@ -129,7 +140,11 @@ impl Shared {
         let mut kv = self.client.kv_client();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, "", Some(PutOptions::new().with_lease(lease)))]);
+            .and_then([TxnOp::put(
+                key,
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
         let queued = match self.bounded(request, kv.txn(txn)).await? {
             Ok(queued) => queued,
             Err(err) if is_lease_not_found(&err) => {
@@ -178,7 +193,10 @@ impl Shared {
                 .with_max_create_revision(my_revision - 1)
                 .with_limit(1);
             let mut kv = self.client.kv_client();
-            let answer = match self.request(request, kv.get(self.lock_prefix.as_str(), Some(options))).await {
+            let answer = match self
+                .request(request, kv.get(self.lock_prefix.as_str(), Some(options)))
+                .await
+            {
                 Ok(answer) => answer,
                 Err(err) if err.is_transient() => {
                     tracing::debug!(error = %err, "waiting for the lock: etcd unreachable; retrying");
@@ -193,7 +211,10 @@ impl Shared {
                 return Ok(());
             };
             let after = revision_of(answer.header(), request)?;
-            if !self.wait_deleted(ahead.key(), after + 1, &mut shutdown).await? {
+            if !self
+                .wait_deleted(ahead.key(), after + 1, &mut shutdown)
+                .await?
+            {
                 if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
                     return Err(Error::Closed);
                 }
@@ -214,7 +235,10 @@ impl Shared {
         let mut watches = self.client.watch_client();
         let options = WatchOptions::new().with_start_revision(revision);
         let request = Request::new("watch lock", self.lock_name());
-        let mut stream = match self.bounded(request, watches.watch(key, Some(options))).await {
+        let mut stream = match self
+            .bounded(request, watches.watch(key, Some(options)))
+            .await
+        {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "waiting for the lock: cannot watch the key ahead");
@@ -229,7 +253,11 @@ impl Shared {
             };
             match message {
                 Ok(Some(answer)) => {
-                    if answer.events().iter().any(|event| event.event_type() == EventType::Delete) {
+                    if answer
+                        .events()
+                        .iter()
+                        .any(|event| event.event_type() == EventType::Delete)
+                    {
                         return Ok(true);
                     }
                     if answer.canceled() || answer.compact_revision() > 0 {
@@ -243,11 +271,13 @@ impl Shared {
 }
 
 fn revision_of(header: Option<&etcd_client::ResponseHeader>, request: Request<'_>) -> Result<i64> {
-    header.map(|header| header.revision()).ok_or_else(|| Error::Backend {
-        operation: request.to_string(),
-        reason: "etcd answered without a response header".to_owned(),
-        source: None,
-    })
+    header
+        .map(|header| header.revision())
+        .ok_or_else(|| Error::Backend {
+            operation: request.to_string(),
+            reason: "etcd answered without a response header".to_owned(),
+            source: None,
+        })
 }
 
 /// Our waiter key while we queue: removed if the attempt is abandoned, so it never delays a
@@ -275,7 +305,13 @@ impl WaiterKey {
     async fn remove_now(&mut self, shared: &Shared) {
         if let Some(key) = self.key.take() {
             let mut kv = shared.client.kv_client();
-            if let Err(err) = shared.request(Request::new("remove lock waiter", shared.lock_name()), kv.delete(key, None)).await {
+            if let Err(err) = shared
+                .request(
+                    Request::new("remove lock waiter", shared.lock_name()),
+                    kv.delete(key, None),
+                )
+                .await
+            {
                 tracing::warn!(error = %err, "could not remove the lock waiter key; it goes with the lease");
             }
         }

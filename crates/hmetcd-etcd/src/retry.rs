@@ -50,7 +50,10 @@ pub(crate) async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Sleeps for `pause`; `false` if the handle was shut down meanwhile.
-pub(crate) async fn pause_unless_shut_down(pause: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+pub(crate) async fn pause_unless_shut_down(
+    pause: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
     tokio::select! {
         () = shut_down(shutdown) => false,
         () = tokio::time::sleep(pause) => true,

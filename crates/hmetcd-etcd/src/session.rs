@@ -64,7 +64,9 @@ impl Session {
     }
 
     fn temp_keys(&self) -> MutexGuard<'_, BTreeSet<String>> {
-        self.temp_keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.temp_keys
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The key (stored form) is no longer bound to the lease: a plain write or a delete.
@@ -105,7 +107,10 @@ impl Shared {
         if state.lost {
             let mut leases = self.client.lease_client();
             let granted = self
-                .request(Request::keyless("lease grant"), leases.grant(session.ttl, None))
+                .request(
+                    Request::keyless("lease grant"),
+                    leases.grant(session.ttl, None),
+                )
                 .await?;
             state.id = granted.id();
             state.generation += 1;
@@ -121,8 +126,11 @@ impl Shared {
                 let shown = self.prefix.strip(&stored).unwrap_or(&stored).to_owned();
                 let mut kv = self.client.kv_client();
                 let options = PutOptions::new().with_lease(state.id);
-                self.request(Request::new("put temp key", &shown), kv.put(stored, TEMP_VALUE, Some(options)))
-                    .await?;
+                self.request(
+                    Request::new("put temp key", &shown),
+                    kv.put(stored, TEMP_VALUE, Some(options)),
+                )
+                .await?;
             }
             state.restore_pending = false;
         }
@@ -145,9 +153,14 @@ impl Shared {
             };
             let mut kv = self.client.kv_client();
             let options = PutOptions::new().with_lease(lease);
-            match self.bounded(request, kv.put(stored.as_str(), TEMP_VALUE, Some(options))).await {
+            match self
+                .bounded(request, kv.put(stored.as_str(), TEMP_VALUE, Some(options)))
+                .await
+            {
                 Ok(Ok(_)) => break Ok(()),
-                Ok(Err(err)) if is_lease_not_found(&err) && attempt < 2 => self.session.mark_lost(lease).await,
+                Ok(Err(err)) if is_lease_not_found(&err) && attempt < 2 => {
+                    self.session.mark_lost(lease).await
+                }
                 Ok(Err(err)) => break Err(self.errors.map(request, err)),
                 Err(timeout) => break Err(timeout),
             }
@@ -176,7 +189,13 @@ pub(crate) async fn keep_alive(shared: Arc<Shared>) {
             }
         };
         let mut leases = shared.client.lease_client();
-        match shared.bounded(Request::keyless("lease keep-alive"), leases.keep_alive(lease)).await {
+        match shared
+            .bounded(
+                Request::keyless("lease keep-alive"),
+                leases.keep_alive(lease),
+            )
+            .await
+        {
             Ok(Ok((keeper, answers))) => {
                 backoff.reset();
                 shared.session.renewed(lease).await;

@@ -58,13 +58,25 @@ impl Shared {
         // The store's revision now: the watch starts right after it, so every change made
         // after this call began is delivered, and none before.
         let mut kv = self.client.kv_client();
-        let key = if target.stored.is_empty() { "\0" } else { target.stored.as_str() };
-        let now = self.request(request, kv.get(key, Some(GetOptions::new().with_count_only()))).await?;
-        let revision = now.header().map(|header| header.revision()).ok_or_else(|| Error::Backend {
-            operation: request.to_string(),
-            reason: "etcd answered without a response header".to_owned(),
-            source: None,
-        })?;
+        let key = if target.stored.is_empty() {
+            "\0"
+        } else {
+            target.stored.as_str()
+        };
+        let now = self
+            .request(
+                request,
+                kv.get(key, Some(GetOptions::new().with_count_only())),
+            )
+            .await?;
+        let revision = now
+            .header()
+            .map(|header| header.revision())
+            .ok_or_else(|| Error::Backend {
+                operation: request.to_string(),
+                reason: "etcd answered without a response header".to_owned(),
+                source: None,
+            })?;
         let watcher = Watcher {
             client: self.client.clone(),
             errors: self.errors.clone(),
@@ -73,7 +85,8 @@ impl Shared {
         };
         let first = watcher.subscribe(revision + 1).await?;
         let (events, receiver) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(watcher.pump(first, revision + 1, events, self.shutdown.subscribe()));
+        let pump =
+            tokio::spawn(watcher.pump(first, revision + 1, events, self.shutdown.subscribe()));
         Ok(Box::pin(EventStream {
             events: receiver,
             _pump: AbortOnDrop(pump),
@@ -97,7 +110,11 @@ impl Watcher {
                 .await
                 .map_err(|err| self.errors.map(request, err))?;
             loop {
-                match stream.message().await.map_err(|err| self.errors.map(request, err))? {
+                match stream
+                    .message()
+                    .await
+                    .map_err(|err| self.errors.map(request, err))?
+                {
                     Some(answer) if answer.created() => {
                         if answer.compact_revision() > 0 {
                             return Err(self.compacted(start, answer.compact_revision()));

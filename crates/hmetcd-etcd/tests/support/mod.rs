@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 
-/// Where to look for an etcd binary, first match wins: `$HMETCD_TEST_ETCD`, then these.
+/// Where to look for an etcd binary, first match wins: `$HMETCD_ETCD_BIN`, then these.
 const CANDIDATES: [&str; 3] = ["/opt/etcd-3.5/etcd", "/usr/bin/etcd", "/usr/local/bin/etcd"];
 
-pub struct EtcdServer {
+pub(crate) struct EtcdServer {
     binary: PathBuf,
     data: tempfile::TempDir,
     client_port: u16,
@@ -25,7 +25,7 @@ fn free_port() -> u16 {
 }
 
 fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("HMETCD_TEST_ETCD") {
+    if let Some(path) = std::env::var_os("HMETCD_ETCD_BIN") {
         return PathBuf::from(path);
     }
     CANDIDATES
@@ -35,14 +35,14 @@ fn binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "these tests need an etcd binary: none of {CANDIDATES:?} exists; \
-                 install etcd or set HMETCD_TEST_ETCD=/path/to/etcd"
+                 install etcd or set HMETCD_ETCD_BIN=/path/to/etcd"
             )
         })
 }
 
 impl EtcdServer {
     /// Starts a fresh server and waits until it answers.
-    pub async fn start() -> EtcdServer {
+    pub(crate) async fn start() -> EtcdServer {
         let mut server = EtcdServer {
             binary: binary(),
             data: tempfile::tempdir().expect("no temporary directory"),
@@ -56,21 +56,30 @@ impl EtcdServer {
     }
 
     /// `http://127.0.0.1:<port>`
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
     /// A plain etcd-client connection, for looking behind the library's back.
-    pub async fn raw_client(&self) -> Client {
-        Client::connect([self.endpoint()], None).await.expect("raw etcd client")
+    pub(crate) async fn raw_client(&self) -> Client {
+        Client::connect([self.endpoint()], None)
+            .await
+            .expect("raw etcd client")
     }
 
     fn spawn(&mut self) {
-        let client_url = self.endpoint();
+        self.spawn_on(self.client_port);
+    }
+
+    fn spawn_on(&mut self, client_port: u16) {
+        let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(&self.binary)
             .arg("--name=hmetcd-test")
-            .arg(format!("--data-dir={}", self.data.path().join("etcd").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.data.path().join("etcd").display()
+            ))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
@@ -85,10 +94,14 @@ impl EtcdServer {
     }
 
     async fn wait_ready(&self) {
+        self.wait_ready_on(&self.endpoint()).await;
+    }
+
+    async fn wait_ready_on(&self, endpoint: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let probe = async {
-                let mut client = Client::connect([self.endpoint()], None).await.ok()?;
+                let mut client = Client::connect([endpoint], None).await.ok()?;
                 client.status().await.ok()
             };
             if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
@@ -98,18 +111,21 @@ impl EtcdServer {
                 Instant::now() < deadline,
                 "etcd ({}) did not answer on {} within 20 s",
                 self.binary.display(),
-                self.endpoint()
+                endpoint
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Stops the server: SIGTERM, then SIGKILL after two seconds.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -122,10 +138,25 @@ impl EtcdServer {
     }
 
     /// Kills the server and starts it again on the same data directory and ports.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         self.stop();
         self.spawn();
         self.wait_ready().await;
+    }
+}
+
+impl EtcdServer {
+    /// Restarts the server on another client port, where this test's handles cannot reach it,
+    /// and returns a client for that port; `restart` brings it back on the usual port.
+    pub(crate) async fn restart_out_of_reach(&mut self) -> Client {
+        self.stop();
+        let hidden = free_port();
+        self.spawn_on(hidden);
+        let endpoint = format!("http://127.0.0.1:{hidden}");
+        self.wait_ready_on(&endpoint).await;
+        Client::connect([endpoint], None)
+            .await
+            .expect("raw etcd client")
     }
 }
 

@@ -1,0 +1,507 @@
+//! The etcd backend against a real etcd server, started by each test (see `support`).
+//! Every test fails with a clear message when no etcd binary is available.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::GetOptions;
+use futures::StreamExt;
+use hmetcd_core::{CompareOp, Error, KeyChange, KeyValue, Kvi, WatchEvent};
+use hmetcd_etcd::EtcdKvs;
+use support::EtcdServer;
+
+async fn open(server: &EtcdServer, options: &str) -> EtcdKvs {
+    EtcdKvs::connect(&server.endpoint(), options).await.unwrap()
+}
+
+async fn raw_keys(server: &EtcdServer, prefix: &str) -> Vec<String> {
+    let mut raw = server.raw_client().await;
+    let answer = raw
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    answer
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_writes_ranges_and_conditional_writes() {
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "").await;
+
+    assert_eq!(kv.get("a").await.unwrap(), None);
+    kv.store("a", "").await.unwrap();
+    assert_eq!(kv.get("a").await.unwrap().as_deref(), Some(""));
+    kv.store("a", "1").await.unwrap();
+    assert_eq!(kv.get("a").await.unwrap().as_deref(), Some("1"));
+    kv.delete("a").await.unwrap();
+    kv.delete("a").await.unwrap();
+    assert_eq!(kv.get("a").await.unwrap(), None);
+
+    for key in ["r/a", "r/b", "r/c", "r/d"] {
+        kv.store(key, &key.to_uppercase()).await.unwrap();
+    }
+    let keys = |found: Vec<KeyValue>| found.into_iter().map(|pair| pair.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(kv.get_range("r/b", "r/c").await.unwrap()),
+        ["r/b", "r/c"]
+    );
+    assert_eq!(
+        kv.get_range("r/a", "r/a").await.unwrap(),
+        [KeyValue::new("r/a", "R/A")]
+    );
+    assert_eq!(keys(kv.get_range("", "r/b").await.unwrap()), ["r/a", "r/b"]);
+    assert!(kv.get_range("r/c", "r/b").await.unwrap().is_empty());
+    assert!(kv.get_range("r/a", "").await.unwrap().is_empty());
+    assert!(kv.get_range("", "").await.unwrap().is_empty());
+    assert_eq!(
+        keys(kv.get_range("r/", "r/\u{10FFFF}").await.unwrap()),
+        ["r/a", "r/b", "r/c", "r/d"]
+    );
+
+    // A comparison on a missing key is false for every operator, as etcd decides.
+    for op in [
+        CompareOp::Equal,
+        CompareOp::NotEqual,
+        CompareOp::Less,
+        CompareOp::Greater,
+    ] {
+        let then_ran = kv
+            .transaction("t/missing", op, "x", "t/then", "1", "t/else", "1")
+            .await
+            .unwrap();
+        assert!(!then_ran, "{op} on a missing key ran the then-branch");
+        assert_eq!(kv.get("t/then").await.unwrap(), None, "{op}");
+        assert_eq!(kv.get("t/else").await.unwrap().as_deref(), Some("1"));
+        kv.delete("t/else").await.unwrap();
+    }
+    kv.store("t/k", "m").await.unwrap();
+    for (op, value, expected) in [
+        (CompareOp::Equal, "m", true),
+        (CompareOp::Equal, "n", false),
+        (CompareOp::NotEqual, "n", true),
+        (CompareOp::NotEqual, "m", false),
+        (CompareOp::Less, "n", true),
+        (CompareOp::Less, "m", false),
+        (CompareOp::Greater, "l", true),
+        (CompareOp::Greater, "m", false),
+    ] {
+        let then_ran = kv
+            .transaction("t/k", op, value, "t/then", "T", "t/else", "E")
+            .await
+            .unwrap();
+        assert_eq!(then_ran, expected, "m {op} {value}");
+    }
+
+    assert!(!kv.tas("tas/missing", "", "set").await.unwrap());
+    assert_eq!(
+        kv.get("tas/missing").await.unwrap(),
+        None,
+        "tas created a missing key"
+    );
+    kv.store("tas/k", "old").await.unwrap();
+    assert!(!kv.tas("tas/k", "other", "new").await.unwrap());
+    assert!(kv.tas("tas/k", "old", "new").await.unwrap());
+    assert_eq!(kv.get("tas/k").await.unwrap().as_deref(), Some("new"));
+
+    for err in [
+        kv.store("", "v").await.unwrap_err(),
+        kv.get("").await.unwrap_err(),
+        kv.temp_key("").await.unwrap_err(),
+        kv.transaction("k", CompareOp::Equal, "v", "", "1", "e", "1")
+            .await
+            .unwrap_err(),
+        kv.transaction("k", CompareOp::Equal, "v", "t", "1", "", "1")
+            .await
+            .unwrap_err(),
+        kv.tas("", "a", "b").await.unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
+    }
+    assert_eq!(kv.get("t").await.unwrap(), None);
+
+    // Raw bytes written by another client are an error naming the key, never a lossy string.
+    let mut raw = server.raw_client().await;
+    raw.put("bin", vec![0xff_u8, 0xfe], None).await.unwrap();
+    let err = kv.get("bin").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidUtf8 { key, .. } if key == "bin"),
+        "{err}"
+    );
+
+    kv.close().await.unwrap();
+    kv.close().await.unwrap();
+    assert!(matches!(kv.get("a").await, Err(Error::Closed)));
+    assert!(matches!(kv.dist_lock().await, Err(Error::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_is_applied_and_hidden() {
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "prefix=svc/").await;
+    let other = open(&server, "").await;
+    kv.store("a", "1").await.unwrap();
+    kv.store("b", "2").await.unwrap();
+    other.store("c", "outside").await.unwrap();
+    assert_eq!(other.get("svc/a").await.unwrap().as_deref(), Some("1"));
+    assert_eq!(
+        kv.get_range("", "z").await.unwrap(),
+        [KeyValue::new("a", "1"), KeyValue::new("b", "2")]
+    );
+    let mut events = kv.watch_prefix("").await.unwrap();
+    other.store("c", "still outside").await.unwrap();
+    kv.store("d", "4").await.unwrap();
+    let event = events.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&event, WatchEvent::Put { key, value, .. } if key == "d" && value == "4"),
+        "{event:?}"
+    );
+    kv.dist_lock().await.unwrap();
+    let lock_keys = raw_keys(&server, "svc/hbtd_dist_lock/").await;
+    assert_eq!(lock_keys.len(), 1, "{lock_keys:?}");
+    kv.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_keys_live_with_the_handle() {
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "lease_ttl=2s").await;
+    let observer = open(&server, "").await;
+    kv.temp_key("tmp/closed").await.unwrap();
+    assert_eq!(
+        observer.get("tmp/closed").await.unwrap().as_deref(),
+        Some("1")
+    );
+    // Kept alive well past its TTL.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        observer.get("tmp/closed").await.unwrap().as_deref(),
+        Some("1")
+    );
+    kv.close().await.unwrap();
+    assert_eq!(
+        observer.get("tmp/closed").await.unwrap(),
+        None,
+        "temp key outlived close"
+    );
+
+    // Dropped without closing: the lease is no longer kept alive and expires.
+    let dropped = open(&server, "lease_ttl=2s").await;
+    dropped.temp_key("tmp/dropped").await.unwrap();
+    drop(dropped);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while observer.get("tmp/dropped").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "temp key of a dropped handle outlived its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The lease is lost behind the handle's back: a new lease, and the temp keys come back.
+    let kv = open(&server, "lease_ttl=2s").await;
+    kv.temp_key("tmp/restored").await.unwrap();
+    let mut raw = server.raw_client().await;
+    let lease = raw.get("tmp/restored", None).await.unwrap().kvs()[0].lease();
+    raw.lease_revoke(lease).await.unwrap();
+    assert_eq!(observer.get("tmp/restored").await.unwrap(), None);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while observer.get("tmp/restored").await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "temp key was not put back on a new lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new_lease = raw.get("tmp/restored", None).await.unwrap().kvs()[0].lease();
+    assert_ne!(new_lease, lease);
+    kv.close().await.unwrap();
+    assert_eq!(observer.get("tmp/restored").await.unwrap(), None);
+    observer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_excludes_queues_fifo_and_times_out_without_trace() {
+    let server = EtcdServer::start().await;
+    let first = Arc::new(open(&server, "").await);
+    let second = Arc::new(open(&server, "").await);
+    let third = Arc::new(open(&server, "").await);
+
+    first.dist_lock().await.unwrap();
+    first.dist_lock().await.unwrap(); // already held: at once
+    let keys = raw_keys(&server, "hbtd_dist_lock/").await;
+    assert_eq!(keys.len(), 1);
+    let lease = format!(
+        "{:x}",
+        server
+            .raw_client()
+            .await
+            .get(keys[0].as_str(), None)
+            .await
+            .unwrap()
+            .kvs()[0]
+            .lease()
+    );
+    assert_eq!(
+        keys[0],
+        format!("hbtd_dist_lock/{lease}"),
+        "lock key layout differs from Go's"
+    );
+
+    let err = second
+        .dist_timed_lock(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::LockTimeout { lock, .. } if lock == "hbtd_dist_lock"),
+        "{err}"
+    );
+    assert_eq!(
+        raw_keys(&server, "hbtd_dist_lock/").await.len(),
+        1,
+        "a timed-out waiter left its key"
+    );
+
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let waiter =
+        |kv: Arc<EtcdKvs>, name: &'static str, order: Arc<std::sync::Mutex<Vec<&'static str>>>| {
+            tokio::spawn(async move {
+                kv.dist_lock().await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                kv.dist_unlock().await.unwrap();
+            })
+        };
+    let second_waits = waiter(Arc::clone(&second), "second", Arc::clone(&order));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third_waits = waiter(Arc::clone(&third), "third", Arc::clone(&order));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "a waiter got the lock while it was held"
+    );
+    first.dist_unlock().await.unwrap();
+    first.dist_unlock().await.unwrap(); // not held: Ok
+    second_waits.await.unwrap();
+    third_waits.await.unwrap();
+    assert_eq!(*order.lock().unwrap(), ["second", "third"]);
+
+    // Closing releases the lock at once.
+    first.dist_lock().await.unwrap();
+    first.close().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), second.dist_lock())
+        .await
+        .unwrap()
+        .unwrap();
+    second.close().await.unwrap();
+    third.close().await.unwrap();
+    assert!(raw_keys(&server, "hbtd_dist_lock/").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_delivers_every_event_in_order() {
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "").await;
+    let mut events = kv.watch_stream("w").await.unwrap();
+    let writer = open(&server, "").await;
+    for i in 0..1000 {
+        writer.store("w", &i.to_string()).await.unwrap();
+    }
+    writer.delete("w").await.unwrap();
+    let mut last_revision = 0;
+    for i in 0..1000 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.value(), Some(i.to_string().as_str()), "{event:?}");
+        assert!(event.revision() > last_revision);
+        last_revision = event.revision();
+    }
+    let event = events.next().await.unwrap().unwrap();
+    assert_eq!(event.change(), KeyChange::Delete);
+
+    // watch(): the next change after the call began.
+    let waiting = {
+        let kv = Arc::new(open(&server, "").await);
+        let watching = Arc::clone(&kv);
+        (tokio::spawn(async move { watching.watch("w1").await }), kv)
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    writer.store("w1", "v").await.unwrap();
+    let event = waiting.0.await.unwrap().unwrap();
+    assert!(matches!(&event, WatchEvent::Put { key, value, .. } if key == "w1" && value == "v"));
+
+    // Callbacks see every put until cancelled.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let handle = kv
+        .watch_with_cb(
+            "cb",
+            KeyChange::Put,
+            Box::new(move |event| {
+                sink.lock()
+                    .unwrap()
+                    .push(event.value().unwrap_or_default().to_owned());
+                true
+            }),
+        )
+        .await
+        .unwrap();
+    for i in 0..10 {
+        writer.store("cb", &i.to_string()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().unwrap().len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "callback missed events: {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kv.watch_cb_cancel(handle);
+    writer.store("cb", "after").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen.lock().unwrap().len(), 10);
+
+    // Closing ends the streams.
+    let mut open_stream = kv.watch_stream("w2").await.unwrap();
+    kv.close().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(2), open_stream.next())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "{end:?}");
+    assert!(matches!(kv.watch_stream("w2").await, Err(Error::Closed)));
+    waiting.1.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_across_an_etcd_restart() {
+    let mut server = EtcdServer::start().await;
+    let kv = open(&server, "request_timeout=2s").await;
+    let mut events = kv.watch_prefix("r/").await.unwrap();
+    let writer = open(&server, "request_timeout=2s").await;
+    for i in 0..50 {
+        writer.store(&format!("r/{i:03}"), "before").await.unwrap();
+    }
+    server.restart().await;
+    // Written after the restart, whether or not the watch is back yet.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut written = 0;
+    while written < 50 {
+        match writer
+            .store(&format!("r/{:03}", 50 + written), "after")
+            .await
+        {
+            Ok(()) => written += 1,
+            Err(err) if err.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+    let mut last_revision = 0;
+    for i in 0..100 {
+        let event = tokio::time::timeout(Duration::from_secs(15), events.next())
+            .await
+            .unwrap_or_else(|_| panic!("event {i} never came"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.key(), format!("r/{i:03}"), "{event:?}");
+        assert!(event.revision() > last_revision);
+        last_revision = event.revision();
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
+    assert!(extra.is_err(), "an event was repeated: {extra:?}");
+    kv.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_compaction() {
+    let mut server = EtcdServer::start().await;
+    let kv = open(&server, "request_timeout=2s").await;
+    let mut events = kv.watch_stream("c").await.unwrap();
+    kv.store("c", "0").await.unwrap();
+    assert_eq!(events.next().await.unwrap().unwrap().value(), Some("0"));
+    // While the watch cannot reach etcd, history moves on and is compacted.
+    let mut raw = server.restart_out_of_reach().await;
+    let mut revision = 0;
+    for i in 0..5 {
+        revision = raw
+            .put("c", i.to_string(), None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    raw.compact(revision, None).await.unwrap();
+    server.restart().await;
+    let item = tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .unwrap();
+    match item {
+        Some(Err(Error::Compacted {
+            key,
+            compact_revision,
+            ..
+        })) => {
+            assert_eq!(key, "c");
+            assert_eq!(compact_revision, revision);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        events.next().await.is_none(),
+        "the stream goes on after Compacted"
+    );
+    kv.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_etcd_is_unavailable_in_time() {
+    let started = Instant::now();
+    let err = EtcdKvs::connect("127.0.0.1:1", "connect_timeout=1s")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Unavailable { endpoints, .. } if endpoints.contains("127.0.0.1:1")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = EtcdKvs::connect("mem:", "").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidEndpoint { .. }), "{err}");
+    let err = EtcdKvs::connect("127.0.0.1:1", "password=hunter2,user=u")
+        .await
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("hunter2"));
+
+    // A server that goes away: requests give up within request_timeout.
+    let mut server = EtcdServer::start().await;
+    let kv = open(&server, "request_timeout=500ms").await;
+    server.stop();
+    let started = Instant::now();
+    let err = kv.get("k").await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
