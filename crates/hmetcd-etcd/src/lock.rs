@@ -70,9 +70,19 @@ impl Shared {
                 .map_err(|_| gave_up(timeout))?,
             None => self.lock.acquiring.lock().await,
         };
-        let held_generation = self.lock.held().as_ref().map(|held| held.generation);
-        if let Some(generation) = held_generation {
-            if self.session.is_alive(generation).await {
+        let held = self
+            .lock
+            .held()
+            .as_ref()
+            .map(|held| (held.key.clone(), held.generation));
+        if let Some((key, generation)) = held {
+            // "Holds" means holds now: the lease is alive and the lock key is still there.
+            if self.session.is_alive(generation).await
+                && self
+                    .create_revision(&key, Request::new("lock", self.lock_name()))
+                    .await?
+                    .is_some()
+            {
                 return Ok(());
             }
             tracing::warn!(

@@ -505,3 +505,122 @@ async fn unreachable_etcd_is_unavailable_in_time() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_is_lost_with_the_lease_and_never_queued_twice() {
+    let server = EtcdServer::start().await;
+    let kv = Arc::new(open(&server, "lease_ttl=2s").await);
+    let other = open(&server, "").await;
+
+    kv.dist_lock().await.unwrap();
+    let mut raw = server.raw_client().await;
+    let keys = raw_keys(&server, "hbtd_dist_lock/").await;
+    let lease = raw.get(keys[0].as_str(), None).await.unwrap().kvs()[0].lease();
+    raw.lease_revoke(lease).await.unwrap();
+    other.dist_timed_lock(Duration::from_secs(2)).await.unwrap();
+    // The handle lost the lock with its lease: it queues again instead of answering at once.
+    let err = kv.dist_timed_lock(Duration::from_millis(500)).await.unwrap_err();
+    assert!(matches!(err, Error::LockTimeout { .. }), "{err}");
+
+    // Two concurrent lock calls on one handle queue one waiter key, and both succeed.
+    let (a, b) = (Arc::clone(&kv), Arc::clone(&kv));
+    let first = tokio::spawn(async move { a.dist_lock().await });
+    let second = tokio::spawn(async move { b.dist_lock().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(raw_keys(&server, "hbtd_dist_lock/").await.len(), 2, "holder plus one waiter");
+    other.dist_unlock().await.unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(raw_keys(&server, "hbtd_dist_lock/").await.len(), 1);
+
+    // A lock call abandoned by its caller leaves no waiter key behind.
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), other.dist_lock()).await;
+    assert!(abandoned.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(raw_keys(&server, "hbtd_dist_lock/").await.len(), 1, "an abandoned waiter left its key");
+
+    kv.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_mutex_and_this_library_exclude_each_other() {
+    use std::process::{Command, Stdio};
+
+    let server = EtcdServer::start().await;
+    let etcdctl = server.etcdctl();
+    let go_lock = |command: &[&str]| {
+        Command::new(&etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", server.endpoint()))
+            .args(["lock", "hbtd_dist_lock"])
+            .args(command)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let kv = open(&server, "").await;
+
+    // Go's concurrency.Mutex (etcdctl lock) holds the lock for three seconds.
+    let mut go = go_lock(&["sleep", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_keys(&server, "hbtd_dist_lock/").await.is_empty() {
+        assert!(Instant::now() < deadline, "etcdctl did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = kv.dist_timed_lock(Duration::from_millis(500)).await.unwrap_err();
+    assert!(matches!(err, Error::LockTimeout { .. }), "{err}");
+    tokio::time::timeout(Duration::from_secs(10), kv.dist_lock()).await.unwrap().unwrap();
+    assert!(go.try_wait().unwrap().is_some(), "took the lock while Go held it");
+
+    // This library holds it: Go waits until it is released.
+    let mut go = go_lock(&["true"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(go.try_wait().unwrap().is_none(), "Go took the lock while this library held it");
+    kv.dist_unlock().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = go.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        assert!(Instant::now() < deadline, "Go never got the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kv.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_and_token_refresh() {
+    let server = EtcdServer::start_with(&["--auth-token-ttl=2"]).await;
+    let mut raw = server.raw_client().await;
+    raw.user_add("root", "s3cret-pw", None).await.unwrap();
+    let _ = raw.role_add("root").await;
+    raw.user_grant_role("root", "root").await.unwrap();
+    raw.auth_enable().await.unwrap();
+
+    let kv = open(&server, "user=root,password=s3cret-pw").await;
+    let shown = format!("{kv:?}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+    kv.store("a", "1").await.unwrap();
+    let mut events = kv.watch_stream("a").await.unwrap();
+    // The simple token expires after two seconds; the next request re-authenticates.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(kv.get("a").await.unwrap().as_deref(), Some("1"));
+    kv.store("a", "2").await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(event.value(), Some("2"));
+    kv.temp_key("t").await.unwrap();
+    kv.dist_lock().await.unwrap();
+    kv.close().await.unwrap();
+
+    let err = EtcdKvs::connect(&server.endpoint(), "user=root,password=wrong-pw").await.unwrap_err();
+    assert!(matches!(&err, Error::Unauthenticated { user, .. } if user == "root"), "{err}");
+    assert!(!format!("{err} {err:?}").contains("wrong-pw"));
+    // Without credentials etcd grants the lease but refuses the keys.
+    let anonymous = open(&server, "").await;
+    let err = anonymous.get("a").await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. } | Error::PermissionDenied { .. }), "{err}");
+    anonymous.close().await.unwrap();
+}

@@ -16,6 +16,7 @@ pub(crate) struct EtcdServer {
     data: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -43,7 +44,13 @@ fn binary() -> PathBuf {
 impl EtcdServer {
     /// Starts a fresh server and waits until it answers.
     pub(crate) async fn start() -> EtcdServer {
+        EtcdServer::start_with(&[]).await
+    }
+
+    /// Starts a fresh server with extra command-line flags.
+    pub(crate) async fn start_with(extra_args: &[&str]) -> EtcdServer {
         let mut server = EtcdServer {
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             binary: binary(),
             data: tempfile::tempdir().expect("no temporary directory"),
             client_port: free_port(),
@@ -53,6 +60,13 @@ impl EtcdServer {
         server.spawn();
         server.wait_ready().await;
         server
+    }
+
+    /// The `etcdctl` next to the etcd binary (Go's client, for checking interplay with Go).
+    pub(crate) fn etcdctl(&self) -> PathBuf {
+        let etcdctl = self.binary.with_file_name("etcdctl");
+        assert!(etcdctl.is_file(), "this test needs {}", etcdctl.display());
+        etcdctl
     }
 
     /// `http://127.0.0.1:<port>`
@@ -86,6 +100,7 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=hmetcd-test={peer_url}"))
             .arg("--log-level=error")
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
