@@ -294,6 +294,19 @@ async fn lock_excludes_queues_fifo_and_times_out_without_trace() {
     third_waits.await.unwrap();
     assert_eq!(*order.lock().unwrap(), ["second", "third"]);
 
+    // Closing the handle ends its lock wait.
+    let waiting = Arc::clone(&third);
+    first.dist_lock().await.unwrap();
+    let wait = tokio::spawn(async move { waiting.dist_lock().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    third.close().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), wait)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ended, Err(Error::Closed)), "{ended:?}");
+    first.dist_unlock().await.unwrap();
+
     // Closing releases the lock at once.
     first.dist_lock().await.unwrap();
     first.close().await.unwrap();
@@ -374,6 +387,26 @@ async fn watch_delivers_every_event_in_order() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(seen.lock().unwrap().len(), 10);
 
+    // Dropping a stream cancels its etcd watch.
+    let before = server.watcher_count();
+    let streams = futures::future::join_all(
+        (0..5).map(|i| kv.watch_stream(["d0", "d1", "d2", "d3", "d4"][i])),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap();
+    assert_eq!(server.watcher_count(), before + 5);
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.watcher_count() > before {
+        assert!(
+            Instant::now() < deadline,
+            "dropped streams kept their etcd watches"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Closing ends the streams.
     let mut open_stream = kv.watch_stream("w2").await.unwrap();
     kv.close().await.unwrap();
@@ -395,6 +428,7 @@ async fn watch_resumes_across_an_etcd_restart() {
     for i in 0..50 {
         writer.store(&format!("r/{i:03}"), "before").await.unwrap();
     }
+    kv.temp_key("tmp").await.unwrap();
     server.restart().await;
     // Written after the restart, whether or not the watch is back yet.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -424,6 +458,9 @@ async fn watch_resumes_across_an_etcd_restart() {
     }
     let extra = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
     assert!(extra.is_err(), "an event was repeated: {extra:?}");
+    // The lease survived the restart (etcd renews leases when it comes back) and is kept alive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(writer.get("tmp").await.unwrap().as_deref(), Some("1"));
     kv.close().await.unwrap();
     writer.close().await.unwrap();
 }
@@ -519,7 +556,10 @@ async fn lock_is_lost_with_the_lease_and_never_queued_twice() {
     raw.lease_revoke(lease).await.unwrap();
     other.dist_timed_lock(Duration::from_secs(2)).await.unwrap();
     // The handle lost the lock with its lease: it queues again instead of answering at once.
-    let err = kv.dist_timed_lock(Duration::from_millis(500)).await.unwrap_err();
+    let err = kv
+        .dist_timed_lock(Duration::from_millis(500))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::LockTimeout { .. }), "{err}");
 
     // Two concurrent lock calls on one handle queue one waiter key, and both succeed.
@@ -527,7 +567,11 @@ async fn lock_is_lost_with_the_lease_and_never_queued_twice() {
     let first = tokio::spawn(async move { a.dist_lock().await });
     let second = tokio::spawn(async move { b.dist_lock().await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(raw_keys(&server, "hbtd_dist_lock/").await.len(), 2, "holder plus one waiter");
+    assert_eq!(
+        raw_keys(&server, "hbtd_dist_lock/").await.len(),
+        2,
+        "holder plus one waiter"
+    );
     other.dist_unlock().await.unwrap();
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
@@ -537,7 +581,11 @@ async fn lock_is_lost_with_the_lease_and_never_queued_twice() {
     let abandoned = tokio::time::timeout(Duration::from_millis(300), other.dist_lock()).await;
     assert!(abandoned.is_err());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(raw_keys(&server, "hbtd_dist_lock/").await.len(), 1, "an abandoned waiter left its key");
+    assert_eq!(
+        raw_keys(&server, "hbtd_dist_lock/").await.len(),
+        1,
+        "an abandoned waiter left its key"
+    );
 
     kv.close().await.unwrap();
     other.close().await.unwrap();
@@ -569,15 +617,27 @@ async fn go_mutex_and_this_library_exclude_each_other() {
         assert!(Instant::now() < deadline, "etcdctl did not take the lock");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let err = kv.dist_timed_lock(Duration::from_millis(500)).await.unwrap_err();
+    let err = kv
+        .dist_timed_lock(Duration::from_millis(500))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::LockTimeout { .. }), "{err}");
-    tokio::time::timeout(Duration::from_secs(10), kv.dist_lock()).await.unwrap().unwrap();
-    assert!(go.try_wait().unwrap().is_some(), "took the lock while Go held it");
+    tokio::time::timeout(Duration::from_secs(10), kv.dist_lock())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        go.try_wait().unwrap().is_some(),
+        "took the lock while Go held it"
+    );
 
     // This library holds it: Go waits until it is released.
     let mut go = go_lock(&["true"]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(go.try_wait().unwrap().is_none(), "Go took the lock while this library held it");
+    assert!(
+        go.try_wait().unwrap().is_none(),
+        "Go took the lock while this library held it"
+    );
     kv.dist_unlock().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -609,18 +669,33 @@ async fn authentication_and_token_refresh() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(kv.get("a").await.unwrap().as_deref(), Some("1"));
     kv.store("a", "2").await.unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap().unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(event.value(), Some("2"));
     kv.temp_key("t").await.unwrap();
     kv.dist_lock().await.unwrap();
     kv.close().await.unwrap();
 
-    let err = EtcdKvs::connect(&server.endpoint(), "user=root,password=wrong-pw").await.unwrap_err();
-    assert!(matches!(&err, Error::Unauthenticated { user, .. } if user == "root"), "{err}");
+    let err = EtcdKvs::connect(&server.endpoint(), "user=root,password=wrong-pw")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Unauthenticated { user, .. } if user == "root"),
+        "{err}"
+    );
     assert!(!format!("{err} {err:?}").contains("wrong-pw"));
     // Without credentials etcd grants the lease but refuses the keys.
     let anonymous = open(&server, "").await;
     let err = anonymous.get("a").await.unwrap_err();
-    assert!(matches!(err, Error::Unauthenticated { .. } | Error::PermissionDenied { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Unauthenticated { .. } | Error::PermissionDenied { .. }
+        ),
+        "{err}"
+    );
     anonymous.close().await.unwrap();
 }

@@ -62,6 +62,24 @@ impl EtcdServer {
         server
     }
 
+    /// How many watchers the server has right now (its `etcd_debugging_mvcc_watcher_total`).
+    pub(crate) fn watcher_count(&self) -> u64 {
+        use std::io::{Read, Write};
+
+        let mut connection = std::net::TcpStream::connect(("127.0.0.1", self.client_port)).unwrap();
+        connection
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .unwrap();
+        let mut metrics = String::new();
+        connection.read_to_string(&mut metrics).unwrap();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|count| count.trim().parse::<f64>().ok())
+            .map(|count| count as u64)
+            .expect("no etcd_debugging_mvcc_watcher_total metric")
+    }
+
     /// The `etcdctl` next to the etcd binary (Go's client, for checking interplay with Go).
     pub(crate) fn etcdctl(&self) -> PathBuf {
         let etcdctl = self.binary.with_file_name("etcdctl");
