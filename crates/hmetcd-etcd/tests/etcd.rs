@@ -699,3 +699,107 @@ async fn authentication_and_token_refresh() {
     );
     anonymous.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the openssl command to make certificates; run with --ignored"]
+async fn tls_with_ca_and_client_certificate() {
+    use std::process::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|err| panic!("this test needs the openssl command: {err}"));
+        assert!(
+            status.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    std::fs::write(
+        dir.path().join("san.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for name in ["server", "client"] {
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+    let server = EtcdServer::start_with(&[
+        &format!("--cert-file={}", path("server.pem")),
+        &format!("--key-file={}", path("server.key")),
+        &format!("--trusted-ca-file={}", path("ca.pem")),
+        "--client-cert-auth",
+    ])
+    .await;
+    let options = format!(
+        "ca_file={},cert_file={},key_file={}",
+        path("ca.pem"),
+        path("client.pem"),
+        path("client.key")
+    );
+    let kv = EtcdKvs::connect(&server.tls_endpoint(), &options)
+        .await
+        .unwrap();
+    kv.store("secure", "yes").await.unwrap();
+    assert_eq!(kv.get("secure").await.unwrap().as_deref(), Some("yes"));
+    kv.close().await.unwrap();
+    // A bare host:port with TLS options means https too.
+    let bare = server.tls_endpoint().replace("https://", "");
+    let kv = EtcdKvs::connect(&bare, &options).await.unwrap();
+    assert_eq!(kv.get("secure").await.unwrap().as_deref(), Some("yes"));
+    kv.close().await.unwrap();
+    // Without the client certificate the server refuses.
+    let err = EtcdKvs::connect(
+        &server.tls_endpoint(),
+        &format!("ca_file={},connect_timeout=2s", path("ca.pem")),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}

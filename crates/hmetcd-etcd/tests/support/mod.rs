@@ -87,6 +87,11 @@ impl EtcdServer {
         etcdctl
     }
 
+    /// `https://127.0.0.1:<port>` for a server started with `start_tls`.
+    pub(crate) fn tls_endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.client_port)
+    }
+
     /// `http://127.0.0.1:<port>`
     pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
@@ -104,7 +109,16 @@ impl EtcdServer {
     }
 
     fn spawn_on(&mut self, client_port: u16) {
-        let client_url = format!("http://127.0.0.1:{client_port}");
+        let scheme = if self
+            .extra_args
+            .iter()
+            .any(|arg| arg.starts_with("--cert-file"))
+        {
+            "https"
+        } else {
+            "http"
+        };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(&self.binary)
             .arg("--name=hmetcd-test")
@@ -127,6 +141,19 @@ impl EtcdServer {
     }
 
     async fn wait_ready(&self) {
+        if self
+            .extra_args
+            .iter()
+            .any(|arg| arg.starts_with("--cert-file"))
+        {
+            // TLS: wait for the port only; the test's own client checks the rest.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+                assert!(Instant::now() < deadline, "etcd did not listen within 20 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return;
+        }
         self.wait_ready_on(&self.endpoint()).await;
     }
 
