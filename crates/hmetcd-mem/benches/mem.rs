@@ -92,6 +92,55 @@ fn point_operations(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same operations on a bare `RwLock<BTreeMap>` with no API around it, run side by side
+/// so the figures above can be read as a ratio to the least the work can cost.
+fn baseline(c: &mut Criterion) {
+    use std::collections::BTreeMap;
+    use std::sync::RwLock;
+
+    let keys: Vec<String> = (0..KEYS).map(key).collect();
+    let map: RwLock<BTreeMap<String, String>> = RwLock::new(
+        keys.iter()
+            .map(|k| (k.clone(), "value-of-some-length".to_owned()))
+            .collect(),
+    );
+    let mut group = c.benchmark_group("baseline_btreemap_100k");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    group.bench_function("get", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(map.read().ok().and_then(|m| m.get(&keys[i]).cloned()))
+        })
+    });
+    group.bench_function("store_overwrite", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            if let Ok(mut m) = map.write() {
+                if let Some(v) = m.get_mut(&keys[i]) {
+                    v.clear();
+                    v.push_str("value-of-some-length");
+                }
+            }
+        })
+    });
+    group.bench_function("get_range_100", |b| {
+        b.iter(|| {
+            i = (i + 1) % (KEYS - 100);
+            let found: Vec<(String, String)> = map
+                .read()
+                .map(|m| {
+                    m.range(keys[i].clone()..=keys[i + 99].clone())
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(found.len(), 100);
+        })
+    });
+    group.finish();
+}
+
 /// Store by one handle to the callback of a watcher on another handle of the same store.
 fn watch_latency(c: &mut Criterion) {
     let rt = runtime();
@@ -170,6 +219,6 @@ fn lock_handoff(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = point_operations, watch_latency, lock_handoff
+    targets = point_operations, baseline, watch_latency, lock_handoff
 }
 criterion_main!(benches);
