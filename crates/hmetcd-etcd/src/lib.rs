@@ -10,7 +10,11 @@
 //!   library exclude each other. The `prefix` option applies to the lock name as well; with
 //!   no prefix the keys are exactly Go's.
 //! - Watches are registered before `watch_stream`/`watch_prefix` return, deliver every event in
-//!   revision order, and resume after an etcd restart from the last delivered revision.
+//!   revision order, and resume after an etcd restart from the last delivered revision. Each
+//!   stream is one etcd watch (a gRPC stream on the handle's shared connection), cancelled when
+//!   the stream is dropped.
+//! - With `user`/`password`, an expired or invalid token is refreshed and the request retried
+//!   once (etcd-client's automatic token refresh).
 //!
 //! ```no_run
 //! use hmetcd_core::Kvi;

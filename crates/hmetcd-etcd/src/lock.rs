@@ -92,7 +92,13 @@ impl Shared {
             self.lock.forget();
         }
         loop {
-            let (lease, generation) = self.live_lease().await?;
+            let leased = self.live_lease();
+            let (lease, generation) = match deadline {
+                Some((at, timeout)) => tokio::time::timeout_at(at.into(), leased)
+                    .await
+                    .unwrap_or_else(|_| Err(gave_up(timeout)))?,
+                None => leased.await?,
+            };
             let key = format!("{}{}", self.lock_prefix, lease_hex(lease));
             let mut waiter = WaiterKey::new(self, &key);
             let attempt = self.queue_and_wait(&key, lease);

@@ -174,6 +174,8 @@ impl Watcher {
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
+            // This etcd watch started at `start`; nothing before it was asked for.
+            let start = next;
             let broken = loop {
                 let message = tokio::select! {
                     () = shut_down(&mut shutdown) => return,
@@ -199,15 +201,15 @@ impl Watcher {
                         }
                     };
                     // Never repeat: a re-subscription starts after the last delivered revision.
-                    if converted.revision() < next {
+                    if converted.revision() < start {
                         continue;
                     }
                     let revision = converted.revision();
                     if events.send(Ok(converted)).is_err() {
                         return;
                     }
-                    // Events of one revision (one transaction) come in one answer, so the
-                    // next revision is where a re-subscription starts.
+                    // All events of one revision (one transaction) come in one answer, so a
+                    // re-subscription starts at the revision after the last one delivered.
                     next = next.max(revision + 1);
                 }
                 if answer.canceled() {

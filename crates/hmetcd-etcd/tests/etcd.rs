@@ -163,6 +163,23 @@ async fn prefix_is_applied_and_hidden() {
         matches!(&event, WatchEvent::Put { key, value, .. } if key == "d" && value == "4"),
         "{event:?}"
     );
+    // One transaction writing two keys: two events of one revision, both delivered.
+    let mut raw = server.raw_client().await;
+    let txn = etcd_client::Txn::new().and_then([
+        etcd_client::TxnOp::put("svc/e", "5", None),
+        etcd_client::TxnOp::put("svc/f", "6", None),
+    ]);
+    raw.txn(txn).await.unwrap();
+    let mut both = Vec::new();
+    while both.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event of the transaction never came");
+        both.push(event.unwrap().unwrap());
+    }
+    let (e, f) = (&both[0], &both[1]);
+    assert_eq!((e.key(), f.key()), ("e", "f"));
+    assert_eq!(e.revision(), f.revision());
     kv.dist_lock().await.unwrap();
     let lock_keys = raw_keys(&server, "svc/hbtd_dist_lock/").await;
     assert_eq!(lock_keys.len(), 1, "{lock_keys:?}");
