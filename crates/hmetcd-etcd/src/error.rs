@@ -69,7 +69,10 @@ impl ErrorContext {
         let message = status.message().to_owned();
         let message = message.as_str();
         match status.code() {
-            Code::Unavailable => self.unavailable(format!("{operation}: {message}"), err),
+            // We never cancel a request ourselves: a cancelled one lost its connection.
+            Code::Unavailable | Code::Cancelled => {
+                self.unavailable(format!("{operation}: {message}"), err)
+            }
             Code::DeadlineExceeded => self.timeout(request),
             Code::Unauthenticated => self.unauthenticated(message, err),
             Code::PermissionDenied => Error::PermissionDenied {
