@@ -1,8 +1,206 @@
 //! Every conformance case, grouped by the contract's sections.
 
-use crate::Case;
+pub mod conditional;
+pub mod go_data;
+pub mod keys;
+pub mod lifetime;
+pub mod lock;
+pub mod options;
+pub mod ranges;
+pub mod streams;
+pub mod temp_keys;
+pub mod watch;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use hmetcd_core::{Kvi, WatchCallback, WatchEvent, WatchStream};
+
+use crate::{case, Case};
 
 /// Every case of the suite.
 pub fn all() -> Vec<Case> {
-    vec![]
+    vec![
+        case!(options::unknown_option_names_the_pair),
+        case!(options::unparsable_value_names_the_pair),
+        case!(options::prefix_is_hidden_from_callers),
+        case!(options::different_prefixes_do_not_see_each_other),
+        case!(keys::empty_key_is_invalid_and_writes_nothing),
+        case!(keys::empty_then_or_else_key_is_invalid_and_writes_nothing),
+        case!(keys::empty_value_round_trips),
+        case!(keys::get_of_absent_key_is_none),
+        case!(keys::store_creates_and_overwrites),
+        case!(keys::delete_removes_and_absent_delete_is_ok),
+        case!(keys::unusual_keys_and_values_round_trip),
+        case!(keys::handles_on_one_store_share_data),
+        case!(ranges::both_ends_are_inclusive),
+        case!(ranges::sorted_ascending_by_bytes),
+        case!(ranges::bounds_are_exact),
+        case!(ranges::start_after_end_is_empty),
+        case!(ranges::empty_end_is_empty),
+        case!(ranges::empty_end_is_empty_without_a_prefix),
+        case!(ranges::empty_start_means_from_the_first_key),
+        case!(ranges::no_match_is_empty),
+        case!(ranges::start_equal_to_end_is_that_key),
+        case!(conditional::missing_key_takes_the_else_branch_for_every_operator),
+        case!(conditional::empty_value_is_not_a_missing_key),
+        case!(conditional::comparison_is_bytewise),
+        case!(conditional::branch_may_write_the_compared_key),
+        case!(conditional::transaction_is_atomic_under_concurrency),
+        case!(conditional::tas_sets_only_on_a_match),
+        case!(conditional::tas_on_missing_key_is_false_and_writes_nothing),
+        case!(conditional::tas_with_empty_values),
+        case!(conditional::tas_is_atomic_under_concurrency),
+        case!(conditional::compare_op_parses_the_five_spellings),
+        case!(temp_keys::temp_key_stores_one),
+        case!(temp_keys::temp_keys_vanish_at_once_on_close),
+        case!(temp_keys::temp_keys_vanish_after_drop),
+        case!(temp_keys::temp_keys_of_a_live_handle_stay),
+        case!(temp_keys::temp_keys_belong_to_their_handle),
+        case!(lock::two_handles_exclude_each_other),
+        case!(lock::timed_lock_gives_up_after_its_timeout),
+        case!(lock::given_up_attempt_leaves_no_trace),
+        case!(lock::relock_by_holder_is_ok_at_once),
+        case!(lock::unlock_without_holding_is_ok_and_releases_nothing),
+        case!(lock::waiters_are_served_first_come_first_served),
+        case!(lock::unlock_releases_at_once),
+        case!(lock::close_releases_at_once),
+        case!(lock::drop_releases_within_the_bound),
+        case!(lock::different_lock_names_do_not_exclude),
+        case!(lock::lock_protects_a_counter),
+        case!(watch::watch_returns_the_next_put),
+        case!(watch::watch_returns_a_delete),
+        case!(watch::watch_sees_only_its_key),
+        case!(watch::callback_sees_every_put_in_order),
+        case!(watch::callback_stops_when_it_returns_false),
+        case!(watch::put_callback_ends_on_delete_without_a_call),
+        case!(watch::delete_callback_sees_the_delete_then_ends),
+        case!(watch::cancel_means_no_call_after_it_returns),
+        case!(watch::dropped_watch_handle_keeps_running),
+        case!(watch::close_stops_watchers),
+        case!(watch::events_carry_increasing_revisions),
+        case!(streams::watch_stream_yields_every_change_in_order),
+        case!(streams::watch_stream_misses_nothing_made_after_it_returns),
+        case!(streams::watch_prefix_yields_every_change_under_the_prefix),
+        case!(streams::watch_prefix_misses_nothing_made_after_it_returns),
+        case!(lifetime::every_call_after_close_is_closed),
+        case!(lifetime::close_twice_is_ok),
+        case!(lifetime::data_outlives_close),
+        case!(lifetime::one_handle_serves_many_tasks),
+        case!(go_data::thousand_keys_read_back),
+        case!(go_data::range_0100_to_0500_is_401_keys),
+        case!(go_data::range_without_keys_is_empty),
+        case!(go_data::deleted_key_reads_none),
+        case!(go_data::transaction_table),
+        case!(go_data::test_and_set_table),
+    ]
+}
+
+/// A key above every key the cases write, for "the whole store" ranges.
+pub(crate) const LAST_KEY: &str = "\u{10FFFF}";
+
+/// How long a single request or an "at once" effect may take on any backend.
+pub(crate) const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// Slack on top of a backend's promised bound, for scheduling and round trips.
+pub(crate) const MARGIN: Duration = Duration::from_secs(2);
+
+/// Awaits `fut`, panicking with `what` if it is not done within `limit`.
+pub(crate) async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what}: not done within {limit:?}"),
+    }
+}
+
+/// Polls `check` until it holds, panicking with `what` if it still does not after `limit`.
+pub(crate) async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("{what}: still not so after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every key `kv` sees, in the order `get_range` gives them.
+pub(crate) async fn all_keys(kv: &dyn Kvi) -> Vec<String> {
+    kv.get_range("", LAST_KEY)
+        .await
+        .unwrap_or_else(|err| panic!("get_range over every key: {err}"))
+        .into_iter()
+        .map(|pair| pair.key)
+        .collect()
+}
+
+/// The events a callback watcher was given, shared with the case.
+#[derive(Clone, Default)]
+pub(crate) struct Recorded(Arc<Mutex<Vec<WatchEvent>>>);
+
+impl Recorded {
+    /// A callback that records every event and keeps watching.
+    pub(crate) fn callback(&self) -> WatchCallback {
+        self.callback_until(usize::MAX)
+    }
+
+    /// A callback that records every event and asks to stop after the `stop_after`-th.
+    pub(crate) fn callback_until(&self, stop_after: usize) -> WatchCallback {
+        let events = Arc::clone(&self.0);
+        Box::new(move |event: &WatchEvent| {
+            let mut events = events.lock().unwrap_or_else(|p| p.into_inner());
+            events.push(event.clone());
+            events.len() < stop_after
+        })
+    }
+
+    /// The events so far.
+    pub(crate) fn events(&self) -> Vec<WatchEvent> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many events so far.
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Waits until at least `count` events arrived.
+    pub(crate) async fn wait_for(&self, count: usize, limit: Duration) {
+        eventually(
+            limit,
+            &format!("callback to see {count} events"),
+            || async { self.len() >= count },
+        )
+        .await;
+    }
+}
+
+/// The next item of `stream`, which must be an event and come within `limit`.
+pub(crate) async fn next_event(
+    stream: &mut WatchStream,
+    limit: Duration,
+    what: &str,
+) -> WatchEvent {
+    match within(limit, what, stream.next()).await {
+        Some(Ok(event)) => event,
+        Some(Err(err)) => panic!("{what}: the stream failed: {err}"),
+        None => panic!("{what}: the stream ended"),
+    }
+}
+
+/// A `Put` event's key and value, or panics.
+pub(crate) fn put_of(event: &WatchEvent) -> (&str, &str) {
+    match event {
+        WatchEvent::Put { key, value, .. } => (key, value),
+        other => panic!("expected a Put, got {other:?}"),
+    }
 }
