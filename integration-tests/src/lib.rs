@@ -7,6 +7,7 @@
 
 pub mod backends;
 pub mod cases;
+pub mod etcd_server;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,244 @@
+//! etcd in a container started with testcontainers.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testcontainers::core::{BuildImageOptions, IntoContainerPort};
+use testcontainers::runners::{AsyncBuilder, AsyncRunner};
+use testcontainers::{ContainerAsync, GenericBuildableImage, GenericImage, ImageExt};
+
+use super::docker::Engine;
+
+/// The image used when there is no static etcd binary to build one from.
+pub(crate) const DEFAULT_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
+
+/// The repository of images built here from a static binary.
+const LOCAL_IMAGE: &str = "hmetcd-test-etcd";
+
+/// Where etcd sits in both the official image and the ones built here.
+const ETCD_PATH: &str = "/usr/local/bin/etcd";
+
+const CLIENT_PORT: u16 = 2379;
+
+/// What the container runs.
+#[derive(Debug, Clone)]
+pub(crate) enum ImageSource {
+    /// A `FROM scratch` image built here around this static binary.
+    StaticBinary(PathBuf),
+    /// An image reference, pulled if absent.
+    Image(String),
+}
+
+/// A running (or stopped, between restarts) etcd container.
+pub(crate) struct EtcdContainer {
+    container: ContainerAsync<GenericImage>,
+    host_port: u16,
+    image: String,
+    engine: Engine,
+}
+
+impl EtcdContainer {
+    /// Builds the image if needed and starts a container from it, its client port published
+    /// on a fixed free host port (so a restart keeps the endpoint).
+    pub(crate) async fn start(
+        engine: &Engine,
+        source: ImageSource,
+    ) -> Result<EtcdContainer, String> {
+        let (image, descriptor) = match &source {
+            ImageSource::StaticBinary(bin) => {
+                let image = build_image(bin).await?;
+                let descriptor = format!("{LOCAL_IMAGE}:{}", image_tag(bin)?);
+                (image, format!("{descriptor} built from {}", bin.display()))
+            }
+            ImageSource::Image(reference) => {
+                let (name, tag) = split_reference(reference);
+                (GenericImage::new(name, tag), reference.clone())
+            }
+        };
+        let host_port = free_port()?;
+        let container = image
+            .with_entrypoint(ETCD_PATH)
+            .with_exposed_port(CLIENT_PORT.tcp())
+            .with_mapped_port(host_port, CLIENT_PORT.tcp())
+            .with_cmd([
+                "--name=hmetcd-test",
+                "--data-dir=/var/lib/etcd",
+                "--listen-client-urls=http://0.0.0.0:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+                "--initial-cluster=hmetcd-test=http://127.0.0.1:2380",
+                "--initial-cluster-state=new",
+            ])
+            .with_label("org.hmetcd.test", "etcd")
+            .with_startup_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .map_err(|err| match &source {
+                ImageSource::Image(_) => format!(
+                    "starting etcd from image {descriptor}: {err} (no registry reachable? set \
+                     HMETCD_ETCD_BIN to a static etcd binary to build a local image instead)"
+                ),
+                ImageSource::StaticBinary(_) => {
+                    format!("starting etcd from image {descriptor}: {err}")
+                }
+            })?;
+        let started = EtcdContainer {
+            container,
+            host_port,
+            image: descriptor,
+            engine: engine.clone(),
+        };
+        match super::wait_ready(&started.endpoint(), Duration::from_secs(30)).await {
+            Ok(_) => Ok(started),
+            Err(why) => {
+                let logs = started.logs().await;
+                let _ = started.remove().await;
+                Err(format!("{why}; container log:\n{logs}"))
+            }
+        }
+    }
+
+    /// The client endpoint on the host.
+    pub(crate) fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.host_port)
+    }
+
+    /// The image and engine, for the harness's one line of output.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "image {}, Docker {} API {}",
+            self.image, self.engine.version, self.engine.api_version
+        )
+    }
+
+    /// Stops the container (SIGTERM, SIGKILL after 10 s) and starts it again; the data
+    /// stays in the container's file system and the host port stays mapped.
+    pub(crate) async fn restart(&mut self) -> Result<(), String> {
+        self.container
+            .stop_with_timeout(Some(10))
+            .await
+            .map_err(|err| format!("stopping the etcd container: {err}"))?;
+        self.container
+            .start()
+            .await
+            .map_err(|err| format!("starting the etcd container again: {err}"))
+    }
+
+    /// Removes the container (and its data).
+    pub(crate) async fn remove(self) -> Result<(), String> {
+        self.container
+            .rm()
+            .await
+            .map_err(|err| format!("removing the etcd container: {err}"))
+    }
+
+    async fn logs(&self) -> String {
+        let stderr = self.container.stderr_to_vec().await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&stderr);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+/// Builds (or reuses) `hmetcd-test-etcd:<hash of the binary>`: `FROM scratch` plus `bin`.
+async fn build_image(bin: &Path) -> Result<GenericImage, String> {
+    check_static(bin)?;
+    let tag = image_tag(bin)?;
+    GenericBuildableImage::new(LOCAL_IMAGE, &tag)
+        .with_dockerfile_string(format!(
+            "FROM scratch\nCOPY etcd {ETCD_PATH}\nENTRYPOINT [\"{ETCD_PATH}\"]\n"
+        ))
+        .with_file(bin, "./etcd")
+        .build_image_with(BuildImageOptions::new().with_skip_if_exists(true))
+        .await
+        .map_err(|err| {
+            format!(
+                "building image {LOCAL_IMAGE}:{tag} from {}: {err}",
+                bin.display()
+            )
+        })
+}
+
+/// A tag that changes when the binary does.
+fn image_tag(bin: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(bin).map_err(|err| format!("reading {}: {err}", bin.display()))?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Ok(format!("{:016x}", hasher.finish()))
+}
+
+/// A `FROM scratch` image has no dynamic loader: refuse an ELF binary that needs one.
+fn check_static(bin: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(bin).map_err(|err| format!("reading {}: {err}", bin.display()))?;
+    if elf_interpreter(&bytes) {
+        return Err(format!(
+            "{} is dynamically linked and cannot run in a FROM scratch image; set HMETCD_ETCD_BIN \
+             to a static etcd (scripts/install-etcd.sh puts one at /opt/etcd-3.5/etcd)",
+            bin.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a 64-bit little-endian ELF file has a `PT_INTERP` program header.
+fn elf_interpreter(bytes: &[u8]) -> bool {
+    let read_u16 = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let read_u32 = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let read_u64 = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| u64::from_le_bytes(b) as usize)
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (read_u64(0x20), read_u16(0x36), read_u16(0x38))
+    else {
+        return false;
+    };
+    (0..phnum).any(|index| read_u32(phoff + index * phentsize) == Some(3))
+}
+
+/// `quay.io/coreos/etcd:v3.5.17` -> (`quay.io/coreos/etcd`, `v3.5.17`).
+fn split_reference(reference: &str) -> (String, String) {
+    match reference.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name.to_owned(), tag.to_owned()),
+        _ => (reference.to_owned(), "latest".to_owned()),
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind(("0.0.0.0", 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|err| format!("finding a free host port: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_image_references() {
+        assert_eq!(
+            split_reference("quay.io/coreos/etcd:v3.5.17"),
+            ("quay.io/coreos/etcd".to_owned(), "v3.5.17".to_owned())
+        );
+        assert_eq!(
+            split_reference("localhost:5000/etcd"),
+            ("localhost:5000/etcd".to_owned(), "latest".to_owned())
+        );
+    }
+}
