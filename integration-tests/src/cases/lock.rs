@@ -182,12 +182,15 @@ pub async fn waiters_are_served_first_come_first_served(store: TestStore) {
     holder.close().await.unwrap();
 }
 
+/// How a holder gives up the lock.
+#[derive(Debug, Clone, Copy)]
+enum Release {
+    Unlock,
+    Close,
+}
+
 /// Checks that `release` hands a held lock to a queued waiter at once.
-async fn assert_released_at_once<F, Fut>(store: &TestStore, what: &str, release: F)
-where
-    F: FnOnce(Box<dyn Kvi>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
+async fn assert_released_at_once(store: &TestStore, release: Release) {
     let holder = store.open().await;
     let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
     lock(holder.as_ref(), "holder").await;
@@ -201,38 +204,35 @@ where
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!acquired.is_finished(), "the waiter got a held lock");
     let released = Instant::now();
-    release(holder).await;
+    match release {
+        Release::Unlock => holder.dist_unlock().await.unwrap(),
+        Release::Close => holder.close().await.unwrap(),
+    }
     let acquired = within(
         MARGIN,
-        &format!("the waiter to get the lock after {what}"),
+        &format!("the waiter to get the lock after {release:?}"),
         acquired,
     )
     .await
     .unwrap()
-    .unwrap_or_else(|err| panic!("waiter after {what}: {err}"));
+    .unwrap_or_else(|err| panic!("waiter after {release:?}: {err}"));
     assert!(
         acquired - released < MARGIN,
         "the waiter waited {:?}",
         acquired - released
     );
     waiter.close().await.unwrap();
+    holder.close().await.unwrap();
 }
 
 /// `dist_unlock()` hands the lock to a waiter at once.
 pub async fn unlock_releases_at_once(store: TestStore) {
-    assert_released_at_once(&store, "dist_unlock", |holder| async move {
-        holder.dist_unlock().await.unwrap();
-        holder.close().await.unwrap();
-    })
-    .await;
+    assert_released_at_once(&store, Release::Unlock).await;
 }
 
 /// `close()` releases the lock at once.
 pub async fn close_releases_at_once(store: TestStore) {
-    assert_released_at_once(&store, "close", |holder| async move {
-        holder.close().await.unwrap();
-    })
-    .await;
+    assert_released_at_once(&store, Release::Close).await;
 }
 
 /// A holder dropped without `close()` releases the lock within the backend's bound (at once
