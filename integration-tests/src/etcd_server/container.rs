@@ -1,9 +1,13 @@
 //! etcd in a container started with testcontainers.
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use testcontainers::bollard::query_parameters::{
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
 use testcontainers::core::{BuildImageOptions, IntoContainerPort};
 use testcontainers::runners::{AsyncBuilder, AsyncRunner};
 use testcontainers::{ContainerAsync, GenericBuildableImage, GenericImage, ImageExt};
@@ -20,6 +24,16 @@ const LOCAL_IMAGE: &str = "hmetcd-test-etcd";
 const ETCD_PATH: &str = "/usr/local/bin/etcd";
 
 const CLIENT_PORT: u16 = 2379;
+
+/// Marks the containers this harness starts.
+const LABEL: &str = "org.hmetcd.test";
+
+/// The id of the process that started a container, so that a later run can remove the
+/// containers of a run that was killed before it could.
+const PID_LABEL: &str = "org.hmetcd.test.pid";
+
+/// The host name of the machine (or container) whose process id [`PID_LABEL`] holds.
+const HOST_LABEL: &str = "org.hmetcd.test.host";
 
 /// What the container runs.
 #[derive(Debug, Clone)]
@@ -56,6 +70,9 @@ impl EtcdContainer {
                 (GenericImage::new(name, tag), reference.clone())
             }
         };
+        if engine.local {
+            reap_leftovers().await;
+        }
         let host_port = free_port()?;
         let container = image
             .with_entrypoint(ETCD_PATH)
@@ -71,7 +88,9 @@ impl EtcdContainer {
                 "--initial-cluster=hmetcd-test=http://127.0.0.1:2380",
                 "--initial-cluster-state=new",
             ])
-            .with_label("org.hmetcd.test", "etcd")
+            .with_label(LABEL, "etcd")
+            .with_label(PID_LABEL, std::process::id().to_string())
+            .with_label(HOST_LABEL, hostname())
             .with_startup_timeout(Duration::from_secs(60))
             .start()
             .await
@@ -140,6 +159,50 @@ impl EtcdContainer {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
+}
+
+/// Removes containers left by earlier runs of this harness on this host (same host name, so
+/// the same process ids) whose process is gone (killed before it could tear down). Best effort: failures only cost disk space.
+async fn reap_leftovers() {
+    let Ok(docker) = testcontainers::core::client::docker_client_instance().await else {
+        return;
+    };
+    let filters = HashMap::from([("label".to_owned(), vec![LABEL.to_owned()])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let Ok(containers) = docker.list_containers(Some(options)).await else {
+        return;
+    };
+    for container in containers {
+        let labels = container.labels.clone().unwrap_or_default();
+        if labels.get(HOST_LABEL) != Some(&hostname()) {
+            continue;
+        }
+        let owner = labels
+            .get(PID_LABEL)
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let (Some(id), Some(pid)) = (container.id.as_deref(), owner) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        if docker.remove_container(id, Some(options)).await.is_ok() {
+            eprintln!("etcd for the tests: removed container {id} left by process {pid}");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Builds (or reuses) `hmetcd-test-etcd:<hash of the binary>`: `FROM scratch` plus `bin`.

@@ -61,6 +61,9 @@ pub(crate) struct Engine {
     pub(crate) version: String,
     /// The engine's API version, e.g. `1.41`.
     pub(crate) api_version: String,
+    /// Whether the engine runs on this machine (a unix socket), so that its containers'
+    /// owner process ids mean something here.
+    pub(crate) local: bool,
 }
 
 impl Engine {
@@ -84,6 +87,7 @@ impl Engine {
         let api_version = json_string(&response, "ApiVersion").ok_or_else(|| {
             format!("the Docker engine at {address:?} sent no API version: {response}")
         })?;
+        let local = matches!(address, Address::Unix(_));
         if api_older_than_client(&api_version) {
             let socket = start_proxy(address)?;
             // Edition 2021: set_var is safe; this runs before testcontainers makes its client.
@@ -92,6 +96,7 @@ impl Engine {
         Ok(Engine {
             version,
             api_version,
+            local,
         })
     }
 }

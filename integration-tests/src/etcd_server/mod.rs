@@ -128,6 +128,9 @@ impl EtcdServer {
             let description = format!("at {endpoints} (HMETCD_TEST_ENDPOINTS)");
             return Ok((Running::External, endpoints, description));
         }
+        if let Some(bin) = env_binary().filter(|bin| !is_file(bin)) {
+            return Err(format!("HMETCD_ETCD_BIN={}: no such file", bin.display()));
+        }
         if mode != Mode::Process {
             match docker::Engine::probe().await {
                 Ok(engine) if mode == Mode::Container => {
