@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmetcd_core::{CompareOp, Error, Kvi};
+use hmetcd_core::{CompareOp, Error, Kvi, WatchStream};
 
-use super::{all_keys, within};
+use super::{all_keys, next_event, put_of, within, PROMPTLY};
 use crate::TestStore;
 
 const OPERATORS: [CompareOp; 4] = [
@@ -280,6 +280,50 @@ pub async fn compare_op_parses_the_five_spellings(store: TestStore) {
             Err(Error::InvalidOperator { operator }) => assert_eq!(operator, bad),
             other => panic!("{bad:?} parsed as {other:?}"),
         }
+    }
+    kv.close().await.unwrap();
+}
+
+/// The next event of `events` is the put of `sentinel`: nothing was written before it.
+async fn assert_nothing_written_before(kv: &dyn Kvi, events: &mut WatchStream, what: &str) {
+    kv.store("sentinel", what).await.unwrap();
+    let event = next_event(events, PROMPTLY, what).await;
+    assert_eq!(put_of(&event), ("sentinel", what), "{what} wrote something");
+}
+
+/// A `tas` or `transaction` that writes nothing makes no change a watcher could see.
+pub async fn failed_writes_make_no_events(store: TestStore) {
+    let kv = store.open().await;
+    kv.store("k", "v").await.unwrap();
+    let mut events = kv.watch_prefix("").await.unwrap();
+    assert!(!kv.tas("k", "other", "new").await.unwrap());
+    assert_nothing_written_before(kv.as_ref(), &mut events, "tas on a mismatch").await;
+    assert!(!kv.tas("missing", "", "new").await.unwrap());
+    assert_nothing_written_before(kv.as_ref(), &mut events, "tas on a missing key").await;
+    let refused = kv
+        .transaction("k", CompareOp::Equal, "v", "then", "t", "", "e")
+        .await;
+    assert!(
+        matches!(refused, Err(Error::InvalidKey { .. })),
+        "{refused:?}"
+    );
+    assert_nothing_written_before(kv.as_ref(), &mut events, "a refused transaction").await;
+    kv.close().await.unwrap();
+}
+
+/// A transaction writes its one branch key in one change, and leaves the compared key alone.
+pub async fn transaction_is_one_write(store: TestStore) {
+    let kv = store.open().await;
+    kv.store("k", "v").await.unwrap();
+    let mut events = kv.watch_prefix("").await.unwrap();
+    for (compare, branch_key) in [("v", "then"), ("w", "else")] {
+        kv.transaction("k", CompareOp::Equal, compare, "then", "t", "else", "e")
+            .await
+            .unwrap();
+        let event = next_event(&mut events, PROMPTLY, "the transaction's write").await;
+        assert_eq!(event.key(), branch_key, "{event:?}");
+        assert_nothing_written_before(kv.as_ref(), &mut events, "the rest of the transaction")
+            .await;
     }
     kv.close().await.unwrap();
 }

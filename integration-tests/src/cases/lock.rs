@@ -127,6 +127,33 @@ pub async fn relock_by_holder_is_ok_at_once(store: TestStore) {
     other.close().await.unwrap();
 }
 
+/// `dist_timed_lock` takes any timeout without panicking: `Duration::MAX` acts as no
+/// limit, and a zero timeout either takes a free lock or gives up with `LockTimeout`.
+pub async fn timed_lock_takes_any_timeout(store: TestStore) {
+    let kv = store.open().await;
+    within(
+        PROMPTLY,
+        "dist_timed_lock(Duration::MAX) on a free lock",
+        kv.dist_timed_lock(Duration::MAX),
+    )
+    .await
+    .unwrap();
+    kv.dist_unlock().await.unwrap();
+    match within(
+        PROMPTLY,
+        "dist_timed_lock(0)",
+        kv.dist_timed_lock(Duration::ZERO),
+    )
+    .await
+    {
+        Ok(()) | Err(Error::LockTimeout { .. }) => {}
+        Err(other) => panic!("dist_timed_lock(0) on a free lock: {other}"),
+    }
+    kv.dist_unlock().await.unwrap();
+    assert_lock_free(kv.as_ref(), "the same handle after a zero-timeout attempt").await;
+    kv.close().await.unwrap();
+}
+
 /// Unlocking without holding is `Ok` and does not release another handle's lock.
 pub async fn unlock_without_holding_is_ok_and_releases_nothing(store: TestStore) {
     let holder = store.open().await;

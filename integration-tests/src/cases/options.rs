@@ -34,6 +34,17 @@ pub async fn unparsable_value_names_the_pair(store: TestStore) {
     assert_eq!(option, "request_timeout=fast", "{message}");
 }
 
+/// Durations read as `500ms`, `5s`, `2m`, and spaces around items are ignored.
+pub async fn durations_and_spaces_are_accepted(store: TestStore) {
+    let kv = store
+        .open_with(" request_timeout=500ms , connect_timeout=2m,  lease_ttl=5s ")
+        .await
+        .unwrap_or_else(|err| panic!("opening with valid options: {err}"));
+    kv.store("k", "v").await.unwrap();
+    assert_eq!(kv.get("k").await.unwrap().as_deref(), Some("v"));
+    kv.close().await.unwrap();
+}
+
 /// `prefix`: keys are stored under it, and ranges and watch events carry them without it.
 pub async fn prefix_is_hidden_from_callers(store: TestStore) {
     let outer = store.open().await;
