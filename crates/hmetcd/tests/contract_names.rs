@@ -1,0 +1,110 @@
+//! The contract's "Names" section, written the way a caller writes it: if a name or a
+//! signature changes, this stops compiling.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hmetcd::{
+    CompareOp, Error, KeyChange, KeyValue, Kvi, Result, WatchCallback, WatchEvent, WatchHandle,
+    WatchStream,
+};
+
+fn error_names(err: &Error) -> &'static str {
+    match err {
+        Error::InvalidEndpoint { .. } => "InvalidEndpoint",
+        Error::InvalidOption { .. } => "InvalidOption",
+        Error::InvalidKey { .. } => "InvalidKey",
+        Error::InvalidOperator { .. } => "InvalidOperator",
+        Error::LockTimeout { .. } => "LockTimeout",
+        Error::Timeout { .. } => "Timeout",
+        Error::Unavailable { .. } => "Unavailable",
+        Error::Closed { .. } => "Closed",
+        Error::Compacted { .. } => "Compacted",
+        Error::Unauthenticated { .. } => "Unauthenticated",
+        Error::InvalidUtf8 { .. } => "InvalidUtf8",
+        Error::NotSupported { .. } => "NotSupported",
+        Error::Backend { .. } => "Backend",
+        _ => "other",
+    }
+}
+
+async fn every_method(kv: &dyn Kvi) -> Result<()> {
+    kv.dist_lock().await?;
+    kv.dist_timed_lock(Duration::from_millis(10)).await?;
+    kv.dist_unlock().await?;
+    kv.store("k", "v").await?;
+    kv.temp_key("t").await?;
+    let value: Option<String> = kv.get("k").await?;
+    assert_eq!(value.as_deref(), Some("v"));
+    let pairs: Vec<KeyValue> = kv.get_range("a", "z").await?;
+    assert_eq!(
+        pairs,
+        vec![
+            KeyValue {
+                key: "k".into(),
+                value: "v".into()
+            },
+            KeyValue::new("t", "1")
+        ]
+    );
+    kv.delete("k").await?;
+    let ran_then: bool = kv
+        .transaction("t", CompareOp::Equal, "1", "a", "then", "b", "else")
+        .await?;
+    assert!(ran_then);
+    let set: bool = kv.tas("a", "then", "set").await?;
+    assert!(set);
+    let mut stream: WatchStream = kv.watch_stream("w").await?;
+    let mut prefixed: WatchStream = kv.watch_prefix("w").await?;
+    let cb: WatchCallback = Box::new(|event: &WatchEvent| event.value() != Some("stop"));
+    let handle: WatchHandle = kv.watch_with_cb("w", KeyChange::Put, cb).await?;
+    kv.store("w", "x").await?;
+    let event = stream.next().await.transpose()?;
+    assert!(
+        matches!(&event, Some(WatchEvent::Put { key, value, revision }) if key == "w" && value == "x" && *revision > 0)
+    );
+    let event = prefixed.next().await.transpose()?;
+    assert_eq!(event.as_ref().map(WatchEvent::key), Some("w"));
+    assert_eq!(event.as_ref().map(WatchEvent::change), Some(KeyChange::Put));
+    assert!(event.as_ref().map(WatchEvent::revision).unwrap_or(0) > 0);
+    assert!(!handle.is_finished());
+    kv.watch_cb_cancel(handle);
+    let waiter = kv.watch("w");
+    let (event, stored) = futures::join!(waiter, async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        kv.delete("w").await
+    });
+    stored?;
+    assert!(matches!(event?, WatchEvent::Delete { ref key, .. } if key == "w"));
+    kv.close().await?;
+    let err = kv.get("k").await.err();
+    assert_eq!(err.as_ref().map(error_names), Some("Closed"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_contract_names_compile_and_work() -> Result<()> {
+    assert_eq!(CompareOp::from_str("==")?, CompareOp::Equal);
+    assert_eq!(
+        CompareOp::from_str("<=").err().as_ref().map(error_names),
+        Some("InvalidOperator")
+    );
+
+    let boxed: Box<dyn Kvi> = hmetcd::open("mem:contract-names", "").await?;
+    every_method(&*boxed).await?;
+    every_method(&hmetcd_mem::MemKvs::new()).await?;
+    every_method(&hmetcd_mem::MemKvs::open("contract-names-2", "prefix=p/")?).await?;
+    let shared: std::sync::Arc<dyn Kvi> = std::sync::Arc::new(hmetcd_mem::MemKvs::new());
+    every_method(&shared).await?;
+    Ok(())
+}
+
+/// `hmetcd_etcd::EtcdKvs::connect(endpoints, options).await`, as the contract names it.
+#[cfg(feature = "etcd")]
+#[allow(dead_code)]
+async fn etcd_is_named_as_in_the_contract() -> Result<Box<dyn Kvi>> {
+    Ok(Box::new(
+        hmetcd_etcd::EtcdKvs::connect("http://127.0.0.1:2379,127.0.0.1:22379", "").await?,
+    ))
+}
