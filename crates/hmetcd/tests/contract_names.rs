@@ -19,7 +19,7 @@ fn error_names(err: &Error) -> &'static str {
         Error::LockTimeout { .. } => "LockTimeout",
         Error::Timeout { .. } => "Timeout",
         Error::Unavailable { .. } => "Unavailable",
-        Error::Closed { .. } => "Closed",
+        Error::Closed => "Closed",
         Error::Compacted { .. } => "Compacted",
         Error::Unauthenticated { .. } => "Unauthenticated",
         Error::InvalidUtf8 { .. } => "InvalidUtf8",
