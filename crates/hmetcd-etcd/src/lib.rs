@@ -10,9 +10,9 @@
 //!   library exclude each other. The `prefix` option applies to the lock name as well; with
 //!   no prefix the keys are exactly Go's.
 //! - Watches are registered before `watch_stream`/`watch_prefix` return, deliver every event in
-//!   revision order, and resume after an etcd restart from the last delivered revision. Each
-//!   stream is one etcd watch (a gRPC stream on the handle's shared connection), cancelled when
-//!   the stream is dropped.
+//!   revision order, and resume after an etcd restart from the last delivered revision. All
+//!   watches of a handle share one etcd watch stream (a gRPC stream on the handle's connection,
+//!   opened on first use); each is one etcd watch on it, cancelled when its stream is dropped.
 //! - With `user`/`password`, an expired or invalid token is refreshed and the request retried
 //!   once (etcd-client's automatic token refresh).
 //!
@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     shutdown: tokio::sync::watch::Sender<bool>,
     session: Session,
     lock: lock::LockState,
+    /// The handle's one etcd watch stream, shared by all its watchers.
+    watches: watch::WatchHub,
 }
 
 impl EtcdKvs {
@@ -163,6 +165,7 @@ impl EtcdKvs {
             closed: AtomicBool::new(false),
             shutdown,
             lock: lock::LockState::default(),
+            watches: watch::WatchHub::new(),
         });
         let keep_alive = tokio::spawn(session::keep_alive(Arc::clone(&shared)));
         Ok(EtcdKvs {

@@ -1,17 +1,46 @@
-//! Resumable watch streams: one etcd watch per stream, re-subscribed after the last delivered
-//! revision whenever the etcd stream breaks, so nothing is lost or repeated.
+//! Watch streams of one handle, all carried by a single etcd watch stream.
+//!
+//! Each handle has one [`WatchHub`]. On first use it starts a background task, the
+//! [`Multiplexer`], which owns the handle's one etcd watch stream (a gRPC stream on the
+//! handle's connection) and every watcher on it. Callers talk to it by [`Command`]s; it talks
+//! to etcd by sending create and cancel requests and routing every response, by etcd's watch
+//! id, to the watcher it belongs to.
+//!
+//! The multiplexer's states:
+//!
+//! - **Idle**: no etcd stream, no watchers. A registration starts *Connecting* at once.
+//! - **Connecting**: opening the etcd stream with the first watcher's create request, then
+//!   sending the others' (each from its own next revision). Success leads to *Connected*;
+//!   failure fails the registrations still waiting for a confirmation and leads to *Waiting*
+//!   (or *Idle* when no watcher is left).
+//! - **Connected**: creates and cancels go out as watchers come and go; responses are routed.
+//!   A broken stream (etcd restart, leader change, network) leads to *Waiting*. A create that
+//!   etcd refuses for want of permission gets one token refresh and a new stream
+//!   (*Connecting* at once), since etcd checks the token the stream was opened with.
+//! - **Waiting**: no etcd stream, backing off before *Connecting* again; every watcher keeps
+//!   its next revision, so the new stream resumes each one without loss or repetition.
+//!
+//! In every state the task ends when the handle is closed or dropped (`shutdown`), which ends
+//! every watcher's stream. The task holds no reference to the handle.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 
-use etcd_client::{Client, Event, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Client, Event, EventType, GetOptions, WatchOptions, WatchRequestSender, WatchResponse,
+    WatchResponseStream,
+};
 use futures::Stream;
 use hmetcd_core::keys::KeyPrefix;
 use hmetcd_core::{Error, Result, WatchEvent, WatchStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::error::{ErrorContext, Request};
-use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff};
+use crate::retry::{shut_down, AbortOnDrop, Backoff};
 use crate::Shared;
 
 /// What a stream watches.
@@ -43,18 +72,50 @@ impl Target {
     }
 }
 
-/// Everything the background task of one stream needs; it holds no reference to the handle.
-struct Watcher {
-    client: Client,
-    errors: ErrorContext,
-    prefix: KeyPrefix,
-    target: Target,
+/// A watcher of the handle. It is also the `watch_id` the watcher asks etcd for, so ids start
+/// at 1 (0 would let etcd choose).
+type WatcherId = i64;
+
+/// The handle's side of the multiplexer: starts it on first use and hands it commands.
+pub(crate) struct WatchHub {
+    next_id: AtomicI64,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    commands: mpsc::UnboundedSender<Command>,
+    _task: AbortOnDrop,
+}
+
+/// What callers ask of the multiplexer.
+enum Command {
+    /// Watch `target` from revision `start`; answer on `confirmed` once etcd created the watch.
+    Register {
+        id: WatcherId,
+        target: Target,
+        start: i64,
+        events: mpsc::UnboundedSender<Result<WatchEvent>>,
+        confirmed: oneshot::Sender<Result<()>>,
+    },
+    /// The watcher's stream was dropped (or its registration abandoned).
+    Cancel(WatcherId),
+}
+
+impl WatchHub {
+    pub(crate) fn new() -> Self {
+        WatchHub {
+            next_id: AtomicI64::new(1),
+            running: Mutex::new(None),
+        }
+    }
 }
 
 impl Shared {
-    /// Registers a watch for every change after now and returns its stream.
+    /// Registers a watch for every change after now and returns its stream once etcd has
+    /// confirmed the watch.
     pub(crate) async fn open_watch_stream(&self, target: Target) -> Result<WatchStream> {
-        let request = Request::new("watch", &target.shown);
+        let shown = target.shown.clone();
+        let request = Request::new("watch", &shown);
         // The store's revision now: the watch starts right after it, so every change made
         // after this call began is delivered, and none before.
         let mut kv = self.client.kv_client();
@@ -77,233 +138,557 @@ impl Shared {
                 reason: "etcd answered without a response header".to_owned(),
                 source: None,
             })?;
-        let watcher = Watcher {
+
+        let commands = self.watch_commands();
+        let id = self.watches.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, receiver) = mpsc::unbounded_channel();
+        let (confirmed, confirmation) = oneshot::channel();
+        commands
+            .send(Command::Register {
+                id,
+                target,
+                start: revision + 1,
+                events,
+                confirmed,
+            })
+            .map_err(|_| Error::Closed)?;
+        // From here on, dropping the stream (also on an error below) cancels the watch.
+        let stream = EventStream {
+            events: receiver,
+            _registration: Registration { id, commands },
+        };
+        match tokio::time::timeout(self.options.request_timeout, confirmation).await {
+            Ok(Ok(Ok(()))) => Ok(Box::pin(stream)),
+            Ok(Ok(Err(err))) => Err(err),
+            // The multiplexer ended: the handle was closed or dropped.
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(self.errors.timeout(request)),
+        }
+    }
+
+    /// The multiplexer's command channel, starting it on first use.
+    fn watch_commands(&self) -> mpsc::UnboundedSender<Command> {
+        let mut running = self
+            .watches
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(running) = running.as_ref() {
+            return running.commands.clone();
+        }
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let multiplexer = Multiplexer {
             client: self.client.clone(),
             errors: self.errors.clone(),
             prefix: self.prefix.clone(),
-            target,
+            commands: receiver,
+            shutdown: self.shutdown.subscribe(),
+            watchers: BTreeMap::new(),
+            connection: None,
+            reconnect_at: None,
+            backoff: Backoff::new(),
         };
-        let first = watcher.subscribe(revision + 1).await?;
-        let (events, receiver) = mpsc::unbounded_channel();
-        let pump =
-            tokio::spawn(watcher.pump(first, revision + 1, events, self.shutdown.subscribe()));
-        Ok(Box::pin(EventStream {
-            events: receiver,
-            _pump: AbortOnDrop(pump),
-        }))
+        let task = AbortOnDrop(tokio::spawn(multiplexer.run()));
+        *running = Some(Running {
+            commands: commands.clone(),
+            _task: task,
+        });
+        commands
     }
 }
 
-impl Watcher {
-    /// Opens an etcd watch from `start` and waits until etcd confirms it, bounded by
-    /// `request_timeout`.
-    async fn subscribe(&self, start: i64) -> Result<etcd_client::WatchStream> {
-        let request = Request::new("watch", &self.target.shown);
-        let mut options = WatchOptions::new().with_start_revision(start);
-        if self.target.is_prefix {
-            options = options.with_prefix();
-        }
-        let mut watches = self.client.watch_client();
-        let subscribing = async {
-            let mut stream = watches
-                .watch(self.target.stored.as_str(), Some(options))
-                .await
-                .map_err(|err| self.errors.map(request, err))?;
-            loop {
-                match stream
-                    .message()
-                    .await
-                    .map_err(|err| self.errors.map(request, err))?
-                {
-                    Some(answer) if answer.created() => {
-                        if answer.compact_revision() > 0 {
-                            return Err(self.compacted(start, answer.compact_revision()));
-                        }
-                        if answer.canceled() {
-                            return Err(self.refused(request, answer.cancel_reason()));
-                        }
-                        return Ok(stream);
-                    }
-                    Some(_) => continue,
-                    None => {
-                        return Err(self.errors.unavailable(
-                            format!("{request}: etcd ended the watch before confirming it"),
-                            None,
-                        ))
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(self.errors.request_timeout, subscribing)
-            .await
-            .map_err(|_| self.errors.timeout(request))?
-    }
+/// The background task owning the handle's etcd watch stream; see the module docs.
+struct Multiplexer {
+    client: Client,
+    errors: ErrorContext,
+    prefix: KeyPrefix,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shutdown: watch::Receiver<bool>,
+    /// Every live watcher, in registration order (the order they are created in again).
+    watchers: BTreeMap<WatcherId, Watcher>,
+    /// `None` while idle or waiting.
+    connection: Option<Connection>,
+    /// When to connect next; `None` while connected or idle.
+    reconnect_at: Option<Instant>,
+    backoff: Backoff,
+}
 
-    fn compacted(&self, revision: i64, compact_revision: i64) -> Error {
+struct Watcher {
+    target: Target,
+    events: mpsc::UnboundedSender<Result<WatchEvent>>,
+    /// The registering call, until etcd has confirmed the watch.
+    confirmed: Option<oneshot::Sender<Result<()>>>,
+    /// The first revision not yet delivered.
+    next: i64,
+    /// Where its etcd watch on the current stream started; an event before it is a repeat.
+    start: i64,
+    /// etcd's id for its watch on the current stream, once created.
+    etcd_id: Option<i64>,
+    /// Creations refused in a row; an expired token gets one refresh.
+    refusals: u32,
+}
+
+impl Watcher {
+    fn compacted(&self, compact_revision: i64) -> Error {
         Error::Compacted {
             key: self.target.shown.clone(),
-            revision,
+            revision: self.next,
             compact_revision,
         }
     }
 
-    /// etcd cancelled the watch for a reason other than compaction.
-    fn refused(&self, request: Request<'_>, reason: &str) -> Error {
-        if reason.contains("permission denied") {
-            Error::PermissionDenied {
-                operation: request.to_string(),
-                reason: reason.to_owned(),
-                source: None,
-            }
-        } else {
-            Error::Backend {
-                operation: request.to_string(),
-                reason: format!("etcd cancelled the watch: {reason}"),
-                source: None,
-            }
+    /// The create request of its etcd watch, from its next revision.
+    fn create_request(&mut self, id: WatcherId) -> (String, WatchOptions) {
+        self.start = self.next;
+        let mut options = WatchOptions::new()
+            .with_start_revision(self.next)
+            .with_watch_id(id);
+        if self.target.is_prefix {
+            options = options.with_prefix();
         }
-    }
-
-    /// Delivers every event in order until the receiver goes away or the handle shuts down;
-    /// re-subscribes from the revision after the last one delivered whenever the stream breaks.
-    async fn pump(
-        self,
-        mut stream: etcd_client::WatchStream,
-        mut next: i64,
-        events: mpsc::UnboundedSender<Result<WatchEvent>>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        loop {
-            // This etcd watch started at `start`; nothing before it was asked for.
-            let start = next;
-            let broken = loop {
-                let message = tokio::select! {
-                    () = shut_down(&mut shutdown) => return,
-                    () = events.closed() => return,
-                    message = stream.message() => message,
-                };
-                let answer = match message {
-                    Ok(Some(answer)) => answer,
-                    Ok(None) => break "etcd ended the watch stream".to_owned(),
-                    Err(err) => break err.to_string(),
-                };
-                if answer.compact_revision() > 0 {
-                    let _ = events.send(Err(self.compacted(next, answer.compact_revision())));
-                    return;
-                }
-                for event in answer.events() {
-                    let converted = match self.convert(event) {
-                        Ok(Some(converted)) => converted,
-                        Ok(None) => continue,
-                        Err(err) => {
-                            let _ = events.send(Err(err));
-                            return;
-                        }
-                    };
-                    // Never repeat: a re-subscription starts after the last delivered revision.
-                    if converted.revision() < start {
-                        continue;
-                    }
-                    let revision = converted.revision();
-                    if events.send(Ok(converted)).is_err() {
-                        return;
-                    }
-                    // All events of one revision (one transaction) come in one answer, so a
-                    // re-subscription starts at the revision after the last one delivered.
-                    next = next.max(revision + 1);
-                }
-                if answer.canceled() {
-                    break format!("etcd cancelled the watch: {}", answer.cancel_reason());
-                }
-            };
-            drop(stream);
-            tracing::debug!(key = %self.target.shown, reason = %broken, next, "watch broke; re-subscribing");
-            stream = match self.resubscribe(next, &events, &mut shutdown).await {
-                Some(stream) => stream,
-                None => return,
-            };
-        }
-    }
-
-    /// Retries with backoff until etcd takes the watch again. `None` when the stream is over
-    /// (an error was delivered, the receiver went away, or the handle shut down).
-    async fn resubscribe(
-        &self,
-        next: i64,
-        events: &mpsc::UnboundedSender<Result<WatchEvent>>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<etcd_client::WatchStream> {
-        let mut backoff = Backoff::new();
-        let mut refusals = 0;
-        loop {
-            if events.is_closed() || !pause_unless_shut_down(backoff.next_pause(), shutdown).await {
-                return None;
-            }
-            let attempt = tokio::select! {
-                () = shut_down(shutdown) => return None,
-                attempt = self.subscribe(next) => attempt,
-            };
-            match attempt {
-                Ok(stream) => return Some(stream),
-                Err(err @ Error::Compacted { .. }) => {
-                    let _ = events.send(Err(err));
-                    return None;
-                }
-                Err(err @ (Error::PermissionDenied { .. } | Error::Unauthenticated { .. })) => {
-                    // An expired token shows as a refused watch; a fresh token gets one more try.
-                    refusals += 1;
-                    if refusals > 1 {
-                        let _ = events.send(Err(err));
-                        return None;
-                    }
-                    if let Err(refresh) = self.client.refresh_token().await {
-                        tracing::debug!(error = %refresh, "could not refresh the auth token");
-                    }
-                }
-                Err(err) => {
-                    tracing::debug!(key = %self.target.shown, error = %err, "re-subscribing the watch failed; retrying");
-                }
-            }
-        }
-    }
-
-    /// One etcd event as callers see it; `None` for a key outside the prefix.
-    fn convert(&self, event: &Event) -> Result<Option<WatchEvent>> {
-        let Some(kv) = event.kv() else {
-            return Ok(None);
-        };
-        let stored = std::str::from_utf8(kv.key()).map_err(|source| Error::InvalidUtf8 {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            source,
-        })?;
-        let Some(key) = self.prefix.strip(stored) else {
-            return Ok(None);
-        };
-        let revision = kv.mod_revision();
-        Ok(Some(match event.event_type() {
-            EventType::Put => WatchEvent::Put {
-                key: key.to_owned(),
-                value: std::str::from_utf8(kv.value())
-                    .map_err(|source| Error::InvalidUtf8 {
-                        key: key.to_owned(),
-                        source,
-                    })?
-                    .to_owned(),
-                revision,
-            },
-            EventType::Delete => WatchEvent::Delete {
-                key: key.to_owned(),
-                revision,
-            },
-        }))
+        (self.target.stored.clone(), options)
     }
 }
 
-/// The stream handed to callers: events from the background task, which is aborted (and its
-/// etcd watch cancelled) when the stream is dropped.
+/// One open etcd watch stream.
+struct Connection {
+    /// Requests to the writer task, which sends them on the stream.
+    requests: mpsc::UnboundedSender<Outgoing>,
+    responses: WatchResponseStream,
+    /// Watchers whose create request is sent and not yet answered, in the order sent: etcd
+    /// answers the creates of one stream in that order.
+    creating: VecDeque<WatcherId>,
+    /// etcd's watch id → the watcher it belongs to.
+    routes: HashMap<i64, WatcherId>,
+    _writer: AbortOnDrop,
+}
+
+enum Outgoing {
+    Create { key: String, options: WatchOptions },
+    Cancel { watch_id: i64 },
+}
+
+impl Connection {
+    fn create(&mut self, id: WatcherId, watcher: &mut Watcher) {
+        let (key, options) = watcher.create_request(id);
+        self.creating.push_back(id);
+        // A writer that is gone means a broken stream; reading the responses tells.
+        let _ = self.requests.send(Outgoing::Create { key, options });
+    }
+
+    fn cancel(&mut self, watch_id: i64) {
+        self.routes.remove(&watch_id);
+        let _ = self.requests.send(Outgoing::Cancel { watch_id });
+    }
+}
+
+/// What woke the multiplexer.
+enum Wake {
+    Command(Option<Command>),
+    Response(Result<Option<WatchResponse>, etcd_client::Error>),
+    Reconnect,
+}
+
+impl Multiplexer {
+    async fn run(mut self) {
+        loop {
+            let wake = tokio::select! {
+                () = shut_down(&mut self.shutdown) => return,
+                command = self.commands.recv() => Wake::Command(command),
+                response = next_response(self.connection.as_mut()) => Wake::Response(response),
+                () = sleep_until(self.reconnect_at) => Wake::Reconnect,
+            };
+            match wake {
+                // Unreachable while the hub holds a sender; ends the task all the same.
+                Wake::Command(None) => return,
+                Wake::Command(Some(command)) => self.on_command(command),
+                Wake::Response(Ok(Some(response))) if response.created() => {
+                    self.on_created(&response).await;
+                }
+                Wake::Response(Ok(Some(response))) => self.on_update(&response),
+                Wake::Response(Ok(None)) => self.disconnect("etcd ended the watch stream"),
+                Wake::Response(Err(err)) => self.disconnect(&err.to_string()),
+                Wake::Reconnect => self.connect().await,
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Register {
+                id,
+                target,
+                start,
+                events,
+                confirmed,
+            } => {
+                let watcher = self.watchers.entry(id).or_insert(Watcher {
+                    target,
+                    events,
+                    confirmed: Some(confirmed),
+                    next: start,
+                    start,
+                    etcd_id: None,
+                    refusals: 0,
+                });
+                match self.connection.as_mut() {
+                    Some(connection) => connection.create(id, watcher),
+                    // A caller is waiting: connect now, even while backing off.
+                    None => self.reconnect_at = Some(Instant::now()),
+                }
+            }
+            Command::Cancel(id) => self.remove(id),
+        }
+    }
+
+    /// Forgets a watcher and cancels its etcd watch. One still being created is cancelled
+    /// when etcd confirms it.
+    fn remove(&mut self, id: WatcherId) {
+        let Some(watcher) = self.watchers.remove(&id) else {
+            return;
+        };
+        if let (Some(connection), Some(watch_id)) = (self.connection.as_mut(), watcher.etcd_id) {
+            connection.cancel(watch_id);
+        }
+    }
+
+    /// Ends a watcher with `err`: the registering call gets it if it is still waiting,
+    /// otherwise the stream yields it as its last item.
+    fn fail(&mut self, id: WatcherId, err: Error) {
+        let Some(mut watcher) = self.watchers.remove(&id) else {
+            return;
+        };
+        if let (Some(connection), Some(watch_id)) = (self.connection.as_mut(), watcher.etcd_id) {
+            connection.cancel(watch_id);
+        }
+        match watcher.confirmed.take() {
+            Some(confirmed) => {
+                let _ = confirmed.send(Err(err));
+            }
+            None => {
+                let _ = watcher.events.send(Err(err));
+            }
+        }
+    }
+
+    /// etcd answered the create request at the head of the queue.
+    async fn on_created(&mut self, response: &WatchResponse) {
+        let Some(connection) = self.connection.as_mut() else {
+            return;
+        };
+        let watch_id = response.watch_id();
+        let Some(id) = connection.creating.pop_front() else {
+            tracing::warn!(watch_id, "etcd confirmed a watch that was never asked for");
+            if !response.canceled() {
+                connection.cancel(watch_id);
+            }
+            return;
+        };
+        let Some(watcher) = self.watchers.get_mut(&id) else {
+            // Dropped while being created.
+            if !response.canceled() {
+                connection.cancel(watch_id);
+            }
+            return;
+        };
+        if response.compact_revision() > 0 {
+            let err = watcher.compacted(response.compact_revision());
+            if !response.canceled() {
+                connection.cancel(watch_id);
+            }
+            self.fail(id, err);
+            return;
+        }
+        if response.canceled() {
+            let err = refused(&watcher.target, response.cancel_reason());
+            let unauthorised = matches!(
+                err,
+                Error::PermissionDenied { .. } | Error::Unauthenticated { .. }
+            );
+            if unauthorised && watcher.refusals == 0 {
+                // etcd checks the token the stream was opened with: a fresh token needs a new
+                // stream, on which every watch resumes.
+                watcher.refusals += 1;
+                tracing::debug!(key = %watcher.target.shown, reason = response.cancel_reason(), "etcd refused a watch; refreshing the auth token");
+                self.refresh_token().await;
+                self.disconnect("refreshing the auth token");
+                self.reconnect_at = Some(Instant::now());
+            } else {
+                self.fail(id, err);
+            }
+            return;
+        }
+        watcher.refusals = 0;
+        watcher.etcd_id = Some(watch_id);
+        connection.routes.insert(watch_id, id);
+        if let Some(confirmed) = watcher.confirmed.take() {
+            let _ = confirmed.send(Ok(()));
+        }
+        self.backoff.reset();
+    }
+
+    /// Events (or a cancellation) for a created watch.
+    fn on_update(&mut self, response: &WatchResponse) {
+        let Some(connection) = self.connection.as_mut() else {
+            return;
+        };
+        let watch_id = response.watch_id();
+        // None: the last words of a watch already cancelled.
+        let Some(&id) = connection.routes.get(&watch_id) else {
+            return;
+        };
+        let Some(watcher) = self.watchers.get_mut(&id) else {
+            connection.cancel(watch_id);
+            return;
+        };
+        for event in response.events() {
+            let converted = match convert(&self.prefix, event) {
+                Ok(Some(converted)) => converted,
+                Ok(None) => continue,
+                Err(err) => return self.fail(id, err),
+            };
+            // Never repeat: a re-created watch starts after the last delivered revision.
+            if converted.revision() < watcher.start {
+                continue;
+            }
+            let revision = converted.revision();
+            if watcher.events.send(Ok(converted)).is_err() {
+                return self.remove(id);
+            }
+            // All events of one revision (one transaction) come in one response, so a
+            // re-created watch starts at the revision after the last one delivered.
+            watcher.next = watcher.next.max(revision + 1);
+        }
+        if response.compact_revision() > 0 {
+            // etcd has cancelled the watch already.
+            connection.routes.remove(&watch_id);
+            watcher.etcd_id = None;
+            let err = watcher.compacted(response.compact_revision());
+            self.fail(id, err);
+        } else if response.canceled() {
+            let reason = format!(
+                "etcd cancelled the watch of {:?}: {}",
+                watcher.target.shown,
+                response.cancel_reason()
+            );
+            self.disconnect(&reason);
+        }
+    }
+
+    /// Drops the etcd stream; every watcher is created again on the next one, after a pause.
+    fn disconnect(&mut self, reason: &str) {
+        if self.connection.take().is_some() {
+            tracing::debug!(
+                reason,
+                watchers = self.watchers.len(),
+                "the etcd watch stream broke; reconnecting"
+            );
+        }
+        for watcher in self.watchers.values_mut() {
+            watcher.etcd_id = None;
+        }
+        self.reconnect_at = if self.watchers.is_empty() {
+            None
+        } else {
+            Some(Instant::now() + self.backoff.next_pause())
+        };
+    }
+
+    /// Opens the etcd stream and creates every watcher on it, each from its next revision.
+    async fn connect(&mut self) {
+        self.reconnect_at = None;
+        let Some((&first, watcher)) = self.watchers.iter_mut().next() else {
+            return;
+        };
+        let shown = watcher.target.shown.clone();
+        let request = Request::new("watch", &shown);
+        let (key, options) = watcher.create_request(first);
+        let mut watches = self.client.watch_client();
+        let opening = tokio::time::timeout(
+            self.errors.request_timeout,
+            watches.watch(key, Some(options)),
+        );
+        let opened = tokio::select! {
+            // The next turn of the loop sees the shutdown and ends the task.
+            () = shut_down(&mut self.shutdown) => return,
+            opened = opening => opened,
+        };
+        let stream = match opened {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                let err = self.errors.map(request, err);
+                return self.connect_failed(err);
+            }
+            Err(_) => {
+                let err = self.errors.timeout(request);
+                return self.connect_failed(err);
+            }
+        };
+        let (sender, responses) = stream.split();
+        let (requests, outgoing) = mpsc::unbounded_channel();
+        let mut connection = Connection {
+            requests,
+            responses,
+            creating: VecDeque::from([first]),
+            routes: HashMap::new(),
+            _writer: AbortOnDrop(tokio::spawn(send_requests(sender, outgoing))),
+        };
+        for (&id, watcher) in self.watchers.iter_mut().skip(1) {
+            connection.create(id, watcher);
+        }
+        tracing::debug!(
+            watchers = self.watchers.len(),
+            "opened the etcd watch stream"
+        );
+        self.connection = Some(connection);
+    }
+
+    /// The stream could not be opened: registrations still waiting fail, the others wait for
+    /// the next attempt.
+    fn connect_failed(&mut self, err: Error) {
+        tracing::debug!(error = %err, "cannot open the etcd watch stream");
+        let waiting: Vec<WatcherId> = self
+            .watchers
+            .iter()
+            .filter(|(_, watcher)| watcher.confirmed.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        let mut err = Some(err);
+        for id in waiting {
+            let shown = self
+                .watchers
+                .get(&id)
+                .map(|watcher| watcher.target.shown.clone())
+                .unwrap_or_default();
+            // The first gets the error itself (with its source), the others its description.
+            let failure = err.take().unwrap_or_else(|| {
+                self.errors.unavailable(
+                    format!("watch {shown:?}: cannot open the etcd watch stream"),
+                    None,
+                )
+            });
+            self.fail(id, failure);
+        }
+        self.disconnect("the etcd watch stream could not be opened");
+    }
+
+    /// One refresh of the auth token, bounded by `request_timeout`.
+    async fn refresh_token(&mut self) {
+        let refreshing =
+            tokio::time::timeout(self.errors.request_timeout, self.client.refresh_token());
+        tokio::select! {
+            () = shut_down(&mut self.shutdown) => {}
+            refreshed = refreshing => match refreshed {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(error = %err, "could not refresh the auth token"),
+                Err(_) => tracing::debug!("refreshing the auth token timed out"),
+            },
+        }
+    }
+}
+
+/// The next response of the stream; never resolves without one.
+async fn next_response(
+    connection: Option<&mut Connection>,
+) -> Result<Option<WatchResponse>, etcd_client::Error> {
+    match connection {
+        Some(connection) => connection.responses.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the multiplexer's requests on the etcd stream, so that it never waits for room in
+/// the stream's request buffer while responses pile up.
+async fn send_requests(
+    mut sender: WatchRequestSender,
+    mut requests: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    while let Some(request) = requests.recv().await {
+        let sent = match request {
+            Outgoing::Create { key, options } => sender.watch(key, Some(options)).await,
+            Outgoing::Cancel { watch_id } => sender.cancel(watch_id).await,
+        };
+        if let Err(err) = sent {
+            tracing::debug!(error = %err, "the etcd watch stream takes no more requests");
+            return;
+        }
+    }
+}
+
+/// etcd refused to create a watch, for a reason other than compaction.
+fn refused(target: &Target, reason: &str) -> Error {
+    let request = Request::new("watch", &target.shown);
+    if reason.contains("permission denied") {
+        Error::PermissionDenied {
+            operation: request.to_string(),
+            reason: reason.to_owned(),
+            source: None,
+        }
+    } else {
+        Error::Backend {
+            operation: request.to_string(),
+            reason: format!("etcd cancelled the watch: {reason}"),
+            source: None,
+        }
+    }
+}
+
+/// One etcd event as callers see it; `None` for a key outside the prefix.
+fn convert(prefix: &KeyPrefix, event: &Event) -> Result<Option<WatchEvent>> {
+    let Some(kv) = event.kv() else {
+        return Ok(None);
+    };
+    let stored = std::str::from_utf8(kv.key()).map_err(|source| Error::InvalidUtf8 {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        source,
+    })?;
+    let Some(key) = prefix.strip(stored) else {
+        return Ok(None);
+    };
+    let revision = kv.mod_revision();
+    Ok(Some(match event.event_type() {
+        EventType::Put => WatchEvent::Put {
+            key: key.to_owned(),
+            value: std::str::from_utf8(kv.value())
+                .map_err(|source| Error::InvalidUtf8 {
+                    key: key.to_owned(),
+                    source,
+                })?
+                .to_owned(),
+            revision,
+        },
+        EventType::Delete => WatchEvent::Delete {
+            key: key.to_owned(),
+            revision,
+        },
+    }))
+}
+
+/// Cancels the watcher when its stream (or an abandoned registration) is dropped.
+struct Registration {
+    id: WatcherId,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // Fails only when the multiplexer has ended, and with it every watch.
+        let _ = self.commands.send(Command::Cancel(self.id));
+    }
+}
+
+/// The stream handed to callers: the watcher's events, routed by the multiplexer.
 struct EventStream {
     events: mpsc::UnboundedReceiver<Result<WatchEvent>>,
-    _pump: AbortOnDrop,
+    _registration: Registration,
 }
 
 impl Stream for EventStream {

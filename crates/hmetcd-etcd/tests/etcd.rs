@@ -436,6 +436,105 @@ async fn watch_delivers_every_event_in_order() {
     writer.close().await.unwrap();
 }
 
+/// One of etcd's gauges from the `/metrics` page on its client URL.
+fn etcd_gauge(server: &EtcdServer, name: &str) -> u64 {
+    use std::io::{Read, Write};
+
+    let address = server.endpoint().replace("http://", "");
+    let mut connection = std::net::TcpStream::connect(address).unwrap();
+    connection
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let mut metrics = String::new();
+    connection.read_to_string(&mut metrics).unwrap();
+    let line = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|found| found.strip_prefix(line.as_str()))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or_else(|| panic!("etcd has no {name} metric"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_of_one_handle_share_one_etcd_watch_stream() {
+    const STREAMS: &str = "etcd_debugging_mvcc_watch_stream_total";
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "").await;
+    assert_eq!(etcd_gauge(&server, STREAMS), 0);
+
+    let keys: Vec<String> = (0..200).map(|i| format!("many/{i:03}")).collect();
+    let mut streams = futures::future::try_join_all(keys.iter().map(|key| kv.watch_stream(key)))
+        .await
+        .unwrap();
+    let mut everything = kv.watch_prefix("many/").await.unwrap();
+    assert_eq!(etcd_gauge(&server, STREAMS), 1, "one etcd watch stream");
+    assert_eq!(server.watcher_count(), 201, "one etcd watch per stream");
+
+    let writer = open(&server, "").await;
+    for key in &keys {
+        writer.store(key, &format!("value of {key}")).await.unwrap();
+    }
+    for (key, stream) in keys.iter().zip(streams.iter_mut()) {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the watcher of {key} got no event"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&event, WatchEvent::Put { key: got, value, .. }
+                if got == key && *value == format!("value of {key}")),
+            "{event:?}"
+        );
+    }
+    for key in &keys {
+        let event = tokio::time::timeout(Duration::from_secs(5), everything.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.key(), key);
+    }
+    // Nobody got an event of someone else's key.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (key, stream) in keys.iter().zip(streams.iter_mut()) {
+        let extra = futures::FutureExt::now_or_never(stream.next());
+        assert!(extra.is_none(), "{key}: {extra:?}");
+    }
+
+    // Dropped streams cancel their etcd watches; the etcd stream stays for the next ones.
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.watcher_count() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "dropped streams kept their etcd watches"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(etcd_gauge(&server, STREAMS), 1);
+    writer.store("many/again", "1").await.unwrap();
+    let event = everything.next().await.unwrap().unwrap();
+    assert_eq!(event.key(), "many/again");
+
+    // Another handle has a stream of its own; closing a handle ends its stream.
+    let other = open(&server, "").await;
+    let _other_stream = other.watch_stream("many/000").await.unwrap();
+    assert_eq!(etcd_gauge(&server, STREAMS), 2);
+    kv.close().await.unwrap();
+    assert!(everything.next().await.is_none());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while etcd_gauge(&server, STREAMS) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "a closed handle kept its etcd watch stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    other.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumes_across_an_etcd_restart() {
     let mut server = EtcdServer::start().await;
