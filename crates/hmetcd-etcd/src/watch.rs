@@ -400,7 +400,7 @@ impl Multiplexer {
             return;
         }
         if response.canceled() {
-            let err = refused(&watcher.target, response.cancel_reason());
+            let err = refused(&self.errors, &watcher.target, response.cancel_reason());
             let unauthorised = matches!(
                 err,
                 Error::PermissionDenied { .. } | Error::Unauthenticated { .. }
@@ -624,9 +624,16 @@ async fn send_requests(
 }
 
 /// etcd refused to create a watch, for a reason other than compaction.
-fn refused(target: &Target, reason: &str) -> Error {
+fn refused(errors: &ErrorContext, target: &Target, reason: &str) -> Error {
     let request = Request::new("watch", &target.shown);
-    if reason.contains("permission denied") {
+    // An expired token reads "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token".
+    if reason.contains("Unauthenticated") || reason.contains("auth token") {
+        Error::Unauthenticated {
+            user: errors.user.clone().unwrap_or_default(),
+            reason: reason.to_owned(),
+            source: None,
+        }
+    } else if reason.contains("permission denied") {
         Error::PermissionDenied {
             operation: request.to_string(),
             reason: reason.to_owned(),

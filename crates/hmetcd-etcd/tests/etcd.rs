@@ -783,6 +783,9 @@ async fn authentication_and_token_refresh() {
     let mut events = kv.watch_stream("a").await.unwrap();
     // The simple token expires after two seconds; the next request re-authenticates.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    // etcd refuses a watch on the stream opened with the expired token: one refresh, a new
+    // stream, and every watch of the handle resumes on it.
+    let mut late = kv.watch_stream("b").await.unwrap();
     assert_eq!(kv.get("a").await.unwrap().as_deref(), Some("1"));
     kv.store("a", "2").await.unwrap();
     let event = tokio::time::timeout(Duration::from_secs(5), events.next())
@@ -791,6 +794,13 @@ async fn authentication_and_token_refresh() {
         .unwrap()
         .unwrap();
     assert_eq!(event.value(), Some("2"));
+    kv.store("b", "3").await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), late.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.value(), Some("3"));
     kv.temp_key("t").await.unwrap();
     kv.dist_lock().await.unwrap();
     kv.close().await.unwrap();
