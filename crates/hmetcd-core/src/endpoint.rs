@@ -82,7 +82,10 @@ impl EtcdUrl {
             return Err(bad(format!("{item:?} has no port; write host:port")));
         };
         let valid_host = if let Some(inner) = host.strip_prefix('[') {
-            inner.ends_with(']') && inner.len() > 1
+            // Brackets hold an IPv6 address and nothing else.
+            inner
+                .strip_suffix(']')
+                .is_some_and(|address| address.parse::<std::net::Ipv6Addr>().is_ok())
         } else {
             !host.is_empty()
                 && host
@@ -92,8 +95,10 @@ impl EtcdUrl {
         if !valid_host {
             return Err(bad(format!("{item:?} has no valid host name")));
         }
+        // Digits only: `u16::from_str` would also take a sign ("+2379").
+        let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
         let port = match port.parse::<u16>() {
-            Ok(port) if port != 0 => port,
+            Ok(port) if digits && port != 0 => port,
             _ => return Err(bad(format!("{item:?} has an invalid port {port:?}"))),
         };
         Ok(EtcdUrl {
@@ -199,6 +204,12 @@ mod tests {
             "a:1,,b:2",
             "[]:1",
             "a b:1",
+            "[]]:1",
+            "[zz]:1",
+            "[::1]]:1",
+            "[1.2.3.4]:1",
+            "a:+1",
+            "a:-1",
         ] {
             match Endpoint::parse(bad) {
                 Err(Error::InvalidEndpoint { endpoint, .. }) => assert_eq!(endpoint, bad),
