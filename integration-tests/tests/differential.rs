@@ -6,7 +6,7 @@
 //! an empty key must be `InvalidKey` on both. A divergence is a backend defect: fix the backend
 //! that disagrees with the contract (and so with etcd), not this test.
 //!
-//! `HMETCD_DIFFERENTIAL_CASES` (default 256 sequences of 50 operations) and
+//! `HMETCD_DIFFERENTIAL_CASES` (default 200 sequences of 50 operations) and
 //! `HMETCD_DIFFERENTIAL_SEED` (a u64, or `random`; default a fixed seed) steer the run; a
 //! failure prints the seed and the shrunk sequence.
 
@@ -29,7 +29,7 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunne
 
 /// Operations per sequence.
 const OPS_PER_SEQUENCE: usize = 50;
-const DEFAULT_SEQUENCES: u32 = 256;
+const DEFAULT_SEQUENCES: u32 = 200;
 const DEFAULT_SEED: u64 = 0x686d_6574_6364_0001;
 /// The whole test, shrinking included, fails after this.
 const TIME_LIMIT: Duration = Duration::from_secs(150);
