@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod cases;
 pub mod etcd_server;
+pub mod faults;
 
 use std::sync::Arc;
 use std::time::Duration;

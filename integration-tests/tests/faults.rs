@@ -1,0 +1,861 @@
+//! Fault tolerance: what the lock, temp keys and watches promise when processes crash, etcd
+//! becomes unreachable for a while, or a watcher falls behind a compaction.
+//!
+//! Named `faults::<backend>::<what it proves>`. The etcd tests run against a private etcd
+//! that the harness starts (container or child process, as `HMETCD_ETCD_MODE` says; never
+//! `HMETCD_TEST_ENDPOINTS`, because one test compacts the store). Outages are staged with a
+//! TCP proxy between one handle and etcd (`integration_tests::faults::proxy`), which can
+//! freeze the connection (the client sees a paused etcd) or cut it (a network partition),
+//! while other handles and processes reach etcd directly. Tests run one at a time unless
+//! `--test-threads` says otherwise, because they measure timings. Every measured figure is
+//! printed to stderr.
+
+use std::panic::AssertUnwindSafe;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{GetOptions, SortOrder, SortTarget};
+use futures::StreamExt;
+use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
+use hmetcd_etcd::EtcdKvs;
+use hmetcd_mem::MemKvs;
+use integration_tests::backends::{self, EtcdOpener};
+use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
+use integration_tests::faults::proxy::FaultProxy;
+use integration_tests::TestStore;
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// The lease TTL of every etcd fault test: short, so that expiry is quick.
+const LEASE_TTL: Duration = Duration::from_secs(3);
+/// The request timeout of the handles whose connection the tests break.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// Leases are renewed every third of their TTL, so a crashed holder's lease may expire as
+/// early as two thirds of the TTL after the crash.
+const EARLIEST_EXPIRY: Duration = Duration::from_secs(2);
+/// What the contract allows beyond `lease_ttl` for a crashed process's lease to go.
+const EXPIRY_SLACK: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        // The tests measure timings; running them side by side would blur the figures.
+        args.test_threads = Some(1);
+    }
+    let mut trials = vec![Trial::test(
+        "faults::mem::lock_excludes_8_handles_over_2000_increments",
+        || run(Duration::from_secs(60), mem_lock_excludes_8_handles()),
+    )];
+    let mut server = None;
+    match backends::etcd_requested() {
+        Err(why) => {
+            eprintln!("faults: {why}");
+            return ExitCode::FAILURE;
+        }
+        Ok(false) => eprintln!("faults: {}", backends::MEM_ONLY_NOTICE),
+        Ok(true) => match EtcdServer::start_owned() {
+            Ok(started) => {
+                trials.extend(etcd_trials(&started));
+                server = Some(started);
+            }
+            Err(why) => trials.push(Trial::test("faults::etcd::server", move || {
+                Err(Failed::from(why))
+            })),
+        },
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(server) = server.as_mut() {
+        server.shutdown();
+    }
+    conclusion.exit_code()
+}
+
+fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
+    let backend = format!("etcd-{}", server.version());
+    let endpoints = server.endpoints().to_owned();
+    let store = || TestStore::new(Arc::new(EtcdOpener::on(server)));
+    let trial = |name: &str, limit: u64, test: fn(String, TestStore) -> TestFuture| {
+        let (endpoints, store) = (endpoints.clone(), store());
+        Trial::test(format!("faults::{backend}::{name}"), move || {
+            run(Duration::from_secs(limit), test(endpoints, store))
+        })
+    };
+    vec![
+        trial(
+            "lock_excludes_4_processes_over_1000_increments",
+            120,
+            |e, s| Box::pin(lock_excludes_4_processes(e, s)),
+        ),
+        trial(
+            "lock_holder_crash_takeover_after_lease_expiry",
+            60,
+            |e, s| Box::pin(lock_holder_crash_takeover(e, s)),
+        ),
+        trial("temp_key_owner_crash_removes_only_its_keys", 60, |e, s| {
+            Box::pin(temp_key_owner_crash(e, s))
+        }),
+        trial(
+            "outage_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches",
+            60,
+            |e, s| Box::pin(short_outage(e, s)),
+        ),
+        trial(
+            "outage_longer_than_lease_ttl_loses_lock_and_restores_temp_keys",
+            60,
+            |e, s| Box::pin(long_outage(e, s)),
+        ),
+        // Last: compaction concerns the whole store.
+        trial("watch_behind_compaction_reports_compacted", 60, |e, s| {
+            Box::pin(watch_behind_compaction(e, s))
+        }),
+    ]
+}
+
+type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs one test on a runtime of its own, failing it after `limit`. Dropping the test's
+/// future kills its child processes; the runtime is shut down without waiting for its tasks.
+fn run(limit: Duration, test: impl std::future::Future<Output = ()>) -> Result<(), Failed> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|err| Failed::from(format!("tokio runtime: {err}")))?;
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        runtime.block_on(async { tokio::time::timeout(limit, test).await })
+    }));
+    runtime.shutdown_background();
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Failed::from(format!("did not finish within {limit:?}"))),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.as_nanos())
+        .unwrap_or(0)
+}
+
+fn secs(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+fn ok<T>(outcome: Result<T, String>) -> T {
+    outcome.unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// One critical section: who, when it began and ended (any clock shared by all), and the
+/// counter value it wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Section {
+    who: String,
+    enter: u128,
+    leave: u128,
+    counter: u64,
+}
+
+/// Fails unless no two sections overlap and the counters written are exactly 1..=n.
+fn check_exclusion(mut sections: Vec<Section>) {
+    sections.sort_by_key(|section| section.enter);
+    for pair in sections.windows(2) {
+        assert!(
+            pair[0].leave <= pair[1].enter,
+            "two lock holders at once: {:?} and {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+    let mut counters: Vec<u64> = sections.iter().map(|section| section.counter).collect();
+    counters.sort_unstable();
+    let expected: Vec<u64> = (1..=sections.len() as u64).collect();
+    assert!(
+        counters == expected,
+        "the counter values written are not exactly 1..={}: a lost or doubled increment",
+        sections.len()
+    );
+}
+
+/// A line of `lock_worker`: `<name> <i> enter=<ns> leave=<ns> counter=<n>`.
+fn parse_worker_line(line: &str) -> Option<Section> {
+    let mut parts = line.split(' ');
+    let who = parts.next()?.to_owned();
+    let _iteration: u64 = parts.next()?.parse().ok()?;
+    let enter = parts.next()?.strip_prefix("enter=")?.parse().ok()?;
+    let leave = parts.next()?.strip_prefix("leave=")?.parse().ok()?;
+    let counter = parts.next()?.strip_prefix("counter=")?.parse().ok()?;
+    Some(Section {
+        who,
+        enter,
+        leave,
+        counter,
+    })
+}
+
+fn worker_args(
+    endpoint: &str,
+    options: &str,
+    name: &str,
+    iterations: u64,
+    sleep_ms: u64,
+) -> Vec<String> {
+    [
+        "--endpoint",
+        endpoint,
+        "--options",
+        options,
+        "--name",
+        name,
+        "--counter",
+        "counter",
+        "--iterations",
+        &iterations.to_string(),
+        "--max-sleep-ms",
+        &sleep_ms.to_string(),
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}
+
+fn holder_args(endpoint: &str, options: &str, extra: &[&str]) -> Vec<String> {
+    ["--endpoint", endpoint, "--options", options]
+        .iter()
+        .chain(extra)
+        .map(|arg| (*arg).to_owned())
+        .collect()
+}
+
+/// The lock keys under the store's lock name, oldest first: (key, lease id).
+async fn lock_keys(raw: &mut etcd_client::Client, store: &TestStore) -> Vec<(String, i64)> {
+    let prefix = format!("{}{}/", store.prefix(), store.lock_name());
+    let options = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend);
+    let answer = raw
+        .get(prefix.as_str(), Some(options))
+        .await
+        .unwrap_or_else(|err| panic!("raw get of the lock keys: {err}"));
+    answer
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+        .collect()
+}
+
+/// Waits until there are `count` lock keys (holder plus waiters).
+async fn wait_lock_keys(
+    raw: &mut etcd_client::Client,
+    store: &TestStore,
+    count: usize,
+) -> Vec<(String, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = lock_keys(raw, store).await;
+        if keys.len() == count {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} lock keys, found {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether etcd still has the lease: not yet revoked, though its TTL may have run out (etcd
+/// answers -1 for a lease it no longer has, and revokes expired leases every 500 ms or so).
+async fn lease_exists(raw: &mut etcd_client::Client, lease: i64) -> bool {
+    match raw.lease_time_to_live(lease, None).await {
+        Ok(answer) => answer.ttl() >= 0,
+        Err(_) => false,
+    }
+}
+
+/// Polls until etcd has revoked `lease`; returns the unix time in ns when that was seen.
+async fn lease_gone_at(endpoints: String, lease: i64) -> u128 {
+    let mut raw = ok(raw_client(&endpoints).await);
+    while lease_exists(&mut raw, lease).await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unix_nanos()
+}
+
+fn options(store: &TestStore, request_timeout: Duration) -> String {
+    store.options(&format!(
+        "lease_ttl={}s,request_timeout={}ms",
+        LEASE_TTL.as_secs(),
+        request_timeout.as_millis()
+    ))
+}
+
+async fn mem_lock_excludes_8_handles() {
+    const HANDLES: usize = 8;
+    const ROUNDS: u64 = 250;
+    let name: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(12)
+        .collect();
+    let name = format!("faults-{name}");
+    let began = Instant::now();
+    let origin = Instant::now();
+    let mut tasks = Vec::new();
+    for handle in 0..HANDLES {
+        let kv = MemKvs::open(&name, "").unwrap_or_else(|err| panic!("mem:{name}: {err}"));
+        tasks.push(tokio::spawn(async move {
+            let mut sections = Vec::new();
+            for _ in 0..ROUNDS {
+                kv.dist_lock().await.expect("dist_lock");
+                let enter = origin.elapsed().as_nanos();
+                let current: u64 = match kv.get("counter").await.expect("get") {
+                    Some(text) => text.parse().expect("a number"),
+                    None => 0,
+                };
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=2000))).await;
+                kv.store("counter", &(current + 1).to_string())
+                    .await
+                    .expect("store");
+                let leave = origin.elapsed().as_nanos();
+                kv.dist_unlock().await.expect("dist_unlock");
+                sections.push(Section {
+                    who: format!("handle-{handle}"),
+                    enter,
+                    leave,
+                    counter: current + 1,
+                });
+            }
+            kv.close().await.expect("close");
+            sections
+        }));
+    }
+    let mut sections = Vec::new();
+    for task in tasks {
+        sections.extend(task.await.expect("a handle's task"));
+    }
+    let total = HANDLES as u64 * ROUNDS;
+    assert_eq!(sections.len() as u64, total);
+    check_exclusion(sections);
+    let kv = MemKvs::open(&name, "").expect("mem");
+    assert_eq!(
+        kv.get("counter").await.expect("get"),
+        Some(total.to_string())
+    );
+    eprintln!(
+        "faults: mem: {HANDLES} handles × {ROUNDS} locked increments in {}; counter {total}; no overlap",
+        secs(began.elapsed())
+    );
+}
+
+async fn lock_excludes_4_processes(endpoints: String, store: TestStore) {
+    const WORKERS: usize = 4;
+    const ROUNDS: u64 = 250;
+    let worker = ok(lock_worker_binary());
+    let options = store.options("request_timeout=5s");
+    let mut workers = Vec::new();
+    for index in 0..WORKERS {
+        let name = format!("w{index}");
+        workers.push(ok(ChildProcess::spawn(
+            &name,
+            &worker,
+            &worker_args(&endpoints, &options, &name, ROUNDS, 2),
+        )));
+    }
+    let began = Instant::now();
+    for (index, worker) in workers.iter_mut().enumerate() {
+        ok(worker
+            .expect_line(&format!("w{index} ready"), Duration::from_secs(30))
+            .await);
+    }
+    let outputs = futures::future::join_all(
+        workers
+            .iter_mut()
+            .map(|worker| worker.finish(Duration::from_secs(100))),
+    )
+    .await;
+    let elapsed = began.elapsed();
+    let mut sections = Vec::new();
+    for (index, output) in outputs.into_iter().enumerate() {
+        let lines = ok(output);
+        let steps: Vec<Section> = lines
+            .iter()
+            .filter_map(|line| parse_worker_line(line))
+            .collect();
+        assert_eq!(steps.len() as u64, ROUNDS, "w{index} printed {lines:?}");
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(format!("w{index} done").as_str())
+        );
+        sections.extend(steps);
+    }
+    let total = WORKERS as u64 * ROUNDS;
+    check_exclusion(sections);
+    let kv = store.open().await;
+    assert_eq!(
+        kv.get("counter").await.expect("get"),
+        Some(total.to_string())
+    );
+    kv.close().await.expect("close");
+    eprintln!(
+        "faults: {WORKERS} lock_worker processes × {ROUNDS} locked increments in {}; counter {total}; no overlap",
+        secs(elapsed)
+    );
+}
+
+async fn lock_holder_crash_takeover(endpoints: String, store: TestStore) {
+    let options = options(&store, Duration::from_secs(1));
+    let mut raw = ok(raw_client(&endpoints).await);
+    let mut holder = ok(ChildProcess::spawn(
+        "lease_holder",
+        std::path::Path::new(env!("CARGO_BIN_EXE_lease_holder")),
+        &holder_args(&endpoints, &options, &["--lock"]),
+    ));
+    ok(holder.expect_line("ready", Duration::from_secs(20)).await);
+    let mut waiter = ok(ChildProcess::spawn(
+        "waiter",
+        &ok(lock_worker_binary()),
+        &worker_args(&endpoints, &options, "waiter", 1, 0),
+    ));
+    ok(waiter
+        .expect_line("waiter ready", Duration::from_secs(20))
+        .await);
+    // The holder's key first, the waiter's behind it.
+    let keys = wait_lock_keys(&mut raw, &store, 2).await;
+    let holder_lease = keys[0].1;
+    let expiry = tokio::spawn(lease_gone_at(endpoints.clone(), holder_lease));
+    let killed_at = unix_nanos();
+    ok(holder.kill().await);
+    let line = ok(waiter
+        .next_line(LEASE_TTL + EXPIRY_SLACK + Duration::from_secs(3))
+        .await)
+    .unwrap_or_else(|| panic!("the waiter ended without taking the lock"));
+    let section = parse_worker_line(&line).unwrap_or_else(|| panic!("waiter printed {line:?}"));
+    let expired_seen_at = tokio::time::timeout(Duration::from_secs(5), expiry)
+        .await
+        .expect("the holder's lease expires")
+        .expect("the lease poll");
+    let takeover = Duration::from_nanos((section.enter.saturating_sub(killed_at)) as u64);
+    let expired = Duration::from_nanos((expired_seen_at.saturating_sub(killed_at)) as u64);
+    eprintln!(
+        "faults: takeover after {} (lease_ttl {}; etcd revoked the holder's lease {} after the kill -9)",
+        secs(takeover),
+        secs(LEASE_TTL),
+        secs(expired)
+    );
+    assert!(
+        takeover <= LEASE_TTL + EXPIRY_SLACK,
+        "the lock was taken over only {} after the holder died",
+        secs(takeover)
+    );
+    assert!(
+        takeover + Duration::from_millis(250) >= EARLIEST_EXPIRY,
+        "the lock was taken over {} after the holder died, before its lease could expire",
+        secs(takeover)
+    );
+    // The lease poll sees the revocation at most ~20 ms and a round trip after it happened.
+    assert!(
+        section.enter + 150_000_000 >= expired_seen_at,
+        "the waiter entered {} before the holder's lease was gone",
+        secs(Duration::from_nanos(
+            expired_seen_at.saturating_sub(section.enter) as u64
+        ))
+    );
+    ok(waiter.finish(Duration::from_secs(10)).await);
+}
+
+async fn temp_key_owner_crash(endpoints: String, store: TestStore) {
+    let options = options(&store, Duration::from_secs(1));
+    let mut owner = ok(ChildProcess::spawn(
+        "lease_holder",
+        std::path::Path::new(env!("CARGO_BIN_EXE_lease_holder")),
+        &holder_args(&endpoints, &options, &["--temp-key", "crashed/owner"]),
+    ));
+    ok(owner.expect_line("ready", Duration::from_secs(20)).await);
+    let live = store
+        .open_with(&options)
+        .await
+        .expect("open the live handle");
+    live.temp_key("live/owner").await.expect("temp_key");
+    let observer = store.open().await;
+    assert_eq!(
+        observer.get("crashed/owner").await.expect("get").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        observer.get("live/owner").await.expect("get").as_deref(),
+        Some("1")
+    );
+
+    let killed = Instant::now();
+    ok(owner.kill().await);
+    let gone_after = loop {
+        if observer.get("crashed/owner").await.expect("get").is_none() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() <= LEASE_TTL + EXPIRY_SLACK,
+            "the crashed owner's temp key is still there {} after kill -9",
+            secs(killed.elapsed())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "faults: temp key gone {} after kill -9 of its owner (lease_ttl {})",
+        secs(gone_after),
+        secs(LEASE_TTL)
+    );
+    assert!(
+        gone_after + Duration::from_millis(250) >= EARLIEST_EXPIRY,
+        "the temp key went {} after the crash, before its lease could expire",
+        secs(gone_after)
+    );
+    // The live handle's key outlives a whole TTL and more.
+    tokio::time::sleep((LEASE_TTL + Duration::from_secs(1)).saturating_sub(killed.elapsed())).await;
+    assert_eq!(
+        observer.get("live/owner").await.expect("get").as_deref(),
+        Some("1"),
+        "a live handle's temp key vanished"
+    );
+    live.close().await.expect("close");
+    observer.close().await.expect("close");
+}
+
+/// Records every event a callback sees.
+fn recording_callback() -> (Arc<Mutex<Vec<WatchEvent>>>, hmetcd_core::WatchCallback) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let callback = Box::new(move |event: &WatchEvent| {
+        if let Ok(mut seen) = sink.lock() {
+            seen.push(event.clone());
+        }
+        true
+    });
+    (seen, callback)
+}
+
+fn values(events: &[WatchEvent]) -> Vec<(String, i64)> {
+    events
+        .iter()
+        .map(|event| {
+            (
+                event.value().unwrap_or_default().to_owned(),
+                event.revision(),
+            )
+        })
+        .collect()
+}
+
+async fn next_event(stream: &mut WatchStream, limit: Duration) -> WatchEvent {
+    tokio::time::timeout(limit, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("no watch event within {limit:?}"))
+        .unwrap_or_else(|| panic!("the watch stream ended"))
+        .unwrap_or_else(|err| panic!("watch stream error: {err}"))
+}
+
+/// The value of `key` and its revision, written directly.
+async fn raw_put(raw: &mut etcd_client::Client, store: &TestStore, key: &str, value: &str) -> i64 {
+    let answer = raw
+        .put(format!("{}{key}", store.prefix()), value, None)
+        .await
+        .unwrap_or_else(|err| panic!("raw put: {err}"));
+    answer
+        .header()
+        .map(|header| header.revision())
+        .unwrap_or_default()
+}
+
+/// Times one call made while etcd is unreachable: it must fail with `Timeout` or
+/// `Unavailable` within `request_timeout` (and a little scheduling slack).
+async fn fails_fast<T: std::fmt::Debug>(
+    what: &str,
+    call: impl std::future::Future<Output = hmetcd_core::Result<T>>,
+) -> String {
+    let began = Instant::now();
+    let outcome = tokio::time::timeout(REQUEST_TIMEOUT * 4, call).await;
+    let took = began.elapsed();
+    let err = match outcome {
+        Err(_) => panic!("{what} during the outage hung for {took:?}"),
+        Ok(Ok(answer)) => panic!("{what} during the outage answered {answer:?}"),
+        Ok(Err(err)) => err,
+    };
+    assert!(
+        matches!(err, Error::Timeout { .. } | Error::Unavailable { .. }),
+        "{what} during the outage: {err:?}"
+    );
+    assert!(
+        took <= REQUEST_TIMEOUT + Duration::from_millis(300),
+        "{what} during the outage took {took:?}, request_timeout is {REQUEST_TIMEOUT:?}"
+    );
+    let kind = if matches!(err, Error::Timeout { .. }) {
+        "Timeout"
+    } else {
+        "Unavailable"
+    };
+    format!("{what} {kind} after {} ms", took.as_millis())
+}
+
+async fn short_outage(endpoints: String, store: TestStore) {
+    let outage = Duration::from_millis(1000);
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, REQUEST_TIMEOUT))
+        .await
+        .expect("open A behind the proxy");
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let mut raw = ok(raw_client(&endpoints).await);
+
+    a.dist_lock().await.expect("A takes the lock");
+    a.temp_key("a/temp").await.expect("A's temp key");
+    let mut stream = a.watch_stream("w").await.expect("watch_stream");
+    let (seen, callback) = recording_callback();
+    let watcher = a
+        .watch_with_cb("w", KeyChange::Put, callback)
+        .await
+        .expect("watch_with_cb");
+    let mut expected = vec![("0".to_owned(), raw_put(&mut raw, &store, "w", "0").await)];
+    assert_eq!(
+        values(&[next_event(&mut stream, Duration::from_secs(5)).await]),
+        expected
+    );
+    let lock_before = lock_keys(&mut raw, &store).await;
+    assert_eq!(lock_before.len(), 1, "{lock_before:?}");
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    let calls = futures::join!(
+        fails_fast("get", a.get("x")),
+        fails_fast("store", a.store("y", "1")),
+        fails_fast("get_range", a.get_range("a", "z")),
+        fails_fast("tas", a.tas("y", "1", "2")),
+        fails_fast("watch_stream", async {
+            a.watch_stream("v").await.map(drop)
+        }),
+    );
+    // Others change the watched key meanwhile; A's lock and temp key stand.
+    expected.push(("1".to_owned(), raw_put(&mut raw, &store, "w", "1").await));
+    expected.push(("2".to_owned(), raw_put(&mut raw, &store, "w", "2").await));
+    assert_eq!(
+        lock_keys(&mut raw, &store).await,
+        lock_before,
+        "A's lock key during the outage"
+    );
+    assert_eq!(b.get("a/temp").await.expect("get").as_deref(), Some("1"));
+    tokio::time::sleep(outage.saturating_sub(frozen.elapsed())).await;
+    proxy.resume();
+    let resumed = Instant::now();
+
+    // The same handle answers again, without reopening.
+    let answer = loop {
+        match a.get("w").await {
+            Ok(answer) => break answer,
+            Err(err) if resumed.elapsed() < Duration::from_secs(3) => {
+                eprintln!("faults: after the outage: {err}; retrying");
+            }
+            Err(err) => panic!(
+                "A still fails {} after the outage: {err}",
+                secs(resumed.elapsed())
+            ),
+        }
+    };
+    let answered_after = resumed.elapsed();
+    assert_eq!(answer.as_deref(), Some("2"));
+    a.store("a/plain", "ok")
+        .await
+        .expect("A writes after the outage");
+
+    // Still A's lock: B cannot take it, and A's lock key is the one from before.
+    let attempt = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(attempt, Err(Error::LockTimeout { .. })),
+        "B: {attempt:?}"
+    );
+    a.dist_lock().await.expect("A still holds the lock");
+    assert_eq!(
+        lock_keys(&mut raw, &store).await,
+        lock_before,
+        "A's lock key after the outage"
+    );
+    assert_eq!(b.get("a/temp").await.expect("get").as_deref(), Some("1"));
+
+    expected.push(("3".to_owned(), raw_put(&mut raw, &store, "w", "3").await));
+    let mut streamed = values(&[next_event(&mut stream, Duration::from_secs(10)).await]);
+    while streamed.len() < expected.len() - 1 {
+        streamed.extend(values(&[
+            next_event(&mut stream, Duration::from_secs(10)).await
+        ]));
+    }
+    assert_eq!(streamed, expected[1..], "watch_stream across the outage");
+    let extra = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(extra.is_err(), "watch_stream repeated an event: {extra:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().map(|seen| seen.len()).unwrap_or(0) < expected.len()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
+    assert_eq!(
+        called, expected,
+        "watch_with_cb across the outage (none lost, none repeated)"
+    );
+
+    eprintln!(
+        "faults: etcd unreachable (frozen connection) for {}: {}; first call after it answered in {} ms",
+        secs(outage),
+        [calls.0, calls.1, calls.2, calls.3, calls.4].join(", "),
+        answered_after.as_millis()
+    );
+    a.watch_cb_cancel(watcher);
+    a.dist_unlock().await.expect("dist_unlock");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+async fn long_outage(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, REQUEST_TIMEOUT))
+        .await
+        .expect("open A behind the proxy");
+    let b: Arc<dyn Kvi> = Arc::from(
+        store
+            .open_with(&options(&store, Duration::from_secs(1)))
+            .await
+            .expect("open B"),
+    );
+    let mut raw = ok(raw_client(&endpoints).await);
+
+    a.dist_lock().await.expect("A takes the lock");
+    a.temp_key("a/temp").await.expect("A's temp key");
+    let b_locking = tokio::spawn({
+        let b = b.clone();
+        async move { b.dist_lock().await }
+    });
+    let queued = wait_lock_keys(&mut raw, &store, 2).await;
+
+    proxy.cut();
+    let cut = Instant::now();
+    let b_locked =
+        tokio::time::timeout(LEASE_TTL + EXPIRY_SLACK + Duration::from_secs(2), b_locking)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "B did not get the lock {} after A was cut off",
+                    secs(cut.elapsed())
+                )
+            });
+    b_locked.expect("B's task").expect("B's dist_lock");
+    let b_took = cut.elapsed();
+    assert_eq!(
+        b.get("a/temp").await.expect("get"),
+        None,
+        "A's temp key outlived its lease"
+    );
+    assert_eq!(
+        lock_keys(&mut raw, &store).await,
+        queued[1..],
+        "B's lock key alone"
+    );
+    // The cut lasts well beyond the lease TTL.
+    tokio::time::sleep((LEASE_TTL + Duration::from_secs(1)).saturating_sub(cut.elapsed())).await;
+    proxy.resume();
+    let resumed = Instant::now();
+
+    let restored_after = loop {
+        if b.get("a/temp").await.expect("get").as_deref() == Some("1") {
+            break resumed.elapsed();
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "A's temp key not back 10 s after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A queues again instead of believing it still holds the lock.
+    let began = Instant::now();
+    let attempt = a.dist_timed_lock(Duration::from_secs(1)).await;
+    assert!(
+        matches!(attempt, Err(Error::LockTimeout { .. })),
+        "A after losing its lease, while B holds the lock: {attempt:?}"
+    );
+    let a_waited = began.elapsed();
+    // B keeps it.
+    b.dist_lock().await.expect("B still holds the lock");
+    assert_eq!(
+        lock_keys(&mut raw, &store).await,
+        queued[1..],
+        "B's lock key alone after A's attempt"
+    );
+    b.dist_unlock().await.expect("B unlocks");
+    a.dist_timed_lock(Duration::from_secs(5))
+        .await
+        .expect("A takes the lock after B");
+    eprintln!(
+        "faults: A cut off for {} (lease_ttl {}): B took the lock {} after the cut; A's temp key back {} after the cut ended; A's dist_timed_lock gave up after {} ms while B held the lock",
+        secs(cut.elapsed() - resumed.elapsed()),
+        secs(LEASE_TTL),
+        secs(b_took),
+        secs(restored_after),
+        a_waited.as_millis()
+    );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+async fn watch_behind_compaction(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, REQUEST_TIMEOUT))
+        .await
+        .expect("open A behind the proxy");
+    let mut raw = ok(raw_client(&endpoints).await);
+    let mut stream = a.watch_stream("c").await.expect("watch_stream");
+    let (seen, callback) = recording_callback();
+    let watcher = a
+        .watch_with_cb("c", KeyChange::Put, callback)
+        .await
+        .expect("watch_with_cb");
+    let first = vec![("1".to_owned(), raw_put(&mut raw, &store, "c", "1").await)];
+    assert_eq!(
+        values(&[next_event(&mut stream, Duration::from_secs(5)).await]),
+        first
+    );
+
+    proxy.cut();
+    raw_put(&mut raw, &store, "c", "2").await;
+    let last = raw_put(&mut raw, &store, "c", "3").await;
+    raw.compact(last, None).await.expect("raw compact");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.resume();
+    let resumed = Instant::now();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream says something within 10 s of the connection coming back");
+    let reported_after = resumed.elapsed();
+    match outcome {
+        Some(Err(Error::Compacted {
+            key,
+            revision,
+            compact_revision,
+        })) => {
+            assert_eq!(key, "c");
+            eprintln!(
+                "faults: the watch reported Compacted (needed revision {revision}, compacted at {compact_revision}) {} ms after the connection came back",
+                reported_after.as_millis()
+            );
+        }
+        other => panic!("a watch behind a compaction must report Compacted, got {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !watcher.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the callback watcher did not end after the compaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
+    assert_eq!(called, first, "the callback saw events past the compaction");
+    a.close().await.expect("close");
+}
