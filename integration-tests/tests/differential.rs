@@ -31,7 +31,7 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunne
 const OPS_PER_SEQUENCE: usize = 50;
 const DEFAULT_SEQUENCES: u32 = 200;
 const DEFAULT_SEED: u64 = 0x686d_6574_6364_0001;
-/// The whole test, shrinking included, fails after this.
+/// The whole test, shrinking included, fails after this (or 150 ms a sequence, if longer).
 const TIME_LIMIT: Duration = Duration::from_secs(150);
 
 /// Few keys, so that operations collide; sorted here only for reading.
@@ -242,10 +242,11 @@ fn differential(endpoints: String) -> Result<(), Failed> {
     std::thread::spawn(move || {
         let _ = done.send(run_property(endpoints, seed, cases));
     });
-    match outcome.recv_timeout(TIME_LIMIT) {
+    let limit = TIME_LIMIT.max(Duration::from_millis(150) * cases);
+    match outcome.recv_timeout(limit) {
         Ok(result) => result.map_err(Failed::from),
         Err(_) => Err(Failed::from(format!(
-            "did not finish within {TIME_LIMIT:?} (seed {seed})"
+            "did not finish within {limit:?} (seed {seed})"
         ))),
     }
 }
