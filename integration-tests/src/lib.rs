@@ -7,6 +7,7 @@
 
 pub mod backends;
 pub mod cases;
+pub mod cluster;
 pub mod etcd_server;
 pub mod faults;
 
