@@ -118,7 +118,8 @@ impl Options {
     pub fn parse(options: &str) -> Result<Self> {
         let mut parsed = Options::default();
         let mut seen: Vec<&str> = Vec::new();
-        for item in options.split(',').map(str::trim) {
+        let items = split_items(options);
+        for item in items.iter().map(|item| item.trim()) {
             if item.is_empty() {
                 if options.trim().is_empty() {
                     continue;
@@ -180,11 +181,10 @@ impl Options {
             "cert_file" => self.cert_file = Some(non_empty(item, value)?.into()),
             "key_file" => self.key_file = Some(non_empty(item, value)?.into()),
             "" => return Err(invalid(item, "missing option name")),
-            _ => return Err(invalid(
-                item,
-                "unknown option; known: request_timeout, connect_timeout, lease_ttl, lock_name, \
-                     prefix, user, password, ca_file, cert_file, key_file",
-            )),
+            _ => {
+                let known = OPTION_NAMES.join(", ");
+                return Err(invalid(item, &format!("unknown option; known: {known}")));
+            }
         }
         Ok(())
     }
@@ -216,10 +216,50 @@ impl FromStr for Options {
     }
 }
 
+/// Every option name, in the order the documentation gives them.
+const OPTION_NAMES: [&str; 10] = [
+    "request_timeout",
+    "connect_timeout",
+    "lease_ttl",
+    "lock_name",
+    "prefix",
+    "user",
+    "password",
+    "ca_file",
+    "cert_file",
+    "key_file",
+];
+
+/// Splits at commas, except that a password keeps every comma up to the next item that
+/// starts with a known option name: a password may hold commas, and no part of it may ever
+/// be quoted back in an error as if it were an option.
+fn split_items(options: &str) -> Vec<String> {
+    let mut items: Vec<String> = Vec::new();
+    for piece in options.split(',') {
+        let starts_option = piece
+            .split_once('=')
+            .is_some_and(|(name, _)| OPTION_NAMES.contains(&name.trim()));
+        match items.last_mut() {
+            Some(last) if is_password(last) && !starts_option => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => items.push(piece.to_owned()),
+        }
+    }
+    items
+}
+
+fn is_password(item: &str) -> bool {
+    item.split_once('=')
+        .is_some_and(|(name, _)| name.trim() == "password")
+}
+
 fn redact(item: &str) -> String {
-    match item.split_once('=') {
-        Some((name, _)) if name.trim() == "password" => "password=<redacted>".to_owned(),
-        _ => item.to_owned(),
+    if is_password(item) {
+        "password=<redacted>".to_owned()
+    } else {
+        item.to_owned()
     }
 }
 
@@ -303,6 +343,28 @@ mod tests {
         assert_eq!(reject("prefix=a,prefix=b").0, "prefix=b");
         assert_eq!(reject("=5").0, "=5");
         assert_eq!(reject("user=svc").0, "user=svc");
+    }
+
+    #[test]
+    fn password_may_hold_commas_and_never_shows_in_errors() {
+        let options = Options::parse("user=u, password=ab,cd ,lease_ttl=2s").unwrap_or_default();
+        assert_eq!(
+            options.password.as_ref().map(Password::expose),
+            Some("ab,cd")
+        );
+        assert_eq!(options.lease_ttl, Duration::from_secs(2));
+        let err = Options::parse("user=u,password=ab,cd=ef,nosuch").err();
+        assert!(!format!("{err:?}").contains("cd"), "{err:?}");
+        let err = Options::parse("user=u,password=ab,cd,nosuch=1").err();
+        assert!(
+            !format!("{err:?}").contains("nosuch"),
+            "a fragment after password= is the password's: {err:?}"
+        );
+        let err = Options::parse("password=p,q,lock_name=").err();
+        assert!(
+            matches!(&err, Some(Error::InvalidOption { option, .. }) if option == "lock_name="),
+            "{err:?}"
+        );
     }
 
     #[test]
