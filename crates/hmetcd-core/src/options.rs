@@ -66,7 +66,8 @@ pub struct Options {
     pub prefix: String,
     /// etcd user name.
     pub user: Option<String>,
-    /// etcd password.
+    /// etcd password. It may contain commas: everything after `password=` up to the next
+    /// item that starts with a known option name belongs to it.
     pub password: Option<Password>,
     /// CA certificate (PEM) for `https://` endpoints.
     pub ca_file: Option<PathBuf>,
