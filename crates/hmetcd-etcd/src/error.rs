@@ -73,6 +73,10 @@ impl ErrorContext {
             Code::Unavailable | Code::Cancelled => {
                 self.unavailable(format!("{operation}: {message}"), err)
             }
+            // tonic's wrapping of a broken connection (etcd 3.4 closing on a TLS client it refuses).
+            Code::Unknown if message == "transport error" => {
+                self.unavailable(format!("{operation}: {err}"), err)
+            }
             Code::DeadlineExceeded => self.timeout(request),
             Code::Unauthenticated => self.unauthenticated(message, err),
             Code::PermissionDenied => Error::PermissionDenied {
@@ -188,6 +192,10 @@ mod tests {
                 )
             ),
             Error::Compacted { .. }
+        ));
+        assert!(matches!(
+            cx.map(get, status(Code::Unknown, "transport error")),
+            Error::Unavailable { .. }
         ));
         assert!(matches!(
             cx.map(get, status(Code::Internal, "boom")),
