@@ -25,7 +25,7 @@ else
     fi
 fi
 
-out=docs/bench
+out="$PWD/docs/bench"
 mkdir -p "$out"
 echo "bench: load average before building: $(cut -d' ' -f1-3 /proc/loadavg)"
 cargo bench -p integration-tests --no-run

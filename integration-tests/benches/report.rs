@@ -79,6 +79,8 @@ struct Settings {
     throughput_secs: f64,
     /// Interleaved A/B rounds of each measurement.
     rounds: usize,
+    /// Pairs of throughput runs (one each side) per operation and number of tasks.
+    throughput_rounds: usize,
     /// Operations per side and round in the sequential part.
     block: usize,
     /// The parts to run (`HMETCD_BENCH_ONLY`, comma-separated); empty: all.
@@ -99,7 +101,8 @@ impl Settings {
                 .unwrap_or_else(|| {
                     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/bench"))
                 }),
-            throughput_secs: number("HMETCD_BENCH_SECS", 1.5),
+            throughput_secs: number("HMETCD_BENCH_SECS", 0.6),
+            throughput_rounds: number("HMETCD_BENCH_TP_ROUNDS", 10.0) as usize,
             rounds: number("HMETCD_BENCH_ROUNDS", 4.0) as usize,
             block: number("HMETCD_BENCH_BLOCK", 250.0) as usize,
             only: std::env::var("HMETCD_BENCH_ONLY")
@@ -151,13 +154,18 @@ async fn run(server: &EtcdServer, settings: &Settings, report: &mut Report) {
             Op::GetRange,
             Op::TempKey,
         ] {
-            let (hm, rw) = sequential(&*kv, &raw, raw_lease, op, settings).await;
-            report.sequential_row(op.name(), &hm, &rw);
+            let measured = sequential(&*kv, &raw, raw_lease, op, settings).await;
+            report.sequential_row(op.name(), &measured);
         }
     }
     if settings.runs("open") {
-        let (hm, rw) = open_times(endpoints, &options, settings).await;
-        report.sequential_row("open()", &hm, &rw);
+        let (hm, raw) = open_times(endpoints, &options, settings).await;
+        let measured = Sequential {
+            hm,
+            raw,
+            cpu_us: None,
+        };
+        report.sequential_row("open()", &measured);
     }
 
     if settings.runs("throughput") {
@@ -220,41 +228,31 @@ async fn throughput_part(
         ("etcd-client", Target::Raw(Box::new(raw.clone()))),
         ("hmetcd-mem", Target::Kvi(Arc::clone(mem))),
     ];
+    let span = Duration::from_secs_f64(settings.throughput_secs);
     for op in [Op::Get, Op::Store] {
         // Warm both paths so that the first measured round is not the one that pays for it.
         for (_, target) in &targets[..2] {
             throughput(target, op, 16, Duration::from_millis(300)).await;
         }
         for tasks in CONCURRENCY {
-            let mut rates = [Vec::new(), Vec::new(), Vec::new()];
-            for round in 0..settings.rounds {
-                // Alternate which side goes first; the in-memory one needs fewer rounds.
-                let order: &[usize] = match (round % 2, round) {
-                    (0, 0) => &[0, 1, 2],
-                    (0, _) => &[0, 1],
-                    _ => &[1, 0],
-                };
-                for &which in order {
-                    let secs = Duration::from_secs_f64(settings.throughput_secs);
-                    rates[which].push(throughput(&targets[which].1, op, tasks, secs).await);
+            let mut runs: [Vec<Run>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+            for round in 0..settings.throughput_rounds {
+                // Pairs of adjacent runs, alternating which side goes first.
+                let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for which in order {
+                    runs[which].push(throughput(&targets[which].1, op, tasks, span).await);
                 }
             }
-            let rate = |which: usize| mean(&rates[which]);
-            report.throughput_row(
-                op.name(),
-                tasks,
-                rate(0),
-                rate(1),
-                rate(2),
-                &rates[0],
-                &rates[1],
-            );
+            for _ in 0..2 {
+                runs[2].push(throughput(&targets[2].1, op, tasks, span).await);
+            }
+            report.throughput_row(op.name(), tasks, &runs);
             for (which, (name, _)) in targets.iter().enumerate() {
                 let _ = writeln!(
                     report.csv,
                     "{name},{},{tasks},{:.0}",
                     op.name(),
-                    rate(which)
+                    mean_rate(&runs[which])
                 );
             }
         }
@@ -407,16 +405,24 @@ async fn preload(raw: &Client) {
     }
 }
 
-/// Per-call times of both sides, measured in interleaved blocks.
+/// Per-call times of both sides, measured in interleaved blocks, and each side's CPU time.
+struct Sequential {
+    hm: Vec<Duration>,
+    raw: Vec<Duration>,
+    /// The process's CPU time per call in µs, when measured.
+    cpu_us: Option<(f64, f64)>,
+}
+
 async fn sequential(
     kv: &dyn Kvi,
     raw: &Client,
     raw_lease: i64,
     op: Op,
     settings: &Settings,
-) -> (Vec<Duration>, Vec<Duration>) {
+) -> Sequential {
     let mut raw_kv = raw.kv_client();
     let (mut hm, mut rw) = (Vec::new(), Vec::new());
+    let (mut hm_cpu, mut rw_cpu) = (0u64, 0u64);
     let block = settings.block;
     // One unmeasured block each first: connections and caches warm.
     let (mut warm_hm, mut warm_rw) = (Vec::new(), Vec::new());
@@ -424,15 +430,23 @@ async fn sequential(
     raw_block(&mut raw_kv, raw_lease, op, 0, block, &mut warm_rw).await;
     for round in 0..settings.rounds * 2 {
         let first = (round + 1) * block;
-        if round % 2 == 0 {
-            kvi_block(kv, op, first, block, &mut hm).await;
-            raw_block(&mut raw_kv, raw_lease, op, first, block, &mut rw).await;
-        } else {
-            raw_block(&mut raw_kv, raw_lease, op, first, block, &mut rw).await;
-            kvi_block(kv, op, first, block, &mut hm).await;
+        for side in [round % 2, 1 - round % 2] {
+            let cpu_before = cpu_ns();
+            if side == 0 {
+                kvi_block(kv, op, first, block, &mut hm).await;
+                hm_cpu += cpu_ns().saturating_sub(cpu_before);
+            } else {
+                raw_block(&mut raw_kv, raw_lease, op, first, block, &mut rw).await;
+                rw_cpu += cpu_ns().saturating_sub(cpu_before);
+            }
         }
     }
-    (hm, rw)
+    let per_call = |cpu: u64, calls: usize| cpu as f64 / 1e3 / calls.max(1) as f64;
+    Sequential {
+        cpu_us: Some((per_call(hm_cpu, hm.len()), per_call(rw_cpu, rw.len()))),
+        hm,
+        raw: rw,
+    }
 }
 
 async fn kvi_block(kv: &dyn Kvi, op: Op, first: usize, n: usize, times: &mut Vec<Duration>) {
@@ -486,13 +500,37 @@ async fn open_times(
     (hm, rw)
 }
 
+/// One throughput run: calls per second, and the process's CPU time per call.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rate: f64,
+    cpu_us_per_call: f64,
+}
+
+fn mean_rate(runs: &[Run]) -> f64 {
+    mean(&runs.iter().map(|run| run.rate).collect::<Vec<_>>())
+}
+
+/// CPU time of every thread of the process so far, in ns (Linux schedstat).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| task.ok())
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 enum Target {
     Kvi(Arc<dyn Kvi>),
     Raw(Box<Client>),
 }
 
 /// Operations per second of `tasks` tasks doing `op` on one handle for `span`.
-async fn throughput(target: &Target, op: Op, tasks: usize, span: Duration) -> f64 {
+async fn throughput(target: &Target, op: Op, tasks: usize, span: Duration) -> Run {
+    let cpu_before = cpu_ns();
     let began = Instant::now();
     let deadline = began + span;
     let mut running = Vec::with_capacity(tasks);
@@ -527,7 +565,12 @@ async fn throughput(target: &Target, op: Op, tasks: usize, span: Duration) -> f6
     for task in running {
         done += must(task.await, "throughput task");
     }
-    done as f64 / began.elapsed().as_secs_f64()
+    let elapsed = began.elapsed().as_secs_f64();
+    let cpu = cpu_ns().saturating_sub(cpu_before) as f64;
+    Run {
+        rate: done as f64 / elapsed,
+        cpu_us_per_call: cpu / 1e3 / done.max(1) as f64,
+    }
 }
 
 type Pair<'a, T> = (&'a T, &'a T);
@@ -851,6 +894,15 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
+/// The median of sorted `values`.
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
@@ -905,7 +957,7 @@ impl Report {
              - machine: {cpu}, {cores} cores, {}, Linux {}\n\
              - etcd {} {}\n\
              - load average at start: {load_at_start}\n\
-             - settings: {} rounds, blocks of {} calls, throughput runs of {} s\n",
+             - settings: {} rounds, blocks of {} calls; {} pairs of throughput runs of {} s\n",
             memory
                 .split_whitespace()
                 .skip(1)
@@ -916,6 +968,7 @@ impl Report {
             server.description(),
             settings.rounds,
             settings.block,
+            settings.throughput_rounds,
             settings.throughput_secs,
         );
         Report {
@@ -942,69 +995,81 @@ impl Report {
     fn sequential_header(&mut self) {
         let _ = writeln!(
             self.markdown,
-            "Interleaved blocks of calls on both sides. Ratio = hmetcd's mean time per call / \
-             raw etcd-client's; target ≤ {SEQUENTIAL_SLOWDOWN_TARGET:.2} (no more than 5% slower).\n\n\
-             | operation | hmetcd calls/s | etcd-client calls/s | hmetcd median µs | etcd-client median µs | hmetcd p99 µs | etcd-client p99 µs | time ratio | verdict |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---|"
+            "Interleaved blocks of calls on both sides. Ratios are hmetcd's time per call over \
+             raw etcd-client's: of the medians, and of the means (calls/s); target ≤ \
+             {SEQUENTIAL_SLOWDOWN_TARGET:.2} (no more than 5% slower), judged on the median \
+             ratio, which other load on the machine disturbs least.\n\n\
+             CPU = the bench process's CPU time per call (client side only).\n\n\
+             | operation | hmetcd calls/s | etcd-client calls/s | hmetcd median µs | etcd-client median µs | hmetcd p99 µs | etcd-client p99 µs | median ratio | mean ratio | verdict | hmetcd CPU µs/call | etcd-client CPU µs/call |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
         );
     }
 
-    fn sequential_row(&mut self, name: &str, hm: &[Duration], raw: &[Duration]) {
+    fn sequential_row(&mut self, name: &str, measured: &Sequential) {
+        let (hm, raw) = (&measured.hm, &measured.raw);
+        let (hm_cpu, raw_cpu) = match measured.cpu_us {
+            Some((hm, raw)) => (format!("{hm:.1}"), format!("{raw:.1}")),
+            None => ("–".to_owned(), "–".to_owned()),
+        };
         let (hm_mean, raw_mean) = (mean_duration(hm), mean_duration(raw));
         let ratio = hm_mean.as_secs_f64() / raw_mean.as_secs_f64();
+        let median_ratio = quantile(hm, 0.5).as_secs_f64() / quantile(raw, 0.5).as_secs_f64();
         let _ = writeln!(
             self.markdown,
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {ratio:.3} | {} |",
+            "| {name} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.0} | {median_ratio:.3} | {ratio:.3} | {} | {hm_cpu} | {raw_cpu} |",
             1.0 / hm_mean.as_secs_f64(),
             1.0 / raw_mean.as_secs_f64(),
             us(quantile(hm, 0.5)),
             us(quantile(raw, 0.5)),
             us(quantile(hm, 0.99)),
             us(quantile(raw, 0.99)),
-            verdict(ratio <= SEQUENTIAL_SLOWDOWN_TARGET),
+            verdict(median_ratio <= SEQUENTIAL_SLOWDOWN_TARGET),
         );
     }
 
     fn throughput_header(&mut self) {
         let _ = writeln!(
             self.markdown,
-            "Calls per second, mean of the interleaved rounds (each round's figure in brackets). \
-             Ratio = hmetcd-etcd / etcd-client; target ≥ {THROUGHPUT_RATIO_TARGET:.2} with 16 \
-             and 64 tasks.\n\n\
-             | operation | tasks | hmetcd-etcd | etcd-client | ratio | verdict | hmetcd-mem | hmetcd-etcd rounds | etcd-client rounds |\n\
-             |---|---:|---:|---:|---:|---|---:|---|---|"
+            "Calls per second, mean of the runs; runs of both sides alternate in adjacent pairs. \
+             Ratio = median over the pairs of hmetcd-etcd / etcd-client (drift between pairs \
+             cancels out); target ≥ {THROUGHPUT_RATIO_TARGET:.2} with 16 and 64 tasks. CPU = \
+             the bench process's CPU time per call (all threads, the client side only; etcd's \
+             own CPU is not in it).\n\n\
+             | operation | tasks | hmetcd-etcd calls/s | etcd-client calls/s | ratio (median of pairs) | pair ratios min–max | verdict | hmetcd-etcd CPU µs/call | etcd-client CPU µs/call | hmetcd-mem calls/s |\n\
+             |---|---:|---:|---:|---:|---|---|---:|---:|---:|"
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn throughput_row(
-        &mut self,
-        name: &str,
-        tasks: usize,
-        hm: f64,
-        raw: f64,
-        mem: f64,
-        hm_rounds: &[f64],
-        raw_rounds: &[f64],
-    ) {
-        let ratio = hm / raw;
+    fn throughput_row(&mut self, name: &str, tasks: usize, runs: &[Vec<Run>; 3]) {
+        let mut ratios: Vec<f64> = runs[0]
+            .iter()
+            .zip(&runs[1])
+            .map(|(hm, raw)| hm.rate / raw.rate)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let ratio = median(&ratios);
         let verdict = if tasks == 1 {
             "(no target)"
         } else {
             verdict(ratio >= THROUGHPUT_RATIO_TARGET)
         };
-        let rounds = |values: &[f64]| {
-            values
-                .iter()
-                .map(|v| format!("{v:.0}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let cpu = |runs: &[Run]| {
+            median(&{
+                let mut cpu: Vec<f64> = runs.iter().map(|run| run.cpu_us_per_call).collect();
+                cpu.sort_by(f64::total_cmp);
+                cpu
+            })
         };
         let _ = writeln!(
             self.markdown,
-            "| {name} | {tasks} | {hm:.0} | {raw:.0} | {ratio:.3} | {verdict} | {mem:.0} | {} | {} |",
-            rounds(hm_rounds),
-            rounds(raw_rounds),
+            "| {name} | {tasks} | {:.0} | {:.0} | {ratio:.3} | {:.2}–{:.2} | {verdict} | {:.1} | {:.1} | {:.0} |",
+            mean_rate(&runs[0]),
+            mean_rate(&runs[1]),
+            ratios.first().copied().unwrap_or_default(),
+            ratios.last().copied().unwrap_or_default(),
+            cpu(&runs[0]),
+            cpu(&runs[1]),
+            mean_rate(&runs[2]),
         );
     }
 
