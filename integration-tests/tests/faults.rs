@@ -98,7 +98,12 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         trial(
             "outage_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches",
             60,
-            |e, s| Box::pin(short_outage(e, s)),
+            |e, s| Box::pin(short_outage(e, s, Outage::Frozen)),
+        ),
+        trial(
+            "network_cut_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches",
+            60,
+            |e, s| Box::pin(short_outage(e, s, Outage::Cut)),
         ),
         trial(
             "outage_longer_than_lease_ttl_loses_lock_and_restores_temp_keys",
@@ -596,8 +601,17 @@ async fn fails_fast<T: std::fmt::Debug>(
     format!("{what} {kind} after {} ms", took.as_millis())
 }
 
-async fn short_outage(endpoints: String, store: TestStore) {
-    let outage = Duration::from_millis(1000);
+/// How a short outage looks to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    /// Connections stay open but carry nothing: a paused etcd.
+    Frozen,
+    /// Connections are closed and new ones hang: a network cut; watches must re-subscribe.
+    Cut,
+}
+
+async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
+    let outage = Duration::from_millis(1200);
     let proxy = ok(FaultProxy::start(&endpoints).await);
     let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, REQUEST_TIMEOUT))
         .await
@@ -621,7 +635,10 @@ async fn short_outage(endpoints: String, store: TestStore) {
     let lock_before = lock_keys(&mut raw, &store).await;
     assert_eq!(lock_before.len(), 1, "{lock_before:?}");
 
-    proxy.freeze();
+    match kind {
+        Outage::Frozen => proxy.freeze(),
+        Outage::Cut => proxy.cut(),
+    }
     let frozen = Instant::now();
     let calls = futures::join!(
         fails_fast("get", a.get("x")),
@@ -632,6 +649,8 @@ async fn short_outage(endpoints: String, store: TestStore) {
             a.watch_stream("v").await.map(drop)
         }),
     );
+    // Again once the first answers are in: after a cut these go out on a new connection.
+    let later = fails_fast("a later get", a.get("x")).await;
     // Others change the watched key meanwhile; A's lock and temp key stand.
     expected.push(("1".to_owned(), raw_put(&mut raw, &store, "w", "1").await));
     expected.push(("2".to_owned(), raw_put(&mut raw, &store, "w", "2").await));
@@ -702,9 +721,13 @@ async fn short_outage(endpoints: String, store: TestStore) {
     );
 
     eprintln!(
-        "faults: etcd unreachable (frozen connection) for {}: {}; first call after it answered in {} ms",
+        "faults: etcd unreachable ({}) for {}: {}; first call after it answered in {} ms",
+        match kind {
+            Outage::Frozen => "frozen connection, as if paused",
+            Outage::Cut => "connection cut, new ones hang",
+        },
         secs(outage),
-        [calls.0, calls.1, calls.2, calls.3, calls.4].join(", "),
+        [calls.0, calls.1, calls.2, calls.3, calls.4, later].join(", "),
         answered_after.as_millis()
     );
     a.watch_cb_cancel(watcher);
@@ -762,6 +785,14 @@ async fn long_outage(endpoints: String, store: TestStore) {
     proxy.resume();
     let resumed = Instant::now();
 
+    // At once, before anything else could tell A: it queues again instead of believing it
+    // still holds the lock, and gives up since B holds it.
+    let attempt = a.dist_timed_lock(Duration::from_secs(1)).await;
+    let a_waited = resumed.elapsed();
+    assert!(
+        matches!(attempt, Err(Error::LockTimeout { .. })),
+        "A after losing its lease, while B holds the lock: {attempt:?}"
+    );
     let restored_after = loop {
         if b.get("a/temp").await.expect("get").as_deref() == Some("1") {
             break resumed.elapsed();
@@ -772,14 +803,12 @@ async fn long_outage(endpoints: String, store: TestStore) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // A queues again instead of believing it still holds the lock.
-    let began = Instant::now();
-    let attempt = a.dist_timed_lock(Duration::from_secs(1)).await;
+    // And again once A has its new lease.
+    let attempt = a.dist_timed_lock(Duration::from_millis(500)).await;
     assert!(
         matches!(attempt, Err(Error::LockTimeout { .. })),
-        "A after losing its lease, while B holds the lock: {attempt:?}"
+        "A on its new lease, while B holds the lock: {attempt:?}"
     );
-    let a_waited = began.elapsed();
     // B keeps it.
     b.dist_lock().await.expect("B still holds the lock");
     assert_eq!(
@@ -792,7 +821,7 @@ async fn long_outage(endpoints: String, store: TestStore) {
         .await
         .expect("A takes the lock after B");
     eprintln!(
-        "faults: A cut off for {} (lease_ttl {}): B took the lock {} after the cut; A's temp key back {} after the cut ended; A's dist_timed_lock gave up after {} ms while B held the lock",
+        "faults: A cut off for {} (lease_ttl {}): B took the lock {} after the cut; A's temp key back {} after the cut ended; A's dist_timed_lock(1 s) right after the cut ended gave up after {} ms while B held the lock",
         secs(cut.elapsed() - resumed.elapsed()),
         secs(LEASE_TTL),
         secs(b_took),
