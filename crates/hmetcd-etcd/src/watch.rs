@@ -296,7 +296,7 @@ impl Multiplexer {
                 () = shut_down(&mut self.shutdown) => return,
                 command = self.commands.recv() => Wake::Command(command),
                 response = next_response(self.connection.as_mut()) => Wake::Response(response),
-                () = sleep_until(self.reconnect_at) => Wake::Reconnect,
+                () = reconnect_due(self.reconnect_at) => Wake::Reconnect,
             };
             match wake {
                 // Unreachable while the hub holds a sender; ends the task all the same.
@@ -337,30 +337,28 @@ impl Multiplexer {
                     None => self.reconnect_at = Some(Instant::now()),
                 }
             }
-            Command::Cancel(id) => self.remove(id),
+            Command::Cancel(id) => {
+                self.remove(id);
+            }
         }
     }
 
     /// Forgets a watcher and cancels its etcd watch. One still being created is cancelled
     /// when etcd confirms it.
-    fn remove(&mut self, id: WatcherId) {
-        let Some(watcher) = self.watchers.remove(&id) else {
-            return;
-        };
+    fn remove(&mut self, id: WatcherId) -> Option<Watcher> {
+        let watcher = self.watchers.remove(&id)?;
         if let (Some(connection), Some(watch_id)) = (self.connection.as_mut(), watcher.etcd_id) {
             connection.cancel(watch_id);
         }
+        Some(watcher)
     }
 
     /// Ends a watcher with `err`: the registering call gets it if it is still waiting,
     /// otherwise the stream yields it as its last item.
     fn fail(&mut self, id: WatcherId, err: Error) {
-        let Some(mut watcher) = self.watchers.remove(&id) else {
+        let Some(mut watcher) = self.remove(id) else {
             return;
         };
-        if let (Some(connection), Some(watch_id)) = (self.connection.as_mut(), watcher.etcd_id) {
-            connection.cancel(watch_id);
-        }
         match watcher.confirmed.take() {
             Some(confirmed) => {
                 let _ = confirmed.send(Err(err));
@@ -418,6 +416,10 @@ impl Multiplexer {
             }
             return;
         }
+        if watch_id != id {
+            // A server that ignores `watch_id` (before etcd 3.4): routing by its id still works.
+            tracing::debug!(id, watch_id, "etcd chose its own id for a watch");
+        }
         watcher.refusals = 0;
         watcher.etcd_id = Some(watch_id);
         connection.routes.insert(watch_id, id);
@@ -453,7 +455,8 @@ impl Multiplexer {
             }
             let revision = converted.revision();
             if watcher.events.send(Ok(converted)).is_err() {
-                return self.remove(id);
+                self.remove(id);
+                return;
             }
             // All events of one revision (one transaction) come in one response, so a
             // re-created watch starts at the revision after the last one delivered.
@@ -598,7 +601,7 @@ async fn next_response(
 }
 
 /// Sleeps until `at`; never resolves for `None`.
-async fn sleep_until(at: Option<Instant>) {
+async fn reconnect_due(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

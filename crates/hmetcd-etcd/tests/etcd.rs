@@ -468,6 +468,12 @@ async fn watchers_of_one_handle_share_one_etcd_watch_stream() {
         .await
         .unwrap();
     let mut everything = kv.watch_prefix("many/").await.unwrap();
+    eprintln!(
+        "200 watch_stream and 1 watch_prefix on one handle: {STREAMS} {}, \
+         etcd_debugging_mvcc_watcher_total {}",
+        etcd_gauge(&server, STREAMS),
+        server.watcher_count()
+    );
     assert_eq!(etcd_gauge(&server, STREAMS), 1, "one etcd watch stream");
     assert_eq!(server.watcher_count(), 201, "one etcd watch per stream");
 
