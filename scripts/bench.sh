@@ -35,10 +35,10 @@ echo "bench: load average before measuring: $(cut -d' ' -f1-3 /proc/loadavg)"
 HMETCD_BENCH_OUT="$out" cargo bench -p integration-tests --bench report
 
 if [ "${HMETCD_BENCH_CRITERION:-1}" != 0 ]; then
+    # One line per benchmark: its name and criterion's [low estimate high] time per call.
     cargo bench -p integration-tests --bench etcd_overhead -- --noplot 2>&1 |
-        tee "$out/criterion.log" |
-        grep -E '^[a-z0-9_./-]+ *$|time: |^etcd|change:' >"$out/criterion.txt" || true
-    rm -f "$out/criterion.log"
+        awk '/^etcd-[0-9.]+_/ { name = $1 } /time: / { sub(/.*time: */, ""); printf "%-50s %s\n", name, $0 }' \
+            >"$out/criterion.txt"
 fi
 
 cargo run -q -p integration-tests --example bench_chart --release -- \

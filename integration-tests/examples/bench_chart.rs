@@ -9,10 +9,12 @@ use std::path::PathBuf;
 
 use plotters::prelude::*;
 
-const BACKENDS: [(&str, RGBColor); 3] = [
-    ("hmetcd-etcd", RGBColor(0x1f, 0x77, 0xb4)),
-    ("etcd-client", RGBColor(0xd6, 0x27, 0x28)),
-    ("hmetcd-mem", RGBColor(0x2c, 0xa0, 0x2c)),
+/// Each backend, its colour, and where its value labels go (a factor on the y value), so that
+/// the labels of the two etcd lines, which lie close together, do not overlap.
+const BACKENDS: [(&str, RGBColor, f64); 3] = [
+    ("hmetcd-etcd", RGBColor(0x1f, 0x77, 0xb4), 1.35),
+    ("etcd-client", RGBColor(0xd6, 0x27, 0x28), 0.62),
+    ("hmetcd-mem", RGBColor(0x2c, 0xa0, 0x2c), 1.35),
 ];
 
 struct Row {
@@ -76,29 +78,21 @@ fn draw(rows: &[Row], svg: &PathBuf) -> Result<(), Box<dyn Error>> {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(
-                (0.8f64..80f64).log_scale(),
-                (lowest / 2.0..highest * 2.0).log_scale(),
-            )?;
+            // x is log2 of the number of tasks, so that 1, 16 and 64 spread evenly.
+            .build_cartesian_2d(-0.5f64..6.8f64, (lowest / 2.0..highest * 3.0).log_scale())?;
         chart
             .configure_mesh()
-            .x_desc("concurrent tasks")
+            .x_desc("concurrent tasks on one handle (log scale)")
             .y_desc("calls per second (log)")
             .x_labels(8)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| {
-                if *y >= 1e6 {
-                    format!("{:.1}M", y / 1e6)
-                } else {
-                    format!("{:.0}k", y / 1e3)
-                }
-            })
+            .x_label_formatter(&|x| format!("{:.0}", x.exp2()))
+            .y_label_formatter(&|y| short(*y))
             .draw()?;
-        for (backend, color) in BACKENDS {
+        for (backend, color, label_at) in BACKENDS {
             let mut points: Vec<(f64, f64)> = rows
                 .iter()
                 .filter(|row| row.backend == backend && row.op == op)
-                .map(|row| (row.tasks, row.rate))
+                .map(|row| (row.tasks.log2(), row.rate))
                 .collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
             chart
@@ -114,8 +108,8 @@ fn draw(rows: &[Row], svg: &PathBuf) -> Result<(), Box<dyn Error>> {
             )?;
             chart.draw_series(points.iter().map(|&(x, y)| {
                 Text::new(
-                    format!("{:.1}k", y / 1e3),
-                    (x * 1.08, y * 1.12),
+                    short(y),
+                    (x + 0.1, y * label_at),
                     ("sans-serif", 12).into_font().color(&color),
                 )
             }))?;
@@ -129,4 +123,13 @@ fn draw(rows: &[Row], svg: &PathBuf) -> Result<(), Box<dyn Error>> {
     }
     root.present()?;
     Ok(())
+}
+
+/// A rate the way the chart writes it: 9.5k, 4.7M.
+fn short(rate: f64) -> String {
+    if rate >= 1e6 {
+        format!("{:.1}M", rate / 1e6)
+    } else {
+        format!("{:.1}k", rate / 1e3)
+    }
 }
