@@ -54,8 +54,6 @@ fn main() -> ExitCode {
                 move || run_limited(Duration::from_secs(80), failover(bin))
             },
         ),
-        // Fails today: the client keeps sending a share of the requests to the member that is
-        // down, for as long as it is down (see errors_stop_while_a_member_stays_down).
         Trial::test(
             format!("etcd-{version}::cluster::errors_stop_while_a_member_stays_down"),
             move || {
@@ -64,8 +62,7 @@ fn main() -> ExitCode {
                     errors_stop_while_a_member_stays_down(bin),
                 )
             },
-        )
-        .with_ignored_flag(true),
+        ),
     ];
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -56,6 +56,21 @@ pub(crate) fn connect_arguments(
     Ok((dial, connect))
 }
 
+/// The URLs and options for the clients that probe each member on its own: the same TLS
+/// options, no credentials (a probe sends no keys), and `timeout` to connect.
+pub(crate) fn probe_arguments(
+    urls: &[EtcdUrl],
+    options: &Options,
+    timeout: Duration,
+) -> Result<(Vec<String>, ConnectOptions)> {
+    let mut probe = options.clone();
+    probe.user = None;
+    probe.password = None;
+    probe.connect_timeout = timeout;
+    probe.request_timeout = timeout;
+    connect_arguments(urls, &probe)
+}
+
 fn tls_options(options: &Options) -> Result<TlsOptions> {
     let mut tls = TlsOptions::new();
     if let Some(ca_file) = &options.ca_file {

@@ -13,6 +13,8 @@
 //!   revision order, and resume after an etcd restart from the last delivered revision. All
 //!   watches of a handle share one etcd watch stream (a gRPC stream on the handle's connection,
 //!   opened on first use); each is one etcd watch on it, cancelled when its stream is dropped.
+//! - With several endpoints, each member is asked for its status about twice a second; one that
+//!   does not answer (or has no leader) gets no requests until it answers again.
 //! - With `user`/`password`, an expired or invalid token is refreshed and the request retried
 //!   once (etcd-client's automatic token refresh).
 //!
@@ -37,6 +39,7 @@
 mod connect;
 mod error;
 mod lock;
+mod members;
 mod retry;
 mod session;
 mod watch;
@@ -67,7 +70,8 @@ use crate::session::Session;
 /// without closing stops its background tasks, and its lease expires within `lease_ttl`.
 pub struct EtcdKvs {
     shared: Arc<Shared>,
-    keep_alive: Mutex<Option<AbortOnDrop>>,
+    /// The lease keep-alive and, with several endpoints, the member health checks.
+    background: Mutex<Vec<AbortOnDrop>>,
 }
 
 /// What the handle and its background tasks share.
@@ -168,26 +172,34 @@ impl EtcdKvs {
             watches: watch::WatchHub::new(),
         });
         let keep_alive = tokio::spawn(session::keep_alive(Arc::clone(&shared)));
+        let mut background = vec![AbortOnDrop(keep_alive)];
+        background.extend(members::spawn_health_task(
+            &shared.client,
+            urls,
+            &shared.options,
+            shared.shutdown.subscribe(),
+        ));
         Ok(EtcdKvs {
             shared,
-            keep_alive: Mutex::new(Some(AbortOnDrop(keep_alive))),
+            background: Mutex::new(background),
         })
     }
 
-    fn stop_keep_alive(&self) {
-        let task = self
-            .keep_alive
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        drop(task);
+    fn stop_background(&self) {
+        let tasks = std::mem::take(
+            &mut *self
+                .background
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        drop(tasks);
     }
 }
 
 impl Drop for EtcdKvs {
     fn drop(&mut self) {
         self.shared.shutdown.send_replace(true);
-        self.stop_keep_alive();
+        self.stop_background();
     }
 }
 
@@ -480,7 +492,7 @@ impl Kvi for EtcdKvs {
             return Ok(());
         }
         shared.shutdown.send_replace(true);
-        self.stop_keep_alive();
+        self.stop_background();
         shared.lock.forget();
         // Revoking the lease removes the temp keys and the lock key at once.
         let lease = shared.session.current_lease();
