@@ -227,12 +227,15 @@ async fn renew_until_broken(
     mut answers: LeaseKeepAliveStream,
     interval: Duration,
 ) -> bool {
+    // An answer slower than half the interval means a stuck member: reopening the stream (on
+    // another member) while the lease still has two thirds of its TTL left beats waiting.
+    let answer_timeout = shared.options.request_timeout.min(interval / 2);
     loop {
         tokio::time::sleep(interval).await;
         if keeper.keep_alive().await.is_err() {
             return false;
         }
-        match tokio::time::timeout(shared.options.request_timeout, answers.message()).await {
+        match tokio::time::timeout(answer_timeout, answers.message()).await {
             Ok(Ok(Some(answer))) if answer.ttl() > 0 => shared.session.renewed(lease).await,
             Ok(Ok(Some(_))) => return true,
             Ok(Ok(None)) => return false,
@@ -241,7 +244,7 @@ async fn renew_until_broken(
                 return false;
             }
             Err(_) => {
-                tracing::debug!(lease = %lease_hex(lease), "no keep-alive answer within request_timeout");
+                tracing::debug!(lease = %lease_hex(lease), "no keep-alive answer in time; reopening the stream");
                 return false;
             }
         }
