@@ -431,27 +431,3 @@ fn free_ports(count: usize) -> Result<Vec<u16>, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| format!("finding a free loopback port: {err}"))
 }
-
-/// Runs one test on a runtime of its own, failing it after `limit`; the runtime is shut down
-/// without waiting for its tasks. Processes the test started die with their guards.
-pub fn run_limited(
-    limit: Duration,
-    test: impl std::future::Future<Output = ()>,
-) -> Result<(), libtest_mimic::Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|err| libtest_mimic::Failed::from(format!("tokio runtime: {err}")))?;
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(async { tokio::time::timeout(limit, test).await })
-    }));
-    runtime.shutdown_background();
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(libtest_mimic::Failed::from(format!(
-            "did not finish within {limit:?}"
-        ))),
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}

@@ -127,3 +127,29 @@ macro_rules! case {
         }
     };
 }
+
+/// Runs one test of an etcd test binary on a runtime of its own with `workers` threads,
+/// failing it after `limit`; the runtime is shut down without waiting for its tasks, so
+/// child processes die with the guards the test's future owns.
+pub fn run_limited(
+    workers: usize,
+    limit: Duration,
+    test: impl std::future::Future<Output = ()>,
+) -> std::result::Result<(), libtest_mimic::Failed> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(|err| libtest_mimic::Failed::from(format!("tokio runtime: {err}")))?;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async { tokio::time::timeout(limit, test).await })
+    }));
+    runtime.shutdown_background();
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(libtest_mimic::Failed::from(format!(
+            "did not finish within {limit:?}"
+        ))),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}

@@ -23,9 +23,8 @@ use etcd_client::{Certificate, ConnectOptions, Identity, Permission, TlsOptions}
 use futures::StreamExt;
 use hmetcd_core::{CompareOp, Error, KeyChange, Kvi, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
-use integration_tests::cluster::{
-    etcd_binary, etcd_version, run_limited, ClusterSpec, EtcdCluster, ServerTls,
-};
+use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster, ServerTls};
+use integration_tests::run_limited;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tracing_subscriber::filter::LevelFilter;
 
@@ -83,12 +82,12 @@ fn main() -> ExitCode {
             format!("etcd-{version}::auth::role_prefix_token_expiry_and_no_password_shown"),
             {
                 let bin = bin.clone();
-                move || run_limited(Duration::from_secs(60), authentication(bin))
+                move || run_limited(2, Duration::from_secs(60), authentication(bin))
             },
         ),
         Trial::test(
             format!("etcd-{version}::tls::certificates_wrong_ca_and_missing_client_cert"),
-            move || run_limited(Duration::from_secs(40), tls(bin)),
+            move || run_limited(2, Duration::from_secs(40), tls(bin)),
         ),
     ];
     libtest_mimic::run(&args, trials).exit_code()

@@ -19,9 +19,8 @@ use etcd_client::{ConnectOptions, WatchOptions};
 use futures::StreamExt;
 use hmetcd_core::{KeyChange, Kvi, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
-use integration_tests::cluster::{
-    etcd_binary, etcd_version, run_limited, ClusterSpec, EtcdCluster,
-};
+use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster};
+use integration_tests::run_limited;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 /// The longest a service may go without a successful request after one member fails.
@@ -51,13 +50,14 @@ fn main() -> ExitCode {
             format!("etcd-{version}::cluster::failover_keeps_reads_writes_watches_and_lock"),
             {
                 let bin = bin.clone();
-                move || run_limited(Duration::from_secs(80), failover(bin))
+                move || run_limited(2, Duration::from_secs(80), failover(bin))
             },
         ),
         Trial::test(
             format!("etcd-{version}::cluster::errors_stop_while_a_member_stays_down"),
             move || {
                 run_limited(
+                    2,
                     Duration::from_secs(80),
                     errors_stop_while_a_member_stays_down(bin),
                 )

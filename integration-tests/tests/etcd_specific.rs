@@ -5,7 +5,6 @@
 //! `integration_tests::etcd_server`; the restart test starts one of its own, so that the
 //! restart disturbs nothing else.
 
-use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +16,7 @@ use futures::StreamExt;
 use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, DEFAULT_LOCK_NAME};
 use integration_tests::backends::{self, EtcdOpener};
 use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::run_limited;
 use integration_tests::{Opener, TestStore};
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             || {
                 let server = EtcdServer::start_owned().map_err(Failed::from)?;
                 let opener: Arc<dyn Opener> = Arc::new(EtcdOpener::on(&server));
-                run(Duration::from_secs(120), async move {
+                run_limited(2, Duration::from_secs(120), async move {
                     watch_misses_nothing_across_a_restart(&server, TestStore::new(opener)).await;
                 })
             },
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             format!("{backend}::go_interop::lock_layout_matches_go_mutex"),
             {
                 let opener = EtcdOpener::on(&server);
-                move || run(Duration::from_secs(60), go_interop_lock_layout(opener))
+                move || run_limited(2, Duration::from_secs(60), go_interop_lock_layout(opener))
             },
         ),
         Trial::test(
@@ -67,7 +67,8 @@ fn main() -> ExitCode {
             {
                 let store = TestStore::new(Arc::new(EtcdOpener::on(&server)));
                 move || {
-                    run(
+                    run_limited(
+                        2,
                         Duration::from_secs(30),
                         invalid_utf8_names_the_key(store, endpoints),
                     )
@@ -78,25 +79,6 @@ fn main() -> ExitCode {
     let conclusion = libtest_mimic::run(&args, trials);
     server.shutdown();
     conclusion.exit_code()
-}
-
-/// Runs one test on a runtime of its own, failing it after `limit`; the runtime is shut down
-/// without waiting for its tasks.
-fn run(limit: Duration, test: impl std::future::Future<Output = ()>) -> Result<(), Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|err| Failed::from(format!("tokio runtime: {err}")))?;
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        runtime.block_on(async { tokio::time::timeout(limit, test).await })
-    }));
-    runtime.shutdown_background();
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Failed::from(format!("did not finish within {limit:?}"))),
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
 }
 
 /// Retries `store` until etcd answers again after a restart; a write whose answer was lost

@@ -15,7 +15,6 @@
 //! target directory, or taken from `HMETCD_LOCK_WORKER`) and this package's `lease_holder`
 //! binary; each is killed when its test ends, passes or not.
 
-use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +28,7 @@ use integration_tests::backends::{self, EtcdOpener};
 use integration_tests::etcd_server::{raw_client, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
+use integration_tests::run_limited;
 use integration_tests::TestStore;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     }
     let mut trials = vec![Trial::test(
         "faults::mem::lock_excludes_8_handles_over_2000_increments",
-        || run(Duration::from_secs(60), mem_lock_excludes_8_handles()),
+        || run_limited(2, Duration::from_secs(60), mem_lock_excludes_8_handles()),
     )];
     let mut server = None;
     match backends::etcd_requested() {
@@ -83,7 +83,7 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
     let trial = |name: &str, limit: u64, test: fn(String, TestStore) -> TestFuture| {
         let (endpoints, store) = (endpoints.clone(), store());
         Trial::test(format!("faults::{backend}::{name}"), move || {
-            run(Duration::from_secs(limit), test(endpoints, store))
+            run_limited(2, Duration::from_secs(limit), test(endpoints, store))
         })
     };
     vec![
@@ -123,25 +123,6 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
 }
 
 type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// Runs one test on a runtime of its own, failing it after `limit`. Dropping the test's
-/// future kills its child processes; the runtime is shut down without waiting for its tasks.
-fn run(limit: Duration, test: impl std::future::Future<Output = ()>) -> Result<(), Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|err| Failed::from(format!("tokio runtime: {err}")))?;
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        runtime.block_on(async { tokio::time::timeout(limit, test).await })
-    }));
-    runtime.shutdown_background();
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Failed::from(format!("did not finish within {limit:?}"))),
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
 
 fn unix_nanos() -> u128 {
     SystemTime::now()

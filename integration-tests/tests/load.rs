@@ -4,7 +4,6 @@
 //! Named `etcd-<version>::load::<test>`; each prints its throughput and time.
 
 use std::collections::BTreeMap;
-use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use hmetcd_core::{KeyChange, KeyValue, Kvi, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
 use integration_tests::backends;
 use integration_tests::etcd_server::EtcdServer;
+use integration_tests::run_limited;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 const TASKS: usize = 64;
@@ -50,7 +50,8 @@ fn main() -> ExitCode {
         Trial::test(format!("{backend}::load::many_tasks_share_one_handle"), {
             let endpoints = server.endpoints().to_owned();
             move || {
-                run(
+                run_limited(
+                    4,
                     Duration::from_secs(90),
                     many_tasks_share_one_handle(endpoints),
                 )
@@ -61,7 +62,8 @@ fn main() -> ExitCode {
             {
                 let endpoints = server.endpoints().to_owned();
                 move || {
-                    run(
+                    run_limited(
+                        4,
                         Duration::from_secs(90),
                         a_thousand_watchers_on_one_handle(endpoints),
                     )
@@ -72,24 +74,6 @@ fn main() -> ExitCode {
     let conclusion = libtest_mimic::run(&args, trials);
     server.shutdown();
     conclusion.exit_code()
-}
-
-/// Runs one test on a runtime of its own, failing it after `limit`.
-fn run(limit: Duration, test: impl std::future::Future<Output = ()>) -> Result<(), Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .map_err(|err| Failed::from(format!("tokio runtime: {err}")))?;
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        runtime.block_on(async { tokio::time::timeout(limit, test).await })
-    }));
-    runtime.shutdown_background();
-    match outcome {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Failed::from(format!("did not finish within {limit:?}"))),
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
 }
 
 fn tag() -> String {
