@@ -25,7 +25,7 @@ use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
 use hmetcd_etcd::EtcdKvs;
 use hmetcd_mem::MemKvs;
 use integration_tests::backends::{self, EtcdOpener};
-use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::etcd_server::{raw_client, EtcdPauser, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::run_limited;
@@ -86,7 +86,7 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             run_limited(2, Duration::from_secs(limit), test(endpoints, store))
         })
     };
-    vec![
+    let mut trials = vec![
         trial(
             "lock_excludes_4_processes_over_1000_increments",
             120,
@@ -115,11 +115,25 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             60,
             |e, s| Box::pin(long_outage(e, s)),
         ),
-        // Last: compaction concerns the whole store.
-        trial("watch_behind_compaction_reports_compacted", 60, |e, s| {
-            Box::pin(watch_behind_compaction(e, s))
-        }),
-    ]
+    ];
+    let (paused_endpoints, paused_store, pauser) = (endpoints.clone(), store(), server.pauser());
+    trials.push(Trial::test(
+        format!("faults::{backend}::etcd_paused_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches"),
+        move || {
+            run_limited(
+                2,
+                Duration::from_secs(60),
+                etcd_paused(paused_endpoints, paused_store, pauser),
+            )
+        },
+    ));
+    // Last: compaction concerns the whole store.
+    trials.push(trial(
+        "watch_behind_compaction_reports_compacted",
+        60,
+        |e, s| Box::pin(watch_behind_compaction(e, s)),
+    ));
+    trials
 }
 
 type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -713,6 +727,117 @@ async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
         },
         secs(outage),
         [calls.0, calls.1, calls.2, calls.3, calls.4, later].join(", "),
+        answered_after.as_millis()
+    );
+    a.watch_cb_cancel(watcher);
+    a.dist_unlock().await.expect("dist_unlock");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// etcd itself paused (SIGSTOP for a child process, `docker pause` for a container) for less
+/// than `lease_ttl`: calls fail fast, then the same handle works again with its lock, its temp
+/// key and its watchers. Everything etcd was sent during the pause waits, so nobody writes then.
+async fn etcd_paused(endpoints: String, store: TestStore, pauser: EtcdPauser) {
+    let pause = Duration::from_millis(1200);
+    // A longer lease than the other fault tests: a paused etcd cannot renew it either, and
+    // this test is about an outage the lease outlives.
+    let a_options = store.options(&format!(
+        "lease_ttl=5s,request_timeout={}ms",
+        REQUEST_TIMEOUT.as_millis()
+    ));
+    let a = EtcdKvs::connect(&endpoints, &a_options)
+        .await
+        .expect("open A");
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let mut raw = ok(raw_client(&endpoints).await);
+
+    a.dist_lock().await.expect("A takes the lock");
+    a.temp_key("a/temp").await.expect("A's temp key");
+    let mut stream = a.watch_stream("w").await.expect("watch_stream");
+    let (seen, callback) = recording_callback();
+    let watcher = a
+        .watch_with_cb("w", KeyChange::Put, callback)
+        .await
+        .expect("watch_with_cb");
+    let mut expected = vec![("0".to_owned(), raw_put(&mut raw, &store, "w", "0").await)];
+    assert_eq!(
+        values(&[next_event(&mut stream, Duration::from_secs(5)).await]),
+        expected
+    );
+    let lock_before = lock_keys(&mut raw, &store).await;
+    assert_eq!(lock_before.len(), 1, "{lock_before:?}");
+
+    ok(pauser.pause().await);
+    let paused = Instant::now();
+    let calls = futures::join!(
+        fails_fast("get", a.get("x")),
+        fails_fast("get_range", a.get_range("a", "z")),
+        fails_fast("tas", a.tas("y", "1", "2")),
+    );
+    tokio::time::sleep(pause.saturating_sub(paused.elapsed())).await;
+    ok(pauser.resume().await);
+    let resumed = Instant::now();
+
+    let answer = loop {
+        match a.get("w").await {
+            Ok(answer) => break answer,
+            Err(err) if resumed.elapsed() < Duration::from_secs(3) => {
+                eprintln!("faults: after the pause: {err}; retrying");
+            }
+            Err(err) => panic!(
+                "A still fails {} after etcd resumed: {err}",
+                secs(resumed.elapsed())
+            ),
+        }
+    };
+    let answered_after = resumed.elapsed();
+    assert_eq!(answer.as_deref(), Some("0"));
+    a.store("a/plain", "ok")
+        .await
+        .expect("A writes after the pause");
+
+    let attempt = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(attempt, Err(Error::LockTimeout { .. })),
+        "B: {attempt:?}"
+    );
+    a.dist_lock().await.expect("A still holds the lock");
+    assert_eq!(
+        lock_keys(&mut raw, &store).await,
+        lock_before,
+        "A's lock key after the pause"
+    );
+    assert_eq!(b.get("a/temp").await.expect("get").as_deref(), Some("1"));
+
+    expected.push(("1".to_owned(), raw_put(&mut raw, &store, "w", "1").await));
+    expected.push(("2".to_owned(), raw_put(&mut raw, &store, "w", "2").await));
+    let mut streamed = Vec::new();
+    while streamed.len() < expected.len() - 1 {
+        streamed.extend(values(&[
+            next_event(&mut stream, Duration::from_secs(10)).await
+        ]));
+    }
+    assert_eq!(streamed, expected[1..], "watch_stream across the pause");
+    let extra = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(extra.is_err(), "watch_stream repeated an event: {extra:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().map(|seen| seen.len()).unwrap_or(0) < expected.len()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
+    assert_eq!(
+        called, expected,
+        "watch_with_cb across the pause (none lost, none repeated)"
+    );
+
+    eprintln!(
+        "faults: etcd itself paused for {}: {}; first call after it answered in {} ms",
+        secs(pause),
+        [calls.0, calls.1, calls.2].join(", "),
         answered_after.as_millis()
     );
     a.watch_cb_cancel(watcher);

@@ -134,6 +134,16 @@ impl EtcdContainer {
 
     /// Stops the container (SIGTERM, SIGKILL after 10 s) and starts it again; the data
     /// stays in the container's file system and the host port stays mapped.
+    /// `docker pause` (`paused`) or `docker unpause`.
+    pub(crate) async fn set_paused(&self, paused: bool) -> Result<(), String> {
+        let outcome = if paused {
+            self.container.pause().await
+        } else {
+            self.container.unpause().await
+        };
+        outcome.map_err(|err| format!("pausing ({paused}) the etcd container: {err}"))
+    }
+
     pub(crate) async fn restart(&mut self) -> Result<(), String> {
         self.container
             .stop_with_timeout(Some(10))

@@ -243,6 +243,14 @@ impl EtcdServer {
         }
     }
 
+    /// A handle that pauses and resumes this server (SIGSTOP/SIGCONT for a child process,
+    /// `docker pause`/`unpause` for a container), for tests of an etcd outage.
+    pub fn pauser(&self) -> EtcdPauser {
+        EtcdPauser {
+            running: self.running.clone(),
+        }
+    }
+
     /// Runs `future` on the harness runtime and awaits it from any runtime.
     async fn spawn<T: Send + 'static>(
         &self,
@@ -250,6 +258,41 @@ impl EtcdServer {
     ) -> Result<T, String> {
         harness_runtime()?
             .spawn(future)
+            .await
+            .map_err(|err| format!("the etcd harness task failed: {err}"))?
+    }
+}
+
+/// Pauses and resumes an [`EtcdServer`] the harness started; see [`EtcdServer::pauser`].
+#[derive(Clone)]
+pub struct EtcdPauser {
+    running: Arc<Mutex<Option<Running>>>,
+}
+
+impl EtcdPauser {
+    /// Freezes the server: it keeps its connections but answers nothing.
+    pub async fn pause(&self) -> Result<(), String> {
+        self.set_paused(true).await
+    }
+
+    /// Lets a paused server run again.
+    pub async fn resume(&self) -> Result<(), String> {
+        self.set_paused(false).await
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<(), String> {
+        let running = self.running.clone();
+        harness_runtime()?
+            .spawn(async move {
+                match running.lock().await.as_ref() {
+                    Some(Running::Process(process)) => process.set_paused(paused),
+                    Some(Running::Container(container)) => container.set_paused(paused).await,
+                    Some(Running::External) => {
+                        Err("cannot pause an etcd given by HMETCD_TEST_ENDPOINTS".into())
+                    }
+                    None => Err("the etcd server was already shut down".into()),
+                }
+            })
             .await
             .map_err(|err| format!("the etcd harness task failed: {err}"))?
     }

@@ -55,6 +55,23 @@ impl EtcdProcess {
         self.spawn().await
     }
 
+    /// SIGSTOP (`paused`) or SIGCONT: a paused etcd keeps its sockets but answers nothing.
+    pub(crate) fn set_paused(&self, paused: bool) -> Result<(), String> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+            .ok_or_else(|| "etcd is not running".to_owned())?;
+        let signal = if paused {
+            rustix::process::Signal::STOP
+        } else {
+            rustix::process::Signal::CONT
+        };
+        rustix::process::kill_process(pid, signal)
+            .map_err(|err| format!("sending {signal:?} to etcd: {err}"))
+    }
+
     /// Stops etcd; the data directory goes with `self`.
     pub(crate) async fn stop_for_good(mut self) -> Result<(), String> {
         self.stop().await
