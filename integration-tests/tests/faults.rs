@@ -609,6 +609,81 @@ enum Outage {
     Cut,
 }
 
+/// After an outage: the same handle answers again without reopening (it may keep failing for
+/// up to 3 s after `resumed`; its value of `w` must be `w_value`), writes, still holds its lock
+/// under the same key (B's timed lock gives up), and its temp key stands. Returns how long
+/// after `resumed` the first answer came.
+async fn still_holds_after_outage(
+    a: &EtcdKvs,
+    b: &dyn Kvi,
+    raw: &mut etcd_client::Client,
+    store: &TestStore,
+    lock_before: &[(String, i64)],
+    resumed: Instant,
+    w_value: &str,
+) -> Duration {
+    let answer = loop {
+        match a.get("w").await {
+            Ok(answer) => break answer,
+            Err(err) if resumed.elapsed() < Duration::from_secs(3) => {
+                eprintln!("faults: after the outage: {err}; retrying");
+            }
+            Err(err) => panic!(
+                "A still fails {} after the outage: {err}",
+                secs(resumed.elapsed())
+            ),
+        }
+    };
+    let answered_after = resumed.elapsed();
+    assert_eq!(answer.as_deref(), Some(w_value));
+    a.store("a/plain", "ok")
+        .await
+        .expect("A writes after the outage");
+
+    // Still A's lock: B cannot take it, and A's lock key is the one from before.
+    let attempt = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(attempt, Err(Error::LockTimeout { .. })),
+        "B: {attempt:?}"
+    );
+    a.dist_lock().await.expect("A still holds the lock");
+    assert_eq!(
+        lock_keys(raw, store).await,
+        lock_before,
+        "A's lock key after the outage"
+    );
+    assert_eq!(b.get("a/temp").await.expect("get").as_deref(), Some("1"));
+    answered_after
+}
+
+/// The watch stream yields `expected` after its first entry (already read), once each and in
+/// order, and the callback watcher has seen all of `expected`, none lost and none repeated.
+async fn watchers_saw_once_in_order(
+    stream: &mut WatchStream,
+    seen: &Mutex<Vec<WatchEvent>>,
+    expected: &[(String, i64)],
+) {
+    let mut streamed = Vec::new();
+    while streamed.len() < expected.len() - 1 {
+        streamed.extend(values(&[next_event(stream, Duration::from_secs(10)).await]));
+    }
+    assert_eq!(streamed, expected[1..], "watch_stream across the outage");
+    let extra = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(extra.is_err(), "watch_stream repeated an event: {extra:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().map(|seen| seen.len()).unwrap_or(0) < expected.len()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
+    assert_eq!(
+        called, expected,
+        "watch_with_cb across the outage (none lost, none repeated)"
+    );
+}
+
 async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
     let outage = Duration::from_millis(1200);
     let proxy = ok(FaultProxy::start(&endpoints).await);
@@ -663,61 +738,11 @@ async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
     proxy.resume();
     let resumed = Instant::now();
 
-    // The same handle answers again, without reopening.
-    let answer = loop {
-        match a.get("w").await {
-            Ok(answer) => break answer,
-            Err(err) if resumed.elapsed() < Duration::from_secs(3) => {
-                eprintln!("faults: after the outage: {err}; retrying");
-            }
-            Err(err) => panic!(
-                "A still fails {} after the outage: {err}",
-                secs(resumed.elapsed())
-            ),
-        }
-    };
-    let answered_after = resumed.elapsed();
-    assert_eq!(answer.as_deref(), Some("2"));
-    a.store("a/plain", "ok")
-        .await
-        .expect("A writes after the outage");
-
-    // Still A's lock: B cannot take it, and A's lock key is the one from before.
-    let attempt = b.dist_timed_lock(Duration::from_millis(500)).await;
-    assert!(
-        matches!(attempt, Err(Error::LockTimeout { .. })),
-        "B: {attempt:?}"
-    );
-    a.dist_lock().await.expect("A still holds the lock");
-    assert_eq!(
-        lock_keys(&mut raw, &store).await,
-        lock_before,
-        "A's lock key after the outage"
-    );
-    assert_eq!(b.get("a/temp").await.expect("get").as_deref(), Some("1"));
+    let answered_after =
+        still_holds_after_outage(&a, &*b, &mut raw, &store, &lock_before, resumed, "2").await;
 
     expected.push(("3".to_owned(), raw_put(&mut raw, &store, "w", "3").await));
-    let mut streamed = values(&[next_event(&mut stream, Duration::from_secs(10)).await]);
-    while streamed.len() < expected.len() - 1 {
-        streamed.extend(values(&[
-            next_event(&mut stream, Duration::from_secs(10)).await
-        ]));
-    }
-    assert_eq!(streamed, expected[1..], "watch_stream across the outage");
-    let extra = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
-    assert!(extra.is_err(), "watch_stream repeated an event: {extra:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.lock().map(|seen| seen.len()).unwrap_or(0) < expected.len()
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
-    assert_eq!(
-        called, expected,
-        "watch_with_cb across the outage (none lost, none repeated)"
-    );
+    watchers_saw_once_in_order(&mut stream, &seen, &expected).await;
 
     eprintln!(
         "faults: etcd unreachable ({}) for {}: {}; first call after it answered in {} ms",
@@ -779,60 +804,12 @@ async fn etcd_paused(endpoints: String, store: TestStore, pauser: EtcdPauser) {
     ok(pauser.resume().await);
     let resumed = Instant::now();
 
-    let answer = loop {
-        match a.get("w").await {
-            Ok(answer) => break answer,
-            Err(err) if resumed.elapsed() < Duration::from_secs(3) => {
-                eprintln!("faults: after the pause: {err}; retrying");
-            }
-            Err(err) => panic!(
-                "A still fails {} after etcd resumed: {err}",
-                secs(resumed.elapsed())
-            ),
-        }
-    };
-    let answered_after = resumed.elapsed();
-    assert_eq!(answer.as_deref(), Some("0"));
-    a.store("a/plain", "ok")
-        .await
-        .expect("A writes after the pause");
-
-    let attempt = b.dist_timed_lock(Duration::from_millis(500)).await;
-    assert!(
-        matches!(attempt, Err(Error::LockTimeout { .. })),
-        "B: {attempt:?}"
-    );
-    a.dist_lock().await.expect("A still holds the lock");
-    assert_eq!(
-        lock_keys(&mut raw, &store).await,
-        lock_before,
-        "A's lock key after the pause"
-    );
-    assert_eq!(b.get("a/temp").await.expect("get").as_deref(), Some("1"));
+    let answered_after =
+        still_holds_after_outage(&a, &*b, &mut raw, &store, &lock_before, resumed, "0").await;
 
     expected.push(("1".to_owned(), raw_put(&mut raw, &store, "w", "1").await));
     expected.push(("2".to_owned(), raw_put(&mut raw, &store, "w", "2").await));
-    let mut streamed = Vec::new();
-    while streamed.len() < expected.len() - 1 {
-        streamed.extend(values(&[
-            next_event(&mut stream, Duration::from_secs(10)).await
-        ]));
-    }
-    assert_eq!(streamed, expected[1..], "watch_stream across the pause");
-    let extra = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
-    assert!(extra.is_err(), "watch_stream repeated an event: {extra:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.lock().map(|seen| seen.len()).unwrap_or(0) < expected.len()
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
-    assert_eq!(
-        called, expected,
-        "watch_with_cb across the pause (none lost, none repeated)"
-    );
+    watchers_saw_once_in_order(&mut stream, &seen, &expected).await;
 
     eprintln!(
         "faults: etcd itself paused for {}: {}; first call after it answered in {} ms",
