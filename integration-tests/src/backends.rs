@@ -150,3 +150,30 @@ pub fn from_env() -> std::result::Result<Selection, String> {
     }
     Ok(selection)
 }
+
+/// For a test binary that needs etcd: the etcd of the environment, or the exit code to end
+/// with instead. That is a run of no tests (said on stderr) when the runner asked for
+/// in-memory only, a failure for a bad `HMETCD_TEST_BACKENDS`, and one failing `etcd::server`
+/// test that says why when no etcd can be had.
+pub fn etcd_server_or_exit(
+    binary: &str,
+    args: &libtest_mimic::Arguments,
+) -> std::result::Result<EtcdServer, std::process::ExitCode> {
+    match etcd_requested() {
+        Err(why) => {
+            eprintln!("{binary}: {why}");
+            return Err(std::process::ExitCode::FAILURE);
+        }
+        Ok(false) => {
+            eprintln!("{binary}: {MEM_ONLY_NOTICE}; its tests need etcd and are skipped");
+            return Err(libtest_mimic::run(args, Vec::new()).exit_code());
+        }
+        Ok(true) => {}
+    }
+    EtcdServer::from_env().map_err(|why| {
+        let trial = libtest_mimic::Trial::test("etcd::server", move || {
+            Err(libtest_mimic::Failed::from(why))
+        });
+        libtest_mimic::run(args, vec![trial]).exit_code()
+    })
+}

@@ -20,7 +20,6 @@ use hmetcd_core::{CompareOp, Error, KeyValue, Kvi};
 use hmetcd_etcd::EtcdKvs;
 use hmetcd_mem::MemKvs;
 use integration_tests::backends;
-use integration_tests::etcd_server::EtcdServer;
 use libtest_mimic::{Arguments, Failed, Trial};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -306,26 +305,9 @@ fn run_property(endpoints: String, seed: u64, cases: u32) -> Result<(), String> 
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("differential: {why}");
-            return ExitCode::FAILURE;
-        }
-        Ok(false) => {
-            eprintln!(
-                "differential: skipped, the runner asked for in-memory only \
-                 (HMETCD_TEST_BACKENDS); it compares the in-memory store with etcd"
-            );
-            return libtest_mimic::run(&args, Vec::new()).exit_code();
-        }
-        Ok(true) => {}
-    }
-    let mut server = match EtcdServer::from_env() {
+    let mut server = match backends::etcd_server_or_exit("differential", &args) {
         Ok(server) => server,
-        Err(why) => {
-            let trial = Trial::test("etcd::server", move || Err(Failed::from(why)));
-            return libtest_mimic::run(&args, vec![trial]).exit_code();
-        }
+        Err(exit) => return exit,
     };
     let name = format!(
         "etcd-{}::differential::mem_matches_etcd_on_random_sequences",

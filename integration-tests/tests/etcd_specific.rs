@@ -22,23 +22,9 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("etcd_specific: {why}");
-            return ExitCode::FAILURE;
-        }
-        Ok(false) => {
-            eprintln!("etcd_specific: {}", backends::MEM_ONLY_NOTICE);
-            return libtest_mimic::run(&args, Vec::new()).exit_code();
-        }
-        Ok(true) => {}
-    }
-    let mut server = match EtcdServer::from_env() {
+    let mut server = match backends::etcd_server_or_exit("etcd_specific", &args) {
         Ok(server) => server,
-        Err(why) => {
-            let trial = Trial::test("etcd::server", move || Err(Failed::from(why)));
-            return libtest_mimic::run(&args, vec![trial]).exit_code();
-        }
+        Err(exit) => return exit,
     };
     let backend = format!("etcd-{}", server.version());
     let endpoints = server.endpoints().to_owned();

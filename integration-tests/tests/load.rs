@@ -12,9 +12,8 @@ use futures::{StreamExt, TryStreamExt};
 use hmetcd_core::{KeyChange, KeyValue, Kvi, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
 use integration_tests::backends;
-use integration_tests::etcd_server::EtcdServer;
 use integration_tests::run_limited;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Trial};
 
 const TASKS: usize = 64;
 const OPS_PER_TASK: usize = 1_000;
@@ -24,26 +23,9 @@ const WRITES_PER_WATCHED_KEY: usize = 3;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("load: {why}");
-            return ExitCode::FAILURE;
-        }
-        Ok(false) => {
-            eprintln!(
-                "load: the etcd load tests are skipped, the runner asked for in-memory only \
-                 (HMETCD_TEST_BACKENDS)"
-            );
-            return libtest_mimic::run(&args, Vec::new()).exit_code();
-        }
-        Ok(true) => {}
-    }
-    let mut server = match EtcdServer::from_env() {
+    let mut server = match backends::etcd_server_or_exit("load", &args) {
         Ok(server) => server,
-        Err(why) => {
-            let trial = Trial::test("etcd::server", move || Err(Failed::from(why)));
-            return libtest_mimic::run(&args, vec![trial]).exit_code();
-        }
+        Err(exit) => return exit,
     };
     let backend = format!("etcd-{}", server.version());
     let trials = vec![
