@@ -1,4 +1,4 @@
-//! The `Kvi` trait: the fourteen operations of the contract, plus streams.
+//! The `Kvi` trait: the fourteen operations of the contract, plus streams and named locks.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::{
-    CompareOp, KeyChange, KeyValue, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    CompareOp, KeyChange, KeyValue, LockGuard, LockOptions, Result, WatchCallback, WatchEvent,
+    WatchHandle, WatchStream,
 };
 
 /// A handle on a key-value store: etcd, or the in-memory store.
@@ -95,6 +96,45 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// Every change to any key starting with `prefix` from now on. The watch is registered
     /// before this returns.
     async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream>;
+
+    /// Takes the named lock `name`, waiting as long as it takes (first come, first served),
+    /// and hands back a guard that releases it when dropped.
+    ///
+    /// `name` is checked like a key and lives under the handle's `prefix`. Every guard for a
+    /// name excludes every other guard for it, across handles and among the tasks of one
+    /// handle (a guard is not re-entrant). The lock named by the handle's `lock_name` is the
+    /// handle's lock: such a guard and [`dist_lock`](Kvi::dist_lock) exclude each other.
+    /// [`close`](Kvi::close) releases every guard of the handle.
+    ///
+    /// ```
+    /// # use hmetcd_core::Kvi;
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let guard = kv.lock("reports/nightly").await?;
+    /// // ... work that only one holder of "reports/nightly" may do at a time ...
+    /// guard.unlock().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn lock(&self, name: &str) -> Result<LockGuard>;
+
+    /// Like [`lock`](Kvi::lock), with a timeout (give up with
+    /// [`Error::LockTimeout`](crate::Error::LockTimeout), leaving no trace) and a maximum hold
+    /// time (the lock is released once held that long), as `options` say.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use hmetcd_core::{Kvi, LockOptions};
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let options = LockOptions::new()
+    ///     .timeout(Duration::from_secs(2))
+    ///     .max_hold(Duration::from_secs(30));
+    /// let guard = kv.lock_with("reports/nightly", options).await?;
+    /// assert!(guard.is_held());
+    /// drop(guard);
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard>;
 }
 
 /// The future every `Kvi` method returns (what `#[async_trait]` makes of an `async fn`).
@@ -177,6 +217,14 @@ macro_rules! forward_kvi {
             fn watch_prefix<'s, 'k, 'f>(&'s self, prefix: &'k str) -> KviFuture<'f, WatchStream>
             where 's: 'f, 'k: 'f, Self: 'f {
                 (**self).watch_prefix(prefix)
+            }
+            fn lock<'s, 'n, 'f>(&'s self, name: &'n str) -> KviFuture<'f, LockGuard>
+            where 's: 'f, 'n: 'f, Self: 'f {
+                (**self).lock(name)
+            }
+            fn lock_with<'s, 'n, 'f>(&'s self, name: &'n str, options: LockOptions) -> KviFuture<'f, LockGuard>
+            where 's: 'f, 'n: 'f, Self: 'f {
+                (**self).lock_with(name, options)
             }
         }
     )*};

@@ -48,14 +48,14 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
-    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, Options, Result, WatchCallback,
-    WatchEvent, WatchHandle, WatchStream,
+    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Options,
+    Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 
 use crate::error::{ErrorContext, Request};
@@ -80,8 +80,6 @@ pub(crate) struct Shared {
     errors: ErrorContext,
     options: Options,
     prefix: KeyPrefix,
-    /// `<prefix><lock_name>/`, under which the lock's waiter keys live.
-    lock_prefix: String,
     closed: AtomicBool,
     /// Becomes `true` when the handle is closed or dropped; watches and lock waits end on it.
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -157,7 +155,6 @@ impl EtcdKvs {
         tracing::debug!(endpoints = %errors.endpoints, lease = %lease_hex(lease), "connected to etcd");
 
         let prefix = KeyPrefix::new(options.prefix.clone());
-        let lock_prefix = format!("{}/", prefix.apply(&options.lock_name));
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
             client,
@@ -165,7 +162,6 @@ impl EtcdKvs {
             session: Session::new(lease, ttl),
             options,
             prefix,
-            lock_prefix,
             closed: AtomicBool::new(false),
             shutdown,
             lock: lock::LockState::default(),
@@ -303,9 +299,9 @@ impl Kvi for EtcdKvs {
 
     async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
         self.shared.ensure_open()?;
-        // A timeout too far ahead to represent is no timeout at all.
-        let deadline = Instant::now().checked_add(timeout).map(|at| (at, timeout));
-        self.shared.acquire_lock(deadline).await
+        self.shared
+            .acquire_lock(lock::deadline_after(Some(timeout)))
+            .await
     }
 
     async fn dist_unlock(&self) -> Result<()> {
@@ -516,6 +512,14 @@ impl Kvi for EtcdKvs {
         shared
             .open_watch_stream(watch::Target::prefix(prefix, &shared.prefix))
             .await
+    }
+
+    async fn lock(&self, name: &str) -> Result<LockGuard> {
+        self.shared.lock_named(name, LockOptions::new()).await
+    }
+
+    async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
+        self.shared.lock_named(name, options).await
     }
 }
 

@@ -1,48 +1,105 @@
-//! The distributed lock: the algorithm of etcd's Go `concurrency.Mutex`, on the handle's lease.
+//! Locks: the handle's lock (`dist_lock`) and named locks with a guard, both with the
+//! algorithm of etcd's Go `concurrency.Mutex`, on the handle's lease.
 //!
-//! Each participant puts `<lock_name>/<lease id in hex>` (with the handle's prefix in front)
-//! bound to its lease, then waits until every key under `<lock_name>/` created before its own
-//! is deleted. Waiters are therefore served in the order they queued, and Go services using
-//! `concurrency.NewMutex(session, lock_name)` on the same etcd take part in the same queue.
+//! Each participant puts `<name>/<lease id in hex>` (with the handle's prefix in front) bound
+//! to its lease, then waits until every key under `<name>/` created before its own is
+//! deleted. Waiters are therefore served in the order they queued, and Go services using
+//! `concurrency.NewMutex(session, name)` on the same etcd take part in the same queue.
+//!
+//! A handle has one lease and so one waiter key per name: its own participants (the handle's
+//! lock and every guard for that name) queue first on a fair local mutex per name, held for as
+//! long as the lock is. The handle's lock is the named lock `lock_name`.
 
-use std::sync::{Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    WatchOptions,
+    TxnOpResponse, WatchOptions,
 };
-use hmetcd_core::{Error, Result};
+use futures::future::BoxFuture;
+use hmetcd_core::keys::check_key;
+use hmetcd_core::{Error, LockGuard, LockOptions, LockRelease, Result};
+use tokio::sync::OwnedMutexGuard;
+use tokio::task::AbortHandle;
 
 use crate::error::{is_lease_not_found, Request};
 use crate::retry::{pause_unless_shut_down, shut_down, Backoff};
 use crate::{lease_hex, Shared};
 
-/// The lock as this handle sees it.
+/// When a timed attempt gives up, and the timeout to report then.
+type Deadline = Option<(Instant, Duration)>;
+
+/// A named lock held by one of the handle's guards; empty once released.
+type GuardSlot = Arc<Mutex<Option<HeldKey>>>;
+
+/// The locks as this handle sees them.
 #[derive(Default)]
 pub(crate) struct LockState {
-    /// Serializes acquisitions on this handle, so that it never queues two waiter keys.
-    acquiring: tokio::sync::Mutex<()>,
-    held: Mutex<Option<HeldLock>>,
+    /// Serializes `dist_lock` callers: a second task of the handle waits for the first one's
+    /// acquisition and then finds the lock held (the handle's lock is re-entrant).
+    dist_callers: tokio::sync::Mutex<()>,
+    /// The handle's lock, while held.
+    held: Mutex<Option<HeldKey>>,
+    /// One fair mutex per lock name (as the caller wrote it), so that the handle never queues
+    /// two waiter keys for one name. Entries nobody uses are removed.
+    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The named locks of the handle's guards, so that `close()` releases them.
+    guards: Mutex<HashMap<u64, GuardSlot>>,
+    next_guard: AtomicU64,
 }
 
-struct HeldLock {
+/// A lock this handle holds: its key in etcd and its name's local mutex.
+struct HeldKey {
+    /// The name as the caller wrote it (without the prefix).
+    name: String,
     /// The stored lock key.
     key: String,
     /// The lease generation it was taken under; a newer lease means the lock was lost.
     generation: u64,
+    /// Released only once the key is deleted, so that the handle's next participant for this
+    /// name never finds the old key and takes it for its own place in the queue.
+    _local: OwnedMutexGuard<()>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl LockState {
-    fn held(&self) -> MutexGuard<'_, Option<HeldLock>> {
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn held(&self) -> MutexGuard<'_, Option<HeldKey>> {
+        locked(&self.held)
     }
 
-    /// Forgets the lock without touching etcd (closing revokes the lease, which removes it).
+    /// Forgets every lock of the handle without touching etcd (closing revokes the lease,
+    /// which removes the keys).
     pub(crate) fn forget(&self) {
         self.held().take();
+        let guards = std::mem::take(&mut *locked(&self.guards));
+        for slot in guards.into_values() {
+            locked(&slot).take();
+        }
+    }
+
+    fn forget_guard(&self, id: u64) {
+        locked(&self.guards).remove(&id);
+    }
+
+    fn local_mutex(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(locked(&self.local).entry(name.to_owned()).or_default())
+    }
+
+    /// Drops the local mutex of `name` if nobody holds or waits for it.
+    fn forget_local_if_unused(&self, name: &str) {
+        let mut local = locked(&self.local);
+        if local
+            .get(name)
+            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
+        {
+            local.remove(name);
+        }
     }
 }
 
@@ -53,23 +110,45 @@ enum Attempt {
     KeyLost,
 }
 
+/// Runs `step`, giving up at `deadline` with `LockTimeout` naming `name`.
+async fn by_deadline<T>(
+    name: &str,
+    deadline: Deadline,
+    step: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match deadline {
+        Some((at, timeout)) => tokio::time::timeout_at(at.into(), step)
+            .await
+            .unwrap_or_else(|_| Err(gave_up(name, timeout))),
+        None => step.await,
+    }
+}
+
+fn gave_up(name: &str, timeout: Duration) -> Error {
+    Error::LockTimeout {
+        lock: name.to_owned(),
+        timeout,
+    }
+}
+
+/// The deadline of an attempt that starts now and may take `timeout`; a timeout too far ahead
+/// to represent is no timeout at all.
+pub(crate) fn deadline_after(timeout: Option<Duration>) -> Deadline {
+    timeout.and_then(|timeout| Instant::now().checked_add(timeout).map(|at| (at, timeout)))
+}
+
 impl Shared {
     fn lock_name(&self) -> &str {
         &self.options.lock_name
     }
 
-    /// `dist_lock` (no deadline) and `dist_timed_lock` (deadline and the caller's timeout).
-    pub(crate) async fn acquire_lock(&self, deadline: Option<(Instant, Duration)>) -> Result<()> {
-        let gave_up = |timeout| Error::LockTimeout {
-            lock: self.lock_name().to_owned(),
-            timeout,
-        };
-        let _acquiring = match deadline {
-            Some((at, timeout)) => tokio::time::timeout_at(at.into(), self.lock.acquiring.lock())
-                .await
-                .map_err(|_| gave_up(timeout))?,
-            None => self.lock.acquiring.lock().await,
-        };
+    /// `dist_lock` (no deadline) and `dist_timed_lock`.
+    pub(crate) async fn acquire_lock(&self, deadline: Deadline) -> Result<()> {
+        let name = self.lock_name();
+        let _one_caller_at_a_time = by_deadline(name, deadline, async {
+            Ok(self.lock.dist_callers.lock().await)
+        })
+        .await?;
         let held = self
             .lock
             .held()
@@ -77,58 +156,23 @@ impl Shared {
             .map(|held| (held.key.clone(), held.generation));
         if let Some((key, generation)) = held {
             // "Holds" means holds now: the lease is alive and the lock key is still there.
-            if self.session.is_alive(generation).await
+            if self.session.is_alive(generation)
                 && self
-                    .create_revision(&key, Request::new("lock", self.lock_name()))
+                    .create_revision(&key, Request::new("lock", name))
                     .await?
                     .is_some()
             {
                 return Ok(());
             }
             tracing::warn!(
-                lock = self.lock_name(),
+                lock = name,
                 "the lock was lost with the lease; queueing again"
             );
-            self.lock.forget();
+            self.lock.held().take();
         }
-        loop {
-            let leased = self.live_lease();
-            let (lease, generation) = match deadline {
-                Some((at, timeout)) => tokio::time::timeout_at(at.into(), leased)
-                    .await
-                    .unwrap_or_else(|_| Err(gave_up(timeout)))?,
-                None => leased.await?,
-            };
-            let key = format!("{}{}", self.lock_prefix, lease_hex(lease));
-            let mut waiter = WaiterKey::new(self, &key);
-            let attempt = self.queue_and_wait(&key, lease);
-            let outcome = match deadline {
-                Some((at, timeout)) => tokio::time::timeout_at(at.into(), attempt)
-                    .await
-                    .unwrap_or_else(|_| Err(gave_up(timeout))),
-                None => attempt.await,
-            };
-            match outcome {
-                Ok(Attempt::Acquired) => {
-                    waiter.keep();
-                    *self.lock.held() = Some(HeldLock { key, generation });
-                    return Ok(());
-                }
-                Ok(Attempt::KeyLost) => {
-                    waiter.keep();
-                    if let Some((at, timeout)) = deadline {
-                        if Instant::now() >= at {
-                            return Err(gave_up(timeout));
-                        }
-                    }
-                }
-                Err(err) => {
-                    // A given-up attempt leaves no trace: our waiter key goes before we return.
-                    waiter.remove_now(self).await;
-                    return Err(err);
-                }
-            }
-        }
+        let held = self.acquire_key(name, deadline).await?;
+        *self.lock.held() = Some(held);
+        Ok(())
     }
 
     /// `dist_unlock`: deletes the lock key if this handle holds the lock.
@@ -136,23 +180,151 @@ impl Shared {
         let Some(held) = self.lock.held().take() else {
             return Ok(());
         };
-        let mut kv = self.client.kv_client();
-        let outcome = self
-            .request(
-                Request::new("unlock", self.lock_name()),
-                kv.delete(held.key.as_str(), None),
-            )
-            .await;
-        if outcome.is_err() {
+        if let Err(err) = self.delete_lock_key(&held).await {
             // Still ours as far as we know; a later unlock tries again.
             *self.lock.held() = Some(held);
+            return Err(err);
         }
-        outcome.map(|_| ())
+        self.drop_held(held);
+        Ok(())
+    }
+
+    /// `lock` and `lock_with`: a guard for the named lock `name`.
+    pub(crate) async fn lock_named(
+        self: &Arc<Self>,
+        name: &str,
+        options: LockOptions,
+    ) -> Result<LockGuard> {
+        self.ensure_open()?;
+        check_key("name", name)?;
+        let deadline = deadline_after(options.get_timeout());
+        let held = self.acquire_key(name, deadline).await?;
+        let id = self.lock.next_guard.fetch_add(1, Ordering::Relaxed);
+        let slot: GuardSlot = Arc::new(Mutex::new(Some(held)));
+        locked(&self.lock.guards).insert(id, Arc::clone(&slot));
+        let mut release = EtcdLockRelease {
+            shared: Arc::clone(self),
+            id,
+            slot,
+            expiry: None,
+        };
+        // A close that raced with this call may have missed the new guard.
+        if self.is_closed() {
+            release.take();
+            return Err(Error::Closed);
+        }
+        if let Some(max_hold) = options.get_max_hold() {
+            release.expiry = Some(release.start_expiry(name, max_hold)?);
+        }
+        Ok(LockGuard::from_backend(name, Box::new(release)))
+    }
+
+    /// Takes the lock `name` for one of the handle's participants: first the name's local
+    /// mutex, then a place in etcd's queue. Gives up at `deadline` without a trace.
+    async fn acquire_key(&self, name: &str, deadline: Deadline) -> Result<HeldKey> {
+        let local = self.lock.local_mutex(name);
+        let mut shutdown = self.shutdown.subscribe();
+        let taken = by_deadline(name, deadline, async {
+            tokio::select! {
+                guard = local.lock_owned() => Ok(guard),
+                () = shut_down(&mut shutdown) => Err(Error::Closed),
+            }
+        })
+        .await;
+        let outcome = match taken {
+            Ok(local) => self.queue_until_acquired(name, local, deadline).await,
+            Err(err) => Err(err),
+        };
+        if outcome.is_err() {
+            self.lock.forget_local_if_unused(name);
+        }
+        outcome
+    }
+
+    async fn queue_until_acquired(
+        &self,
+        name: &str,
+        local: OwnedMutexGuard<()>,
+        deadline: Deadline,
+    ) -> Result<HeldKey> {
+        let dir = format!("{}/", self.prefix.apply(name));
+        loop {
+            let (lease, generation) = by_deadline(name, deadline, self.live_lease()).await?;
+            let key = format!("{dir}{}", lease_hex(lease));
+            let mut waiter = WaiterKey::new(self, &key);
+            let attempt = self.queue_and_wait(name, &dir, &key, lease);
+            match by_deadline(name, deadline, attempt).await {
+                Ok(Attempt::Acquired) => {
+                    waiter.keep();
+                    return Ok(HeldKey {
+                        name: name.to_owned(),
+                        key,
+                        generation,
+                        _local: local,
+                    });
+                }
+                Ok(Attempt::KeyLost) => {
+                    waiter.keep();
+                    if let Some((at, timeout)) = deadline {
+                        if Instant::now() >= at {
+                            return Err(gave_up(name, timeout));
+                        }
+                    }
+                }
+                Err(err) => {
+                    // A given-up attempt leaves no trace: our waiter key goes before we return.
+                    waiter.remove_now(self, name).await;
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// Deletes a held lock's key (the next waiter gets the lock).
+    async fn delete_lock_key(&self, held: &HeldKey) -> Result<()> {
+        let mut kv = self.client.kv_client();
+        self.request(
+            Request::new("unlock", &held.name),
+            kv.delete(held.key.as_str(), None),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes a held lock's key, retrying until it is gone or the handle is shut down (then
+    /// the key goes with the lease). The name's local mutex is released only after that.
+    async fn delete_lock_key_until_done(&self, held: HeldKey) {
+        let mut backoff = Backoff::new();
+        let mut shutdown = self.shutdown.subscribe();
+        while !self.is_closed() {
+            match self.delete_lock_key(&held).await {
+                Ok(()) => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, lock = %held.name, "could not release the lock yet; retrying");
+                    if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.drop_held(held);
+    }
+
+    fn drop_held(&self, held: HeldKey) {
+        let name = held.name.clone();
+        drop(held);
+        self.lock.forget_local_if_unused(&name);
     }
 
     /// Puts our waiter key (if not there yet) and waits until every key queued before it is gone.
-    async fn queue_and_wait(&self, key: &str, lease: i64) -> Result<Attempt> {
-        let request = Request::new("lock", self.lock_name());
+    async fn queue_and_wait(
+        &self,
+        name: &str,
+        dir: &str,
+        key: &str,
+        lease: i64,
+    ) -> Result<Attempt> {
+        let request = Request::new("lock", name);
         let mut kv = self.client.kv_client();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
@@ -178,13 +350,8 @@ impl Shared {
                 None => return Ok(Attempt::KeyLost),
             }
         };
-        self.wait_for_predecessors(my_revision, request).await?;
-        // The lease may have expired while we waited; then the key went with it.
-        if self.create_revision(key, request).await? == Some(my_revision) {
-            Ok(Attempt::Acquired)
-        } else {
-            Ok(Attempt::KeyLost)
-        }
+        self.wait_for_predecessors(dir, key, my_revision, request)
+            .await
     }
 
     async fn create_revision(&self, key: &str, request: Request<'_>) -> Result<Option<i64>> {
@@ -193,26 +360,32 @@ impl Shared {
         Ok(answer.kvs().first().map(|found| found.create_revision()))
     }
 
-    /// Go's `waitDeletes`: until no key under the lock was created before `my_revision`, watch
-    /// the newest such key (the one just ahead of us) until it is deleted. Outages while
-    /// waiting are ridden out: the wait itself has no time limit.
-    async fn wait_for_predecessors(&self, my_revision: i64, request: Request<'_>) -> Result<()> {
+    /// Go's `waitDeletes`: until no key under `dir` was created before `my_revision`, watch
+    /// the newest such key (the one just ahead of us) until it is deleted. Each look reads the
+    /// key ahead and our own key in one request: if ours vanished (the lease expired while we
+    /// waited), the attempt must queue again. Outages while waiting are ridden out: the wait
+    /// itself has no time limit.
+    async fn wait_for_predecessors(
+        &self,
+        dir: &str,
+        key: &str,
+        my_revision: i64,
+        request: Request<'_>,
+    ) -> Result<Attempt> {
         let mut backoff = Backoff::new();
         let mut shutdown = self.shutdown.subscribe();
         loop {
             if self.is_closed() {
                 return Err(Error::Closed);
             }
-            let options = GetOptions::new()
+            let ahead = GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_max_create_revision(my_revision - 1)
                 .with_limit(1);
+            let txn = Txn::new().and_then([TxnOp::get(dir, Some(ahead)), TxnOp::get(key, None)]);
             let mut kv = self.client.kv_client();
-            let answer = match self
-                .request(request, kv.get(self.lock_prefix.as_str(), Some(options)))
-                .await
-            {
+            let answer = match self.request(request, kv.txn(txn)).await {
                 Ok(answer) => answer,
                 Err(err) if err.is_transient() => {
                     tracing::debug!(error = %err, "waiting for the lock: etcd unreachable; retrying");
@@ -223,12 +396,28 @@ impl Shared {
                 }
                 Err(err) => return Err(err),
             };
-            let Some(ahead) = answer.kvs().first() else {
-                return Ok(());
+            let responses = answer.op_responses();
+            let mut reads = responses.iter().filter_map(|response| match response {
+                TxnOpResponse::Get(read) => Some(read),
+                _ => None,
+            });
+            let (Some(ahead), Some(mine)) = (reads.next(), reads.next()) else {
+                return Err(Error::Backend {
+                    operation: request.to_string(),
+                    reason: "etcd answered a transaction of two reads without both results"
+                        .to_owned(),
+                    source: None,
+                });
+            };
+            if mine.kvs().first().map(|found| found.create_revision()) != Some(my_revision) {
+                return Ok(Attempt::KeyLost);
+            }
+            let Some(ahead) = ahead.kvs().first() else {
+                return Ok(Attempt::Acquired);
             };
             let after = revision_of(answer.header(), request)?;
             if !self
-                .wait_deleted(ahead.key(), after + 1, &mut shutdown)
+                .wait_deleted(ahead.key(), after + 1, request, &mut shutdown)
                 .await?
             {
                 if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
@@ -246,11 +435,12 @@ impl Shared {
         &self,
         key: &[u8],
         revision: i64,
+        request: Request<'_>,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<bool> {
         let mut watches = self.client.watch_client();
         let options = WatchOptions::new().with_start_revision(revision);
-        let request = Request::new("watch lock", self.lock_name());
+        let request = Request::new("watch lock", request.key);
         let mut stream = match self
             .bounded(request, watches.watch(key, Some(options)))
             .await
@@ -282,6 +472,112 @@ impl Shared {
                 }
                 Ok(None) | Err(_) => return Ok(false),
             }
+        }
+    }
+}
+
+/// The etcd side of a [`LockGuard`].
+struct EtcdLockRelease {
+    shared: Arc<Shared>,
+    id: u64,
+    slot: GuardSlot,
+    /// The `max_hold` timer, if any.
+    expiry: Option<AbortHandle>,
+}
+
+impl EtcdLockRelease {
+    /// Takes the held lock out of the guard (it is no longer held as far as the guard is
+    /// concerned) and stops the `max_hold` timer. `None` if it was already released.
+    fn take(&mut self) -> Option<HeldKey> {
+        let held = locked(&self.slot).take();
+        self.shared.lock.forget_guard(self.id);
+        if held.is_some() {
+            // Only while the lock was still in the slot: a timer that took it must finish.
+            if let Some(expiry) = self.expiry.take() {
+                expiry.abort();
+            }
+        }
+        held
+    }
+
+    /// Starts the timer that releases the lock after `max_hold`.
+    fn start_expiry(&self, name: &str, max_hold: Duration) -> Result<AbortHandle> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NotSupported {
+            what: format!("max_hold on the lock {name:?}"),
+            reason: "the timer needs a Tokio runtime; call lock_with from within one".to_owned(),
+        })?;
+        let shared = Arc::clone(&self.shared);
+        let slot = Arc::clone(&self.slot);
+        let id = self.id;
+        Ok(runtime
+            .spawn(async move {
+                let mut shutdown = shared.shutdown.subscribe();
+                if !pause_unless_shut_down(max_hold, &mut shutdown).await {
+                    return;
+                }
+                let held = locked(&slot).take();
+                shared.lock.forget_guard(id);
+                if let Some(held) = held {
+                    tracing::debug!(lock = %held.name, ?max_hold, "max_hold expired; releasing the lock");
+                    shared.delete_lock_key_until_done(held).await;
+                }
+            })
+            .abort_handle())
+    }
+}
+
+impl LockRelease for EtcdLockRelease {
+    fn is_held(&self) -> bool {
+        let generation = locked(&self.slot).as_ref().map(|held| held.generation);
+        generation.is_some_and(|generation| {
+            !*self.shared.shutdown.borrow() && self.shared.session.is_alive(generation)
+        })
+    }
+
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let held = self.take();
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let Some(held) = held else {
+                return Ok(());
+            };
+            if shared.is_closed() {
+                // Closing revoked the lease, and the key with it.
+                shared.drop_held(held);
+                return Ok(());
+            }
+            match shared.delete_lock_key(&held).await {
+                Ok(()) => {
+                    shared.drop_held(held);
+                    Ok(())
+                }
+                Err(err) => {
+                    // Reported, and still released: in the background, as a dropped guard is.
+                    spawn_release(shared, held);
+                    Err(err)
+                }
+            }
+        })
+    }
+
+    fn release_on_drop(mut self: Box<Self>) {
+        if let Some(held) = self.take() {
+            spawn_release(Arc::clone(&self.shared), held);
+        }
+    }
+}
+
+/// Deletes the key of `held` in the background on the current Tokio runtime. Without one,
+/// the key stays until the handle's lease ends, and the handle's next participant for this
+/// name takes the lock over from it.
+fn spawn_release(shared: Arc<Shared>, held: HeldKey) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move { shared.delete_lock_key_until_done(held).await });
+        }
+        Err(_) => {
+            tracing::debug!(lock = %held.name, "guard dropped outside a Tokio runtime; the lock goes with the lease");
+            shared.drop_held(held);
         }
     }
 }
@@ -318,12 +614,12 @@ impl WaiterKey {
         self.key = None;
     }
 
-    async fn remove_now(&mut self, shared: &Shared) {
+    async fn remove_now(&mut self, shared: &Shared, name: &str) {
         if let Some(key) = self.key.take() {
             let mut kv = shared.client.kv_client();
             if let Err(err) = shared
                 .request(
-                    Request::new("remove lock waiter", shared.lock_name()),
+                    Request::new("remove lock waiter", name),
                     kv.delete(key, None),
                 )
                 .await

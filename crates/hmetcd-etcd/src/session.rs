@@ -23,8 +23,18 @@ pub(crate) struct Session {
     /// The current lease id, readable without waiting (for `close` and `Debug`).
     current: AtomicI64,
     state: tokio::sync::Mutex<LeaseState>,
+    /// What `state` says about the lease's life, readable without waiting (for `is_alive`).
+    view: Mutex<LeaseView>,
     /// Stored keys (prefix applied) of the handle's temp keys.
     temp_keys: Mutex<BTreeSet<String>>,
+}
+
+/// The part of [`LeaseState`] that tells whether a lease generation is alive.
+#[derive(Clone, Copy)]
+struct LeaseView {
+    generation: u64,
+    lost: bool,
+    renewed_at: Instant,
 }
 
 struct LeaseState {
@@ -51,8 +61,28 @@ impl Session {
                 restore_pending: false,
                 renewed_at: Instant::now(),
             }),
+            view: Mutex::new(LeaseView {
+                generation: 0,
+                lost: false,
+                renewed_at: Instant::now(),
+            }),
             temp_keys: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    fn view(&self) -> MutexGuard<'_, LeaseView> {
+        self.view
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Mirrors `state` into the view; called with `state` locked, after every change.
+    fn publish(&self, state: &LeaseState) {
+        *self.view() = LeaseView {
+            generation: state.generation,
+            lost: state.lost,
+            renewed_at: state.renewed_at,
+        };
     }
 
     pub(crate) fn current_lease(&self) -> i64 {
@@ -76,9 +106,9 @@ impl Session {
 
     /// Whether the lease of `generation` is alive as far as anyone can tell: etcd has not said
     /// otherwise, and confirmed it less than a TTL ago.
-    pub(crate) async fn is_alive(&self, generation: u64) -> bool {
-        let state = self.state.lock().await;
-        state.generation == generation && !state.lost && state.renewed_at.elapsed() < self.ttl()
+    pub(crate) fn is_alive(&self, generation: u64) -> bool {
+        let view = *self.view();
+        view.generation == generation && !view.lost && view.renewed_at.elapsed() < self.ttl()
     }
 
     /// Records that etcd said `lease` is gone.
@@ -87,6 +117,7 @@ impl Session {
         if state.id == lease && !state.lost {
             tracing::warn!(lease = %lease_hex(lease), "the lease expired; taking a new one");
             state.lost = true;
+            self.publish(&state);
         }
     }
 
@@ -94,6 +125,7 @@ impl Session {
         let mut state = self.state.lock().await;
         if state.id == lease {
             state.renewed_at = Instant::now();
+            self.publish(&state);
         }
     }
 }
@@ -118,6 +150,7 @@ impl Shared {
             state.restore_pending = true;
             state.renewed_at = Instant::now();
             session.current.store(granted.id(), Ordering::SeqCst);
+            session.publish(&state);
             tracing::info!(lease = %lease_hex(granted.id()), "took a new lease");
         }
         if state.restore_pending {

@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+mod guards;
 mod store;
 
 use std::collections::BTreeSet;
@@ -41,11 +42,12 @@ use dashmap::DashMap;
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, Options, Result, WatchCallback, WatchEvent,
-    WatchHandle, WatchStream,
+    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Options, Result,
+    WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 use tokio::sync::OwnedMutexGuard;
 
+use guards::{Guards, MemLockRelease};
 use store::{LeaseId, Store, Target};
 
 // Stores opened by name live as long as the process, as in the Go package: data outlives `close()`.
@@ -71,6 +73,8 @@ pub struct MemKvs {
     closed: AtomicBool,
     closing: tokio::sync::watch::Sender<bool>,
     temp_keys: Mutex<BTreeSet<String>>,
+    /// The named locks this handle's guards hold.
+    guards: Arc<Guards>,
 }
 
 impl fmt::Debug for MemKvs {
@@ -142,6 +146,7 @@ impl MemKvs {
             closed: AtomicBool::new(false),
             closing: tokio::sync::watch::Sender::new(false),
             temp_keys: Mutex::new(BTreeSet::new()),
+            guards: Arc::default(),
         }
     }
 
@@ -199,9 +204,10 @@ impl MemKvs {
             .take();
     }
 
-    /// Releases everything the handle holds in the store: lock, temp keys, watchers.
+    /// Releases everything the handle holds in the store: locks, temp keys, watchers.
     fn release(&self) {
         self.release_lock();
+        self.guards.release_all(&self.store);
         let temp_keys: Vec<String> = std::mem::take(
             &mut *self
                 .temp_keys
@@ -212,6 +218,53 @@ impl MemKvs {
         .collect();
         self.store.revoke(self.lease, &temp_keys);
         self.store.unwatch_owner(self.lease);
+    }
+
+    async fn lock_named(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
+        self.check_open()?;
+        check_key("name", name)?;
+        // Under the prefix like every other key; `lock_name` itself is the handle's lock.
+        let stored_name = self.prefix.apply(name);
+        let mutex = self.store.lock_mutex(&stored_name);
+        let mut closing = self.closing.subscribe();
+        // tokio's mutex queues waiters first come, first served; dropping the wait leaves the queue.
+        let wait = async {
+            tokio::select! {
+                guard = mutex.lock_owned() => Some(guard),
+                _ = closing.wait_for(|closed| *closed) => None,
+            }
+        };
+        let taken = match options.get_timeout() {
+            Some(timeout) => tokio::time::timeout(timeout, wait).await.map_err(|_| {
+                self.store.forget_lock_if_unused(&stored_name);
+                Error::LockTimeout {
+                    lock: name.to_owned(),
+                    timeout,
+                }
+            })?,
+            None => wait.await,
+        };
+        let Some(guard) = taken else {
+            self.store.forget_lock_if_unused(&stored_name);
+            return Err(Error::Closed);
+        };
+        let release = MemLockRelease::register(
+            name,
+            &self.guards,
+            Arc::clone(&self.store),
+            self.store.next_id(),
+            stored_name,
+            guard,
+            options.get_max_hold(),
+        );
+        // A close that raced with this call may have missed the new guard.
+        let release = release?;
+        // A close that raced with this call may have missed the new guard.
+        if self.closed.load(Ordering::Acquire) {
+            release.release_now();
+            return Err(Error::Closed);
+        }
+        Ok(LockGuard::from_backend(name, Box::new(release)))
     }
 
     fn watch_target(&self, target: Target) -> Result<WatchStream> {
@@ -368,6 +421,14 @@ impl Kvi for MemKvs {
 
     async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
         self.watch_target(Target::Prefix(self.prefix.apply(prefix)))
+    }
+
+    async fn lock(&self, name: &str) -> Result<LockGuard> {
+        self.lock_named(name, LockOptions::new()).await
+    }
+
+    async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
+        self.lock_named(name, options).await
     }
 }
 

@@ -136,6 +136,18 @@ impl Store {
         Arc::clone(locks.entry(name.to_owned()).or_default())
     }
 
+    /// Drops the mutex of the lock `name` if nobody holds, waits for or keeps it, so that
+    /// many short-lived lock names do not pile up.
+    pub(crate) fn forget_lock_if_unused(&self, name: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        if locks
+            .get(name)
+            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
+        {
+            locks.remove(name);
+        }
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<String> {
         self.read().values.get(key).map(|entry| entry.value.clone())
     }

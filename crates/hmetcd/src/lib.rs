@@ -31,8 +31,9 @@
 pub use hmetcd_core::keys;
 pub use hmetcd_core::watch;
 pub use hmetcd_core::{
-    BoxError, CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, Options, Password,
-    Result, Scheme, WatchCallback, WatchEvent, WatchHandle, WatchStream, DEFAULT_LOCK_NAME,
+    BoxError, CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LockGuard,
+    LockOptions, LockRelease, Options, Password, Result, Scheme, WatchCallback, WatchEvent,
+    WatchHandle, WatchStream, DEFAULT_LOCK_NAME,
 };
 
 /// The etcd backend (cargo feature `etcd`).
