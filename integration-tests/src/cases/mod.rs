@@ -5,6 +5,7 @@ pub mod go_data;
 pub mod keys;
 pub mod lifetime;
 pub mod lock;
+pub mod named_locks;
 pub mod options;
 pub mod ranges;
 pub mod streams;
@@ -74,6 +75,20 @@ pub fn all() -> Vec<Case> {
         case!(lock::drop_releases_within_the_bound),
         case!(lock::different_lock_names_do_not_exclude),
         case!(lock::lock_protects_a_counter),
+        case!(named_locks::guards_exclude_across_handles),
+        case!(named_locks::guards_exclude_among_tasks_of_one_handle),
+        case!(named_locks::dropping_a_guard_releases_it),
+        case!(named_locks::unlock_releases_and_reports_ok),
+        case!(named_locks::guard_waiters_are_served_first_come_first_served),
+        case!(named_locks::timed_guard_gives_up_without_a_trace),
+        case!(named_locks::max_hold_releases_to_a_waiter),
+        case!(named_locks::unlock_before_max_hold_stops_the_timer),
+        case!(named_locks::close_releases_every_guard),
+        case!(named_locks::dropping_the_handle_releases_its_guards),
+        case!(named_locks::lock_name_guard_is_the_handles_lock),
+        case!(named_locks::distinct_names_do_not_exclude),
+        case!(named_locks::empty_name_is_invalid),
+        case!(named_locks::guard_protects_a_counter),
         case!(watch::watch_returns_the_next_put),
         case!(watch::watch_returns_a_delete),
         case!(watch::watch_sees_only_its_key),

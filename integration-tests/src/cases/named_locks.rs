@@ -1,0 +1,475 @@
+//! Named locks with a guard: the same rules as the handle's lock, per name, and not
+//! re-entrant; a guard releases on drop, on `unlock`, after `max_hold`, or with `close()`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmetcd_core::{Error, Kvi, LockGuard, LockOptions};
+use tokio::time::Instant;
+
+use super::{within, MARGIN, PROMPTLY};
+use crate::TestStore;
+
+/// How long a "the lock is taken" probe waits before giving up.
+const PROBE: Duration = Duration::from_millis(300);
+
+/// The name most cases lock (under the case's own prefix).
+const NAME: &str = "jobs/nightly";
+
+async fn take(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
+    let what = format!("{who} taking the free lock {name:?}");
+    let guard = within(PROMPTLY, &what, kv.lock(name))
+        .await
+        .unwrap_or_else(|err| panic!("{what}: {err}"));
+    assert!(guard.is_held(), "{what}: the new guard is not held");
+    assert_eq!(guard.name(), name);
+    guard
+}
+
+/// Asserts that `kv` cannot take `name` now: its timed attempt ends in `LockTimeout`.
+async fn assert_taken(kv: &dyn Kvi, name: &str, who: &str) {
+    let what = format!("{who}'s timed lock of {name:?}");
+    let attempt = kv.lock_with(name, LockOptions::new().timeout(PROBE));
+    match within(PROBE + MARGIN, &what, attempt).await {
+        Err(Error::LockTimeout { .. }) => {}
+        other => panic!("{who} should find {name:?} taken, got {other:?}"),
+    }
+}
+
+/// Asserts that `kv` gets `name` promptly, and hands back the guard.
+async fn assert_free(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
+    let what = format!("{who}'s timed lock of {name:?}");
+    let attempt = kv.lock_with(name, LockOptions::new().timeout(PROMPTLY));
+    within(PROMPTLY + MARGIN, &what, attempt)
+        .await
+        .unwrap_or_else(|err| panic!("{who} should get {name:?} at once: {err}"))
+}
+
+/// Starts a task that waits for `name` on `kv` and reports when it got it.
+fn queue(
+    kv: &Arc<dyn Kvi>,
+    name: &'static str,
+) -> tokio::task::JoinHandle<hmetcd_core::Result<(LockGuard, Instant)>> {
+    let kv = Arc::clone(kv);
+    tokio::spawn(async move {
+        let options = LockOptions::new().timeout(Duration::from_secs(30));
+        let guard = kv.lock_with(name, options).await?;
+        Ok((guard, Instant::now()))
+    })
+}
+
+/// Two handles' guards for one name exclude each other.
+pub async fn guards_exclude_across_handles(store: TestStore) {
+    let a = store.open().await;
+    let b = store.open().await;
+    let guard = take(a.as_ref(), NAME, "a").await;
+    assert_taken(b.as_ref(), NAME, "b while a holds").await;
+    guard.unlock().await.unwrap();
+    let guard = assert_free(b.as_ref(), NAME, "b after a unlocked").await;
+    assert_taken(a.as_ref(), NAME, "a while b holds").await;
+    guard.unlock().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Guards are not re-entrant: a second guard on the same handle waits for the first, and a
+/// task waiting for it gets it once the first is released.
+pub async fn guards_exclude_among_tasks_of_one_handle(store: TestStore) {
+    let kv: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let first = take(kv.as_ref(), NAME, "the first task").await;
+    assert_taken(kv.as_ref(), NAME, "a second task of the same handle").await;
+    let second = queue(&kv, NAME);
+    tokio::time::sleep(PROBE).await;
+    assert!(
+        !second.is_finished(),
+        "a second guard of one handle got a held lock"
+    );
+    assert!(first.is_held());
+    first.unlock().await.unwrap();
+    let (second, _) = within(MARGIN, "the second task after the first unlocked", second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.is_held());
+    assert_taken(kv.as_ref(), NAME, "a third task while the second holds").await;
+    drop(second);
+    kv.close().await.unwrap();
+}
+
+/// How a holder gives up its guard.
+#[derive(Debug, Clone, Copy)]
+enum Release {
+    Drop,
+    Unlock,
+}
+
+/// Checks that `release` hands a held guard's lock to a queued waiter at once.
+async fn assert_released_at_once(store: &TestStore, release: Release) {
+    let holder = store.open().await;
+    let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let guard = take(holder.as_ref(), NAME, "holder").await;
+    let acquired = queue(&waiter, NAME);
+    tokio::time::sleep(PROBE).await;
+    assert!(!acquired.is_finished(), "the waiter got a held lock");
+    let released = Instant::now();
+    match release {
+        Release::Drop => drop(guard),
+        Release::Unlock => {
+            assert!(guard.is_held());
+            guard.unlock().await.unwrap();
+        }
+    }
+    let what = format!("the waiter to get the lock after {release:?}");
+    let (got, acquired) = within(MARGIN, &what, acquired)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("waiter after {release:?}: {err}"));
+    assert!(
+        acquired - released < MARGIN,
+        "the waiter waited {:?}",
+        acquired - released
+    );
+    assert_taken(
+        holder.as_ref(),
+        NAME,
+        "the old holder while the waiter holds",
+    )
+    .await;
+    drop(got);
+    waiter.close().await.unwrap();
+    holder.close().await.unwrap();
+}
+
+/// Dropping a guard releases its lock at once.
+pub async fn dropping_a_guard_releases_it(store: TestStore) {
+    assert_released_at_once(&store, Release::Drop).await;
+}
+
+/// `unlock()` releases the lock at once and reports `Ok`.
+pub async fn unlock_releases_and_reports_ok(store: TestStore) {
+    assert_released_at_once(&store, Release::Unlock).await;
+}
+
+/// Waiters for a name get it in the order they asked for it.
+pub async fn guard_waiters_are_served_first_come_first_served(store: TestStore) {
+    let holder = store.open().await;
+    let guard = take(holder.as_ref(), NAME, "holder").await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for id in 1..=3 {
+        let kv = store.open().await;
+        let order = Arc::clone(&order);
+        waiters.push(tokio::spawn(async move {
+            let what = format!("waiter {id}");
+            let guard = within(Duration::from_secs(30), &what, kv.lock(NAME))
+                .await
+                .unwrap();
+            order.lock().unwrap().push(id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            guard.unlock().await.unwrap();
+            kv.close().await.unwrap();
+        }));
+        // Lets this waiter queue before the next one asks.
+        tokio::time::sleep(PROBE).await;
+    }
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "a waiter got the held lock"
+    );
+    guard.unlock().await.unwrap();
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), [1, 2, 3]);
+    holder.close().await.unwrap();
+}
+
+/// A timed attempt gives up after its timeout with a `LockTimeout` naming the lock and the
+/// timeout, and leaves no trace: it delays no later waiter and never takes the lock later.
+pub async fn timed_guard_gives_up_without_a_trace(store: TestStore) {
+    let holder = store.open().await;
+    let quitter = store.open().await;
+    let later = store.open().await;
+    let guard = take(holder.as_ref(), NAME, "holder").await;
+    let timeout = Duration::from_millis(700);
+    let started = Instant::now();
+    let attempt = quitter.lock_with(NAME, LockOptions::new().timeout(timeout));
+    let attempt = within(timeout + MARGIN, "the timed lock", attempt).await;
+    let waited = started.elapsed();
+    match attempt {
+        Err(Error::LockTimeout {
+            lock,
+            timeout: reported,
+        }) => {
+            assert_eq!(lock, NAME);
+            assert_eq!(reported, timeout);
+        }
+        other => panic!("expected LockTimeout, got {other:?}"),
+    }
+    assert!(
+        waited >= timeout,
+        "gave up after {waited:?}, before the timeout {timeout:?}"
+    );
+    for _ in 0..2 {
+        assert_taken(quitter.as_ref(), NAME, "quitter while the holder holds").await;
+    }
+    guard.unlock().await.unwrap();
+    let guard = assert_free(
+        later.as_ref(),
+        NAME,
+        "a later handle after the holder unlocked",
+    )
+    .await;
+    assert_taken(
+        quitter.as_ref(),
+        NAME,
+        "quitter while the later handle holds",
+    )
+    .await;
+    guard.unlock().await.unwrap();
+    let guard = assert_free(quitter.as_ref(), NAME, "quitter once the lock is free").await;
+    guard.unlock().await.unwrap();
+    for kv in [holder, quitter, later] {
+        kv.close().await.unwrap();
+    }
+}
+
+/// After `max_hold` the lock is released to a waiter, the guard says it is no longer held,
+/// and its `unlock()` is `Ok`.
+pub async fn max_hold_releases_to_a_waiter(store: TestStore) {
+    let max_hold = Duration::from_millis(1500);
+    let holder = store.open().await;
+    let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let options = LockOptions::new().max_hold(max_hold);
+    let guard = within(PROMPTLY, "holder's lock", holder.lock_with(NAME, options))
+        .await
+        .unwrap();
+    let held_since = Instant::now();
+    assert!(guard.is_held());
+    let acquired = queue(&waiter, NAME);
+    let got = within(max_hold + PROMPTLY, "the waiter after max_hold", acquired)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("the waiter after max_hold: {err}"));
+    let waited = got.1 - held_since;
+    assert!(
+        waited >= max_hold - Duration::from_millis(100),
+        "the waiter got the lock {waited:?} after the holder, before max_hold {max_hold:?}"
+    );
+    assert!(!guard.is_held(), "the guard is held after max_hold");
+    guard.unlock().await.unwrap();
+    assert!(
+        got.0.is_held(),
+        "unlocking an expired guard released the next holder"
+    );
+    assert_taken(
+        holder.as_ref(),
+        NAME,
+        "the old holder while the waiter holds",
+    )
+    .await;
+    drop(got);
+    holder.close().await.unwrap();
+    waiter.close().await.unwrap();
+}
+
+/// Unlocking before `max_hold` stops its timer: it never releases a later holder of the
+/// name, not even one on the same handle.
+pub async fn unlock_before_max_hold_stops_the_timer(store: TestStore) {
+    let max_hold = Duration::from_millis(500);
+    let kv = store.open().await;
+    let other = store.open().await;
+    let options = LockOptions::new().max_hold(max_hold);
+    let first = within(PROMPTLY, "the first lock", kv.lock_with(NAME, options))
+        .await
+        .unwrap();
+    first.unlock().await.unwrap();
+    let dropped = within(PROMPTLY, "the second lock", kv.lock_with(NAME, options))
+        .await
+        .unwrap();
+    drop(dropped);
+    let later = take(kv.as_ref(), NAME, "a later guard of the same handle").await;
+    tokio::time::sleep(max_hold * 2).await;
+    assert!(
+        later.is_held(),
+        "an earlier guard's max_hold released a later guard"
+    );
+    assert_taken(
+        other.as_ref(),
+        NAME,
+        "another handle after the earlier max_hold",
+    )
+    .await;
+    later.unlock().await.unwrap();
+    kv.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+/// `close()` releases every guard of the handle at once; later `lock` calls are `Closed`.
+pub async fn close_releases_every_guard(store: TestStore) {
+    let kv = store.open().await;
+    let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let first = take(kv.as_ref(), "first", "holder").await;
+    let second = take(kv.as_ref(), "second", "holder").await;
+    let acquired = queue(&waiter, "first");
+    tokio::time::sleep(PROBE).await;
+    assert!(!acquired.is_finished(), "the waiter got a held lock");
+    let closed = Instant::now();
+    kv.close().await.unwrap();
+    assert!(
+        !first.is_held() && !second.is_held(),
+        "guards held after close"
+    );
+    let (got, acquired) = within(MARGIN, "the waiter after close", acquired)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        acquired - closed < MARGIN,
+        "the waiter waited {:?}",
+        acquired - closed
+    );
+    drop(
+        assert_free(
+            waiter.as_ref(),
+            "second",
+            "another name of the closed handle",
+        )
+        .await,
+    );
+    first.unlock().await.unwrap();
+    second.unlock().await.unwrap();
+    for attempt in [
+        kv.lock("third").await,
+        kv.lock_with("third", LockOptions::new().timeout(PROBE))
+            .await,
+    ] {
+        assert!(matches!(attempt, Err(Error::Closed)), "{attempt:?}");
+    }
+    drop(got);
+    waiter.close().await.unwrap();
+}
+
+/// A dropped handle's guards are released within the backend's bound (at once in memory,
+/// about `lease_ttl` on etcd) and no longer say they are held.
+pub async fn dropping_the_handle_releases_its_guards(store: TestStore) {
+    let lease_ttl = Duration::from_secs(2);
+    let holder = store.open_with("lease_ttl=2s").await.unwrap();
+    let waiter = store.open().await;
+    let guard = take(holder.as_ref(), NAME, "holder").await;
+    assert_taken(waiter.as_ref(), NAME, "waiter before the drop").await;
+    drop(holder);
+    assert!(!guard.is_held(), "a guard of a dropped handle is held");
+    let bound = store.drop_release_bound(lease_ttl) + MARGIN;
+    let attempt = waiter.lock_with(NAME, LockOptions::new().timeout(bound));
+    let got = within(bound + MARGIN, "the lock of a dropped handle", attempt)
+        .await
+        .unwrap_or_else(|err| panic!("the lock of a dropped handle was not released: {err}"));
+    drop(guard);
+    drop(got);
+    waiter.close().await.unwrap();
+}
+
+/// The named lock `lock_name` is the handle's lock: a guard for it and `dist_lock` exclude
+/// each other, on one handle and across handles.
+pub async fn lock_name_guard_is_the_handles_lock(store: TestStore) {
+    let name = store.lock_name().to_owned();
+    let a = store.open().await;
+    let b = store.open().await;
+    a.dist_lock().await.unwrap();
+    assert_taken(a.as_ref(), &name, "a guard of the handle holding dist_lock").await;
+    assert_taken(b.as_ref(), &name, "a guard of another handle").await;
+    a.dist_unlock().await.unwrap();
+    let guard = assert_free(b.as_ref(), &name, "b once a unlocked").await;
+    for (kv, who) in [(&a, "a"), (&b, "b, the guard's own handle")] {
+        match kv.dist_timed_lock(PROBE).await {
+            Err(Error::LockTimeout { .. }) => {}
+            other => panic!("{who}'s dist_lock while a guard holds lock_name: {other:?}"),
+        }
+    }
+    guard.unlock().await.unwrap();
+    within(
+        PROMPTLY,
+        "b's dist_lock once the guard is gone",
+        b.dist_lock(),
+    )
+    .await
+    .unwrap();
+    b.dist_unlock().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Different names do not exclude each other, nor a name and the handle's lock.
+pub async fn distinct_names_do_not_exclude(store: TestStore) {
+    let a = store.open().await;
+    let b = store.open().await;
+    let x = take(a.as_ref(), "x", "a").await;
+    let y = assert_free(b.as_ref(), "y", "b on another name").await;
+    let y2 = assert_free(a.as_ref(), "y2", "a on a second name").await;
+    within(PROMPTLY, "dist_lock beside named guards", b.dist_lock())
+        .await
+        .unwrap();
+    assert_taken(b.as_ref(), "x", "b on a's name").await;
+    assert!(x.is_held() && y.is_held() && y2.is_held());
+    b.dist_unlock().await.unwrap();
+    drop((x, y, y2));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// An empty name is `InvalidKey` naming the argument, for both calls.
+pub async fn empty_name_is_invalid(store: TestStore) {
+    let kv = store.open().await;
+    for attempt in [
+        kv.lock("").await,
+        kv.lock_with("", LockOptions::new().timeout(PROBE)).await,
+    ] {
+        match attempt {
+            Err(Error::InvalidKey { argument, .. }) => assert_eq!(argument, "name"),
+            other => panic!("expected InvalidKey, got {other:?}"),
+        }
+    }
+    kv.close().await.unwrap();
+}
+
+const COUNTER_HANDLES: usize = 4;
+const TASKS_PER_HANDLE: usize = 2;
+const COUNTER_ROUNDS: usize = 15;
+
+/// A guard serialises read-modify-write cycles of many tasks on several handles: no
+/// increment is lost.
+pub async fn guard_protects_a_counter(store: TestStore) {
+    let first = store.open().await;
+    first.store("counter", "0").await.unwrap();
+    let mut handles: Vec<Arc<dyn Kvi>> = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..COUNTER_HANDLES {
+        let kv: Arc<dyn Kvi> = Arc::from(store.open().await);
+        handles.push(Arc::clone(&kv));
+        for _ in 0..TASKS_PER_HANDLE {
+            let kv = Arc::clone(&kv);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..COUNTER_ROUNDS {
+                    let guard = kv.lock("counter-lock").await.unwrap();
+                    let count: usize = kv.get("counter").await.unwrap().unwrap().parse().unwrap();
+                    tokio::task::yield_now().await;
+                    kv.store("counter", &(count + 1).to_string()).await.unwrap();
+                    guard.unlock().await.unwrap();
+                }
+            }));
+        }
+    }
+    within(Duration::from_secs(60), "the locked increments", async {
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await;
+    let expected = (COUNTER_HANDLES * TASKS_PER_HANDLE * COUNTER_ROUNDS).to_string();
+    assert_eq!(first.get("counter").await.unwrap(), Some(expected));
+    for kv in handles {
+        kv.close().await.unwrap();
+    }
+    first.close().await.unwrap();
+}
