@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 use futures::StreamExt;
-use hmetcd_core::{CompareOp, Error, KeyChange, KeyValue, Kvi, WatchEvent};
+use hmetcd_core::{CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
 use support::EtcdServer;
 
@@ -768,6 +768,139 @@ async fn go_mutex_and_this_library_exclude_each_other() {
     kv.dist_unlock().await.unwrap();
     exits_successfully(&mut go).await;
     kv.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_mutex_and_named_guards_exclude_each_other() {
+    use std::process::{Command, Stdio};
+
+    const NAME: &str = "jobs/nightly";
+    let server = EtcdServer::start().await;
+    let etcdctl = server.etcdctl();
+    let go_lock = |command: &[&str]| {
+        Command::new(&etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", server.endpoint()))
+            .args(["lock", NAME])
+            .args(command)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let kv = open(&server, "").await;
+
+    // Go's concurrency.Mutex (etcdctl lock) holds the named lock for three seconds.
+    let mut go = go_lock(&["sleep", "3"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_keys(&server, "jobs/nightly/").await.is_empty() {
+        assert!(Instant::now() < deadline, "etcdctl did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let go_took_it = Instant::now();
+    let err = kv
+        .lock_with(NAME, LockOptions::new().timeout(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::LockTimeout { lock, .. } if lock == NAME),
+        "{err}"
+    );
+    let guard = tokio::time::timeout(Duration::from_secs(10), kv.lock(NAME))
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = go_took_it.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "took the lock {waited:?} after Go did, while Go held it for 3 s"
+    );
+    exits_successfully(&mut go).await;
+    let keys = raw_keys(&server, "jobs/nightly/").await;
+    assert_eq!(keys.len(), 1);
+    assert!(
+        keys[0].starts_with("jobs/nightly/") && keys[0].len() > "jobs/nightly/".len(),
+        "lock key layout differs from Go's: {keys:?}"
+    );
+
+    // A guard holds it: Go waits until the guard is unlocked, and until a guard is dropped.
+    let guard_waits_go = |guard: LockGuard| async {
+        let mut go = go_lock(&["true"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            go.try_wait().unwrap().is_none(),
+            "Go took the lock while a guard held it"
+        );
+        (go, guard)
+    };
+    let (mut go, guard) = guard_waits_go(guard).await;
+    guard.unlock().await.unwrap();
+    exits_successfully(&mut go).await;
+    let (mut go, guard) = guard_waits_go(kv.lock(NAME).await.unwrap()).await;
+    drop(guard);
+    exits_successfully(&mut go).await;
+    kv.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_guard_attempts_leave_no_waiter_key() {
+    const NAME: &str = "jobs/nightly";
+    const KEYS: &str = "jobs/nightly/";
+    let server = EtcdServer::start().await;
+    let holder = open(&server, "").await;
+    let other = Arc::new(open(&server, "").await);
+    let guard = holder.lock(NAME).await.unwrap();
+    assert_eq!(raw_keys(&server, KEYS).await.len(), 1);
+
+    // Timed out, on another handle and on the holder's own handle (which queues locally).
+    let short = LockOptions::new().timeout(Duration::from_millis(300));
+    for kv in [&*other, &holder] {
+        let err = kv.lock_with(NAME, short).await.unwrap_err();
+        assert!(matches!(err, Error::LockTimeout { .. }), "{err}");
+        assert_eq!(
+            raw_keys(&server, KEYS).await.len(),
+            1,
+            "a timed-out guard attempt left its waiter key"
+        );
+    }
+
+    // Abandoned: the waiting future is dropped while its key is queued.
+    let waiting = Arc::clone(&other);
+    let attempt = tokio::spawn(async move { waiting.lock(NAME).await.map(drop) });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_keys(&server, KEYS).await.len() < 2 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    attempt.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_keys(&server, KEYS).await.len() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "an abandoned guard attempt left its waiter key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    guard.unlock().await.unwrap();
+    assert!(
+        raw_keys(&server, KEYS).await.is_empty(),
+        "unlock left the key"
+    );
+
+    // max_hold deletes the key too.
+    let held = LockOptions::new().max_hold(Duration::from_millis(300));
+    let guard = other.lock_with(NAME, held).await.unwrap();
+    assert_eq!(raw_keys(&server, KEYS).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!guard.is_held());
+    assert!(
+        raw_keys(&server, KEYS).await.is_empty(),
+        "max_hold left the key"
+    );
+    drop(guard);
+    holder.close().await.unwrap();
+    other.close().await.unwrap();
 }
 
 /// Waits up to five seconds for `etcdctl lock` to take the lock, run its command, release
