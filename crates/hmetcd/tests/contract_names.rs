@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hmetcd::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, Result, WatchCallback, WatchEvent, WatchHandle,
-    WatchStream,
+    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Result, WatchCallback,
+    WatchEvent, WatchHandle, WatchStream,
 };
 
 fn error_names(err: &Error) -> &'static str {
@@ -77,8 +77,33 @@ async fn every_method(kv: &dyn Kvi) -> Result<()> {
     });
     stored?;
     assert!(matches!(event?, WatchEvent::Delete { ref key, .. } if key == "w"));
+    let guard: LockGuard = kv.lock("jobs").await?;
+    assert_eq!(guard.name(), "jobs");
+    assert!(guard.is_held());
+    guard.unlock().await?;
+    let options: LockOptions = LockOptions::new()
+        .timeout(Duration::from_secs(1))
+        .max_hold(Duration::from_secs(60));
+    assert_eq!(options.get_timeout(), Some(Duration::from_secs(1)));
+    assert_eq!(options.get_max_hold(), Some(Duration::from_secs(60)));
+    let guard = kv.lock_with("jobs", options).await?;
+    let err = kv
+        .lock_with("jobs", LockOptions::new().timeout(Duration::from_millis(10)))
+        .await
+        .err();
+    assert_eq!(err.as_ref().map(error_names), Some("LockTimeout"));
+    assert!(format!("{guard:?}").contains("jobs"));
+    drop(guard);
+    drop(kv.lock("jobs").await?);
+    let err = kv.lock("").await.err();
+    assert_eq!(err.as_ref().map(error_names), Some("InvalidKey"));
+    let kept = kv.lock("kept").await?;
     kv.close().await?;
+    assert!(!kept.is_held());
+    kept.unlock().await?;
     let err = kv.get("k").await.err();
+    assert_eq!(err.as_ref().map(error_names), Some("Closed"));
+    let err = kv.lock("jobs").await.err();
     assert_eq!(err.as_ref().map(error_names), Some("Closed"));
     Ok(())
 }
