@@ -88,7 +88,10 @@ async fn every_method(kv: &dyn Kvi) -> Result<()> {
     assert_eq!(options.get_max_hold(), Some(Duration::from_secs(60)));
     let guard = kv.lock_with("jobs", options).await?;
     let err = kv
-        .lock_with("jobs", LockOptions::new().timeout(Duration::from_millis(10)))
+        .lock_with(
+            "jobs",
+            LockOptions::new().timeout(Duration::from_millis(10)),
+        )
         .await
         .err();
     assert_eq!(err.as_ref().map(error_names), Some("LockTimeout"));
