@@ -9,6 +9,9 @@
 //!   as Go's `concurrency.Mutex` writes it), so Go services using the same lock name and this
 //!   library exclude each other. The `prefix` option applies to the lock name as well; with
 //!   no prefix the keys are exactly Go's.
+//! - Named locks (`lock`, `lock_with`) use the same layout under their own names; a handle's own
+//!   participants for one name (its guards, and `dist_lock` for `lock_name`) queue locally first,
+//!   since the handle has one lease and so one waiter key per name.
 //! - Watches are registered before `watch_stream`/`watch_prefix` return, deliver every event in
 //!   revision order, and resume after an etcd restart from the last delivered revision. All
 //!   watches of a handle share one etcd watch stream (a gRPC stream on the handle's connection,

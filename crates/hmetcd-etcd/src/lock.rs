@@ -8,7 +8,9 @@
 //!
 //! A handle has one lease and so one waiter key per name: its own participants (the handle's
 //! lock and every guard for that name) queue first on a fair local mutex per name, held for as
-//! long as the lock is. The handle's lock is the named lock `lock_name`.
+//! long as the lock is. The handle's lock is the named lock `lock_name`. So a participant takes
+//! its place in etcd's queue when it reaches the front of its handle's local queue: among
+//! participants of different handles, first come first served holds from that moment.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
