@@ -120,10 +120,7 @@ fn overhead(c: &mut Criterion) {
             let (mut client, key) = (raw.kv_client(), &raw_keys[i]);
             async move {
                 let txn = Txn::new()
-                    .when([
-                        Compare::version(key.as_str(), CompareOp::Greater, 0),
-                        Compare::value(key.as_str(), CompareOp::Equal, VALUE),
-                    ])
+                    .when([Compare::value(key.as_str(), CompareOp::Equal, VALUE)])
                     .and_then([TxnOp::put(key.as_str(), VALUE, None)]);
                 client.txn(txn).await.ok().map(|r| r.succeeded())
             }
@@ -155,10 +152,7 @@ fn overhead(c: &mut Criterion) {
             let other = &raw_keys[(i + 1) % keys.len()];
             async move {
                 let txn = Txn::new()
-                    .when([
-                        Compare::version(key.as_str(), CompareOp::Greater, 0),
-                        Compare::value(key.as_str(), CompareOp::Equal, VALUE),
-                    ])
+                    .when([Compare::value(key.as_str(), CompareOp::Equal, VALUE)])
                     .and_then([TxnOp::put(key.as_str(), VALUE, None)])
                     .or_else([TxnOp::put(other.as_str(), VALUE, None)]);
                 client.txn(txn).await.ok().map(|r| r.succeeded())

@@ -332,10 +332,11 @@ async fn raw_op(kv: &mut KvClient, lease: i64, op: Op, i: usize) -> Result<(), S
             Op::Store => drop(kv.put(stored, VALUE, None).await?),
             Op::Tas | Op::Transaction => {
                 let mut txn = Txn::new()
-                    .when([
-                        Compare::version(stored.as_str(), etcd_client::CompareOp::Greater, 0),
-                        Compare::value(stored.as_str(), etcd_client::CompareOp::Equal, VALUE),
-                    ])
+                    .when([Compare::value(
+                        stored.as_str(),
+                        etcd_client::CompareOp::Equal,
+                        VALUE,
+                    )])
                     .and_then([TxnOp::put(stored.as_str(), VALUE, None)]);
                 if op == Op::Transaction {
                     let other = format!("{PREFIX}{}", key(i + 1));

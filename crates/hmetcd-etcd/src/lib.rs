@@ -385,8 +385,11 @@ impl Kvi for EtcdKvs {
                 value: shared.text(key, pair.value())?,
             });
         }
-        // etcd already answers in key order; this keeps the promise if a server ever did not.
-        found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        // etcd answers in key order (we ask it to); this keeps the promise if a server ever
+        // did not, for the price of one pass over the answer.
+        if !found.is_sorted_by(|a, b| a.key <= b.key) {
+            found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        }
         Ok(found)
     }
 
@@ -421,13 +424,10 @@ impl Kvi for EtcdKvs {
         let stored = shared.prefix.apply(key);
         let (then_stored, else_stored) =
             (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
+        // etcd's value comparison on a missing key is false for every operator (there is no
+        // value to compare), which is the contract's rule: one comparison says it all.
         let txn = Txn::new()
-            .when([
-                // etcd's value comparison on a missing key is already false for every operator;
-                // asking for the key's existence as well says so in the request itself.
-                Compare::version(stored.as_str(), etcd_client::CompareOp::Greater, 0),
-                Compare::value(stored.as_str(), compare_op(op), value),
-            ])
+            .when([Compare::value(stored.as_str(), compare_op(op), value)])
             .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
             .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
         let mut kv = shared.client.kv_client();
@@ -448,11 +448,13 @@ impl Kvi for EtcdKvs {
         shared.ensure_open()?;
         check_key("key", key)?;
         let stored = shared.prefix.apply(key);
+        // A missing key fails the value comparison: test-and-set on it is false.
         let txn = Txn::new()
-            .when([
-                Compare::version(stored.as_str(), etcd_client::CompareOp::Greater, 0),
-                Compare::value(stored.as_str(), etcd_client::CompareOp::Equal, test_value),
-            ])
+            .when([Compare::value(
+                stored.as_str(),
+                etcd_client::CompareOp::Equal,
+                test_value,
+            )])
             .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
         let mut kv = shared.client.kv_client();
         let answer = shared
