@@ -2,7 +2,7 @@
 //! put back on the new lease.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ pub(crate) struct Session {
     view: Mutex<LeaseView>,
     /// Stored keys (prefix applied) of the handle's temp keys.
     temp_keys: Mutex<BTreeSet<String>>,
+    /// Whether `temp_keys` has any; every plain write asks, most handles have none.
+    has_temp_keys: AtomicBool,
 }
 
 /// The part of [`LeaseState`] that tells whether a lease generation is alive.
@@ -67,6 +69,7 @@ impl Session {
                 renewed_at: Instant::now(),
             }),
             temp_keys: Mutex::new(BTreeSet::new()),
+            has_temp_keys: AtomicBool::new(false),
         }
     }
 
@@ -99,9 +102,23 @@ impl Session {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Remembers a temp key (stored form), to be put back if the lease is ever lost.
+    fn remember_temp_key(&self, stored: &str) {
+        let mut keys = self.temp_keys();
+        keys.insert(stored.to_owned());
+        self.has_temp_keys.store(true, Ordering::Release);
+    }
+
     /// The key (stored form) is no longer bound to the lease: a plain write or a delete.
+    /// Without temp keys (the usual case) this takes no lock.
     pub(crate) fn forget_temp_key(&self, stored: &str) {
-        self.temp_keys().remove(stored);
+        if !self.has_temp_keys.load(Ordering::Acquire) {
+            return;
+        }
+        let mut keys = self.temp_keys();
+        if keys.remove(stored) && keys.is_empty() {
+            self.has_temp_keys.store(false, Ordering::Release);
+        }
     }
 
     /// Whether the lease of `generation` is alive as far as anyone can tell: etcd has not said
@@ -175,7 +192,7 @@ impl Shared {
     pub(crate) async fn put_temp_key(&self, key: &str) -> Result<()> {
         let stored = self.prefix.apply(key);
         // Remembered first, so that a lease renewal running meanwhile puts it back too.
-        self.session.temp_keys().insert(stored.clone());
+        self.session.remember_temp_key(&stored);
         let request = Request::new("put temp key", key);
         let mut attempt = 0;
         let outcome = loop {
@@ -211,6 +228,10 @@ pub(crate) async fn keep_alive(shared: Arc<Shared>) {
     let ttl = shared.session.ttl();
     // etcd's own clients renew at a third of the TTL.
     let interval = (ttl / 3).max(Duration::from_millis(100));
+    // The lease was granted by connect a moment ago: its first renewal is due in one interval,
+    // not now. Opening the keep-alive stream later keeps it out of `open()`'s way, and a
+    // short-lived handle never opens one.
+    tokio::time::sleep(interval).await;
     let mut backoff = Backoff::new();
     while !shared.is_closed() {
         let lease = match shared.live_lease().await {
