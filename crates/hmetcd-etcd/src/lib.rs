@@ -43,6 +43,7 @@ mod connect;
 mod error;
 mod lock;
 mod members;
+mod pool;
 mod retry;
 mod session;
 mod watch;
@@ -90,6 +91,8 @@ pub(crate) struct Shared {
     lock: lock::LockState,
     /// The handle's one etcd watch stream, shared by all its watchers.
     watches: watch::WatchHub,
+    /// Idle KV clients for requests to borrow.
+    kv_pool: pool::KvPool,
 }
 
 impl EtcdKvs {
@@ -169,6 +172,7 @@ impl EtcdKvs {
             shutdown,
             lock: lock::LockState::default(),
             watches: watch::WatchHub::new(),
+            kv_pool: pool::KvPool::new(),
         });
         let keep_alive = tokio::spawn(session::keep_alive(Arc::clone(&shared)));
         let mut background = vec![AbortOnDrop(keep_alive)];
@@ -241,6 +245,16 @@ impl Shared {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// A KV client for one request: an idle one if there is, else a new clone. Give it back
+    /// with [`Shared::give_back`] once the answer is in.
+    pub(crate) fn kv(&self) -> etcd_client::KvClient {
+        self.kv_pool.take(&self.client)
+    }
+
+    pub(crate) fn give_back(&self, kv: etcd_client::KvClient) {
+        self.kv_pool.give_back(kv);
     }
 
     /// Runs one etcd request, bounded by `request_timeout`, mapping its error.
@@ -319,10 +333,12 @@ impl Kvi for EtcdKvs {
         let stored = shared.prefix.apply(key);
         // A plain put detaches the key from the lease: it is no longer temporary.
         shared.session.forget_temp_key(&stored);
-        let mut kv = shared.client.kv_client();
-        shared
+        let mut kv = shared.kv();
+        let outcome = shared
             .request(Request::new("put", key), kv.put(stored, value, None))
-            .await?;
+            .await;
+        shared.give_back(kv);
+        outcome?;
         Ok(())
     }
 
@@ -336,13 +352,15 @@ impl Kvi for EtcdKvs {
         let shared = &self.shared;
         shared.ensure_open()?;
         check_key("key", key)?;
-        let mut kv = shared.client.kv_client();
+        let mut kv = shared.kv();
         let answer = shared
             .request(
                 Request::new("get", key),
                 kv.get(shared.prefix.apply(key), None),
             )
-            .await?;
+            .await;
+        shared.give_back(kv);
+        let answer = answer?;
         answer
             .kvs()
             .first()
@@ -368,13 +386,15 @@ impl Kvi for EtcdKvs {
         let options = GetOptions::new()
             .with_range(range_end)
             .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let mut kv = shared.client.kv_client();
+        let mut kv = shared.kv();
         let answer = shared
             .request(
                 Request::new("get range from", key_start),
                 kv.get(start, Some(options)),
             )
-            .await?;
+            .await;
+        shared.give_back(kv);
+        let answer = answer?;
         let mut found = Vec::with_capacity(answer.kvs().len());
         for pair in answer.kvs() {
             let Some(key) = shared.shown_key(pair.key())? else {
@@ -399,10 +419,12 @@ impl Kvi for EtcdKvs {
         check_key("key", key)?;
         let stored = shared.prefix.apply(key);
         shared.session.forget_temp_key(&stored);
-        let mut kv = shared.client.kv_client();
-        shared
+        let mut kv = shared.kv();
+        let outcome = shared
             .request(Request::new("delete", key), kv.delete(stored, None))
-            .await?;
+            .await;
+        shared.give_back(kv);
+        outcome?;
         Ok(())
     }
 
@@ -430,10 +452,12 @@ impl Kvi for EtcdKvs {
             .when([Compare::value(stored.as_str(), compare_op(op), value)])
             .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
             .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
-        let mut kv = shared.client.kv_client();
+        let mut kv = shared.kv();
         let answer = shared
             .request(Request::new("transaction on", key), kv.txn(txn))
-            .await?;
+            .await;
+        shared.give_back(kv);
+        let answer = answer?;
         let written = if answer.succeeded() {
             &then_stored
         } else {
@@ -456,10 +480,12 @@ impl Kvi for EtcdKvs {
                 test_value,
             )])
             .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
-        let mut kv = shared.client.kv_client();
+        let mut kv = shared.kv();
         let answer = shared
             .request(Request::new("test-and-set", key), kv.txn(txn))
-            .await?;
+            .await;
+        shared.give_back(kv);
+        let answer = answer?;
         if answer.succeeded() {
             shared.session.forget_temp_key(&stored);
         }

@@ -201,12 +201,13 @@ impl Shared {
                 Ok((lease, _)) => lease,
                 Err(err) => break Err(err),
             };
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             let options = PutOptions::new().with_lease(lease);
-            match self
+            let answer = self
                 .bounded(request, kv.put(stored.as_str(), TEMP_VALUE, Some(options)))
-                .await
-            {
+                .await;
+            self.give_back(kv);
+            match answer {
                 Ok(Ok(_)) => break Ok(()),
                 Ok(Err(err)) if is_lease_not_found(&err) && attempt < 2 => {
                     self.session.mark_lost(lease).await
