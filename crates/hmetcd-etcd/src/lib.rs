@@ -247,14 +247,29 @@ impl Shared {
         self.closed.load(Ordering::SeqCst)
     }
 
-    /// A KV client for one request: an idle one if there is, else a new clone. Give it back
-    /// with [`Shared::give_back`] once the answer is in.
-    pub(crate) fn kv(&self) -> etcd_client::KvClient {
-        self.kv_pool.take(&self.client)
+    /// Runs one KV request on a borrowed client (see [`pool`]), bounded and mapped like
+    /// [`Shared::request`].
+    pub(crate) async fn kv_request<T>(
+        &self,
+        request: Request<'_>,
+        call: impl AsyncFnOnce(&mut etcd_client::KvClient) -> Result<T, etcd_client::Error>,
+    ) -> Result<T> {
+        self.kv_bounded(request, call)
+            .await?
+            .map_err(|err| self.errors.map(request, err))
     }
 
-    pub(crate) fn give_back(&self, kv: etcd_client::KvClient) {
+    /// [`Shared::kv_request`] leaving etcd's own error unmapped, like [`Shared::bounded`].
+    pub(crate) async fn kv_bounded<T>(
+        &self,
+        request: Request<'_>,
+        call: impl AsyncFnOnce(&mut etcd_client::KvClient) -> Result<T, etcd_client::Error>,
+    ) -> Result<Result<T, etcd_client::Error>> {
+        let mut kv = self.kv_pool.take(&self.client);
+        let answer = self.bounded(request, call(&mut kv)).await;
+        // A timed-out request leaves the client fit for the next one; a cancelled one drops it.
         self.kv_pool.give_back(kv);
+        answer
     }
 
     /// Runs one etcd request, bounded by `request_timeout`, mapping its error.
@@ -333,12 +348,11 @@ impl Kvi for EtcdKvs {
         let stored = shared.prefix.apply(key);
         // A plain put detaches the key from the lease: it is no longer temporary.
         shared.session.forget_temp_key(&stored);
-        let mut kv = shared.kv();
-        let outcome = shared
-            .request(Request::new("put", key), kv.put(stored, value, None))
-            .await;
-        shared.give_back(kv);
-        outcome?;
+        shared
+            .kv_request(Request::new("put", key), async |kv| {
+                kv.put(stored, value, None).await
+            })
+            .await?;
         Ok(())
     }
 
@@ -352,15 +366,11 @@ impl Kvi for EtcdKvs {
         let shared = &self.shared;
         shared.ensure_open()?;
         check_key("key", key)?;
-        let mut kv = shared.kv();
         let answer = shared
-            .request(
-                Request::new("get", key),
-                kv.get(shared.prefix.apply(key), None),
-            )
-            .await;
-        shared.give_back(kv);
-        let answer = answer?;
+            .kv_request(Request::new("get", key), async |kv| {
+                kv.get(shared.prefix.apply(key), None).await
+            })
+            .await?;
         answer
             .kvs()
             .first()
@@ -386,15 +396,11 @@ impl Kvi for EtcdKvs {
         let options = GetOptions::new()
             .with_range(range_end)
             .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let mut kv = shared.kv();
         let answer = shared
-            .request(
-                Request::new("get range from", key_start),
-                kv.get(start, Some(options)),
-            )
-            .await;
-        shared.give_back(kv);
-        let answer = answer?;
+            .kv_request(Request::new("get range from", key_start), async |kv| {
+                kv.get(start, Some(options)).await
+            })
+            .await?;
         let mut found = Vec::with_capacity(answer.kvs().len());
         for pair in answer.kvs() {
             let Some(key) = shared.shown_key(pair.key())? else {
@@ -419,12 +425,11 @@ impl Kvi for EtcdKvs {
         check_key("key", key)?;
         let stored = shared.prefix.apply(key);
         shared.session.forget_temp_key(&stored);
-        let mut kv = shared.kv();
-        let outcome = shared
-            .request(Request::new("delete", key), kv.delete(stored, None))
-            .await;
-        shared.give_back(kv);
-        outcome?;
+        shared
+            .kv_request(Request::new("delete", key), async |kv| {
+                kv.delete(stored, None).await
+            })
+            .await?;
         Ok(())
     }
 
@@ -452,12 +457,11 @@ impl Kvi for EtcdKvs {
             .when([Compare::value(stored.as_str(), compare_op(op), value)])
             .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
             .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
-        let mut kv = shared.kv();
         let answer = shared
-            .request(Request::new("transaction on", key), kv.txn(txn))
-            .await;
-        shared.give_back(kv);
-        let answer = answer?;
+            .kv_request(Request::new("transaction on", key), async |kv| {
+                kv.txn(txn).await
+            })
+            .await?;
         let written = if answer.succeeded() {
             &then_stored
         } else {
@@ -480,12 +484,11 @@ impl Kvi for EtcdKvs {
                 test_value,
             )])
             .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
-        let mut kv = shared.kv();
         let answer = shared
-            .request(Request::new("test-and-set", key), kv.txn(txn))
-            .await;
-        shared.give_back(kv);
-        let answer = answer?;
+            .kv_request(Request::new("test-and-set", key), async |kv| {
+                kv.txn(txn).await
+            })
+            .await?;
         if answer.succeeded() {
             shared.session.forget_temp_key(&stored);
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use etcd_client::{KvClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use hmetcd_core::Result;
 
 use crate::error::{is_lease_not_found, Request};
@@ -201,13 +201,10 @@ impl Shared {
                 Ok((lease, _)) => lease,
                 Err(err) => break Err(err),
             };
-            let mut kv = self.kv();
             let options = PutOptions::new().with_lease(lease);
-            let answer = self
-                .bounded(request, kv.put(stored.as_str(), TEMP_VALUE, Some(options)))
-                .await;
-            self.give_back(kv);
-            match answer {
+            let put =
+                async |kv: &mut KvClient| kv.put(stored.as_str(), TEMP_VALUE, Some(options)).await;
+            match self.kv_bounded(request, put).await {
                 Ok(Ok(_)) => break Ok(()),
                 Ok(Err(err)) if is_lease_not_found(&err) && attempt < 2 => {
                     self.session.mark_lost(lease).await
