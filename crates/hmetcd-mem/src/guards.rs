@@ -1,5 +1,5 @@
-//! Named locks in memory: a guard holds the store's fair mutex for its name; the handle keeps
-//! track of its live guards so that `close()` and drop release them.
+//! Named locks in memory: a guard holds its participant's place at the front of the lock's
+//! queues; the handle keeps track of its live guards so that `close()` and drop release them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -7,27 +7,25 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hmetcd_core::{Error, LockRelease, Result};
-use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
 
-use crate::store::Store;
+use crate::participants::Held;
 
-/// The store's mutex while a guard holds it; empty once released.
-type Slot = Arc<Mutex<Option<OwnedMutexGuard<()>>>>;
+/// The lock while a guard holds it; empty once released.
+type Slot = Arc<Mutex<Option<Held>>>;
 
-/// The live guards of one handle, with the stored name of each one's lock.
+/// The live guards of one handle.
 #[derive(Default)]
 pub(crate) struct Guards {
-    live: Mutex<HashMap<u64, (String, Slot)>>,
+    live: Mutex<HashMap<u64, Slot>>,
 }
 
 impl Guards {
     /// Releases every guard at once (the handle is closed or dropped).
-    pub(crate) fn release_all(&self, store: &Store) {
+    pub(crate) fn release_all(&self) {
         let live = std::mem::take(&mut *self.live.lock().unwrap_or_else(PoisonError::into_inner));
-        for (_, (stored_name, slot)) in live {
+        for slot in live.into_values() {
             drop(take(&slot));
-            store.forget_lock_if_unused(&stored_name);
         }
     }
 
@@ -39,30 +37,27 @@ impl Guards {
     }
 }
 
-fn take(slot: &Slot) -> Option<OwnedMutexGuard<()>> {
+fn take(slot: &Slot) -> Option<Held> {
     slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
-/// One guard's hold on the store's mutex.
+/// One guard's hold on its lock.
 pub(crate) struct MemLockRelease {
     id: u64,
-    stored_name: String,
     slot: Slot,
     guards: Weak<Guards>,
-    store: Arc<Store>,
     expiry: Option<AbortHandle>,
 }
 
 impl MemLockRelease {
-    /// Registers `guard` with the handle's `guards` and, with `max_hold`, starts the timer
-    /// that releases it (on the current Tokio runtime; without one, `max_hold` is refused).
+    /// Registers `held` with the handle's `guards` and, with `max_hold`, starts the timer
+    /// that releases it (on the current Tokio runtime; without one, `max_hold` is refused and
+    /// the lock released).
     pub(crate) fn register(
         name: &str,
         guards: &Arc<Guards>,
-        store: Arc<Store>,
         id: u64,
-        stored_name: String,
-        guard: OwnedMutexGuard<()>,
+        held: Held,
         max_hold: Option<Duration>,
     ) -> Result<Self> {
         let runtime =
@@ -76,30 +71,28 @@ impl MemLockRelease {
                 })?),
                 None => None,
             };
-        let slot: Slot = Arc::new(Mutex::new(Some(guard)));
+        let slot: Slot = Arc::new(Mutex::new(Some(held)));
         guards
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, (stored_name.clone(), Arc::clone(&slot)));
+            .insert(id, Arc::clone(&slot));
         let expiry = max_hold.zip(runtime).map(|(max_hold, runtime)| {
             let slot = Arc::clone(&slot);
             let guards = Arc::downgrade(guards);
-            let store = Arc::clone(&store);
-            let stored_name = stored_name.clone();
-            runtime.spawn(async move {
-                tokio::time::sleep(max_hold).await;
-                tracing::debug!(lock = %stored_name, ?max_hold, "max_hold expired; releasing the lock");
-                release(id, &stored_name, &slot, &guards, &store);
-            })
-            .abort_handle()
+            let name = name.to_owned();
+            runtime
+                .spawn(async move {
+                    tokio::time::sleep(max_hold).await;
+                    tracing::debug!(lock = %name, ?max_hold, "max_hold expired; releasing the lock");
+                    release(id, &slot, &guards);
+                })
+                .abort_handle()
         });
         Ok(MemLockRelease {
             id,
-            stored_name,
             slot,
             guards: Arc::downgrade(guards),
-            store,
             expiry,
         })
     }
@@ -109,22 +102,15 @@ impl MemLockRelease {
         if let Some(expiry) = &self.expiry {
             expiry.abort();
         }
-        release(
-            self.id,
-            &self.stored_name,
-            &self.slot,
-            &self.guards,
-            &self.store,
-        );
+        release(self.id, &self.slot, &self.guards);
     }
 }
 
-fn release(id: u64, stored_name: &str, slot: &Slot, guards: &Weak<Guards>, store: &Store) {
+fn release(id: u64, slot: &Slot, guards: &Weak<Guards>) {
     drop(take(slot));
     if let Some(guards) = guards.upgrade() {
         guards.forget(id);
     }
-    store.forget_lock_if_unused(stored_name);
 }
 
 impl LockRelease for MemLockRelease {

@@ -3,7 +3,8 @@
 //!
 //! Every rule of the contract holds here exactly as on etcd: inclusive sorted ranges,
 //! atomic transactions with etcd's missing-key rule, a store-wide revision counter, a real
-//! first-come-first-served lock, temp keys that vanish with their handle, and watches that
+//! first-come-first-served lock whose participants write etcd's lock keys
+//! (`<lock_name>/<lease id in hex>`, seen by ranges and watches), temp keys that vanish with their handle, and watches that
 //! are pushed to watchers as writes happen (no polling).
 //!
 //! ```
@@ -29,6 +30,7 @@
 //! ```
 
 mod guards;
+mod participants;
 mod store;
 
 use std::collections::BTreeSet;
@@ -39,15 +41,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
+use guards::{Guards, MemLockRelease};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
     CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Options, Result,
     WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
-use tokio::sync::OwnedMutexGuard;
-
-use guards::{Guards, MemLockRelease};
+use participants::{Held, Participants};
 use store::{LeaseId, Store, Target};
 
 // Stores opened by name live as long as the process, as in the Go package: data outlives `close()`.
@@ -67,8 +68,12 @@ pub struct MemKvs {
     options: Options,
     prefix: KeyPrefix,
     lease: LeaseId,
-    lock: Arc<tokio::sync::Mutex<()>>,
-    held: Mutex<Option<OwnedMutexGuard<()>>>,
+    /// The handle's lock name as stored (under the prefix, as on etcd).
+    stored_lock_name: String,
+    /// The handle's lock participants (its lock and its guards) and their lock keys.
+    participants: Arc<Participants>,
+    /// The handle's lock, while held.
+    held: Mutex<Option<Held>>,
     acquiring: tokio::sync::Mutex<()>,
     closed: AtomicBool,
     closing: tokio::sync::watch::Sender<bool>,
@@ -132,15 +137,17 @@ impl MemKvs {
     fn on_store(store: Arc<Store>, store_name: Option<String>, options: Options) -> Self {
         let prefix = KeyPrefix::new(options.prefix.clone());
         // The lock lives under the prefix like every other key, as on etcd.
-        let lock = store.lock_mutex(&prefix.apply(&options.lock_name));
+        let stored_lock_name = prefix.apply(&options.lock_name);
         let lease = store.next_id();
+        let participants = Arc::new(Participants::new(Arc::clone(&store), lease));
         MemKvs {
             store,
             store_name,
             options,
             prefix,
             lease,
-            lock,
+            stored_lock_name,
+            participants,
             held: Mutex::new(None),
             acquiring: tokio::sync::Mutex::new(()),
             closed: AtomicBool::new(false),
@@ -182,9 +189,9 @@ impl MemKvs {
             if self.holds_lock() {
                 return;
             }
-            // tokio's mutex queues waiters first come, first served.
-            let guard = Arc::clone(&self.lock).lock_owned().await;
-            *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(guard);
+            // The handle's lock is the named lock `lock_name`, queued like every guard.
+            let held = self.participants.acquire(&self.stored_lock_name).await;
+            *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(held);
         };
         tokio::select! {
             () = acquire => {}
@@ -198,17 +205,17 @@ impl MemKvs {
     }
 
     fn release_lock(&self) {
-        self.held
+        let held = self
+            .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        drop(held);
     }
 
     /// Releases everything the handle holds in the store: locks, temp keys, watchers.
     fn release(&self) {
-        self.release_lock();
-        self.guards.release_all(&self.store);
-        let temp_keys: Vec<String> = std::mem::take(
+        let mut lease_keys: Vec<String> = std::mem::take(
             &mut *self
                 .temp_keys
                 .lock()
@@ -216,7 +223,11 @@ impl MemKvs {
         )
         .into_iter()
         .collect();
-        self.store.revoke(self.lease, &temp_keys);
+        lease_keys.extend(self.participants.keys());
+        // As when etcd revokes the lease: temp keys and lock keys go in one revision.
+        self.store.revoke(self.lease, &lease_keys);
+        self.release_lock();
+        self.guards.release_all();
         self.store.unwatch_owner(self.lease);
     }
 
@@ -225,39 +236,35 @@ impl MemKvs {
         check_key("name", name)?;
         // Under the prefix like every other key; `lock_name` itself is the handle's lock.
         let stored_name = self.prefix.apply(name);
-        let mutex = self.store.lock_mutex(&stored_name);
         let mut closing = self.closing.subscribe();
-        // tokio's mutex queues waiters first come, first served; dropping the wait leaves the queue.
+        // Dropping the wait leaves both queues and deletes the waiter's key: no trace is left.
         let wait = async {
             tokio::select! {
-                guard = mutex.lock_owned() => Some(guard),
+                held = self.participants.acquire(&stored_name) => Some(held),
                 _ = closing.wait_for(|closed| *closed) => None,
             }
         };
         let taken = match options.get_timeout() {
-            Some(timeout) => tokio::time::timeout(timeout, wait).await.map_err(|_| {
-                self.store.forget_lock_if_unused(&stored_name);
-                Error::LockTimeout {
-                    lock: name.to_owned(),
-                    timeout,
-                }
-            })?,
+            Some(timeout) => {
+                tokio::time::timeout(timeout, wait)
+                    .await
+                    .map_err(|_| Error::LockTimeout {
+                        lock: name.to_owned(),
+                        timeout,
+                    })?
+            }
             None => wait.await,
         };
-        let Some(guard) = taken else {
-            self.store.forget_lock_if_unused(&stored_name);
+        let Some(held) = taken else {
             return Err(Error::Closed);
         };
         let release = MemLockRelease::register(
             name,
             &self.guards,
-            Arc::clone(&self.store),
             self.store.next_id(),
-            stored_name,
-            guard,
+            held,
             options.get_max_hold(),
         );
-        // A close that raced with this call may have missed the new guard.
         let release = release?;
         // A close that raced with this call may have missed the new guard.
         if self.closed.load(Ordering::Acquire) {

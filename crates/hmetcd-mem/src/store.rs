@@ -5,10 +5,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use futures::Stream;
 use hashbrown::HashMap;
 use hmetcd_core::{CompareOp, KeyValue, Result, WatchEvent};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedMutexGuard};
 
 /// Identifies the handle (and so the lease) that owns a temp key.
 pub(crate) type LeaseId = u64;
@@ -17,6 +18,14 @@ pub(crate) type LeaseId = u64;
 struct Entry {
     value: String,
     lease: Option<LeaseId>,
+}
+
+/// A participant's place in the queue of a lock.
+pub(crate) enum Queued {
+    /// The lock was free: it is ours.
+    Acquired(OwnedMutexGuard<()>),
+    /// Queued; the future completes when the lock is ours, and dropping it leaves the queue.
+    Waiting(BoxFuture<'static, OwnedMutexGuard<()>>),
 }
 
 /// A store shared by every handle opened on it.
@@ -130,10 +139,24 @@ impl Store {
             + 1
     }
 
-    /// The mutex behind the lock named `name` (prefix included) on this store.
-    pub(crate) fn lock_mutex(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// Puts the participant's lock `key` (value `""`, bound to `lease`) and joins the queue of
+    /// the lock `name` in one step, so that the queue's order is the order of the keys'
+    /// revisions, as on etcd.
+    pub(crate) fn enqueue(&self, name: &str, key: &str, lease: LeaseId) -> Queued {
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(locks.entry(name.to_owned()).or_default())
+        let mutex = Arc::clone(locks.entry(name.to_owned()).or_default());
+        self.put(key, "", Some(lease));
+        // Unconstrained: a first poll must join tokio's fair queue, not yield to the scheduler.
+        let mut wait: BoxFuture<'static, OwnedMutexGuard<()>> =
+            Box::pin(tokio::task::unconstrained(mutex.lock_owned()));
+        let mut context = Context::from_waker(futures::task::noop_waker_ref());
+        let queued = match wait.as_mut().poll(&mut context) {
+            Poll::Ready(guard) => Queued::Acquired(guard),
+            // The waiter stays queued; the caller polls it again with its own waker.
+            Poll::Pending => Queued::Waiting(wait),
+        };
+        drop(locks);
+        queued
     }
 
     /// Drops the mutex of the lock `name` if nobody holds, waits for or keeps it, so that
@@ -177,6 +200,21 @@ impl Store {
     pub(crate) fn delete(&self, key: &str) {
         let mut state = self.write();
         if state.remove(key) {
+            state.revision += 1;
+            let revision = state.revision;
+            state.watchers.notify(key, None, revision);
+        }
+    }
+
+    /// Deletes `key` if it is still bound to `lease` (a lock key of that handle).
+    pub(crate) fn delete_leased(&self, key: &str, lease: LeaseId) {
+        let mut state = self.write();
+        if state
+            .values
+            .get(key)
+            .is_some_and(|entry| entry.lease == Some(lease))
+        {
+            state.remove(key);
             state.revision += 1;
             let revision = state.revision;
             state.watchers.notify(key, None, revision);
