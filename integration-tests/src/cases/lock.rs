@@ -6,7 +6,7 @@ use std::time::Duration;
 use hmetcd_core::{Error, Kvi};
 use tokio::time::Instant;
 
-use super::{within, MARGIN, PROMPTLY};
+use super::{lock_keys, wait_for_lock_keys, within, MARGIN, PROMPTLY};
 use crate::TestStore;
 
 /// How long a "the lock is taken" probe waits before giving up.
@@ -328,4 +328,110 @@ pub async fn lock_protects_a_counter(store: TestStore) {
     let expected = (COUNTER_HANDLES * COUNTER_ROUNDS).to_string();
     assert_eq!(first.get("counter").await.unwrap(), Some(expected));
     first.close().await.unwrap();
+}
+
+/// Starts a task that waits for the handle's lock on `kv` and reports when it got it.
+fn queue_dist_lock(kv: &Arc<dyn Kvi>) -> tokio::task::JoinHandle<hmetcd_core::Result<Instant>> {
+    let kv = Arc::clone(kv);
+    tokio::spawn(async move {
+        kv.dist_timed_lock(Duration::from_secs(30))
+            .await
+            .map(|()| Instant::now())
+    })
+}
+
+/// Every participant in the lock has a key `<lock_name>/<id>` with the value `""` (etcd's lock
+/// layout) from the moment it queues until it unlocks or gives up, seen by every handle
+/// under the same prefix.
+pub async fn lock_keys_come_and_go_with_participants(store: TestStore) {
+    let name = store.lock_name().to_owned();
+    let a = store.open().await;
+    let b: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let observer = store.open().await;
+    assert_eq!(
+        lock_keys(observer.as_ref(), &name).await,
+        Vec::<String>::new()
+    );
+    lock(a.as_ref(), "a").await;
+    let held_by_a = wait_for_lock_keys(observer.as_ref(), &name, 1, "a holds").await;
+    assert_lock_taken(b.as_ref(), "b, giving up").await;
+    assert_eq!(
+        lock_keys(observer.as_ref(), &name).await,
+        held_by_a,
+        "a timed attempt that gave up left a key"
+    );
+    let waiter = queue_dist_lock(&b);
+    let both = wait_for_lock_keys(observer.as_ref(), &name, 2, "a holds, b waits").await;
+    assert!(both.contains(&held_by_a[0]), "{both:?}");
+    assert!(!waiter.is_finished(), "b got a held lock");
+    a.dist_unlock().await.unwrap();
+    within(MARGIN, "b after a unlocked", waiter)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("b after a unlocked: {err}"));
+    let held_by_b = lock_keys(observer.as_ref(), &name).await;
+    assert_eq!(held_by_b.len(), 1, "b holds: {held_by_b:?}");
+    assert_ne!(held_by_b, held_by_a, "a's key outlived its unlock");
+    within(PROMPTLY, "b's relock", b.dist_lock()).await.unwrap();
+    assert_eq!(
+        lock_keys(observer.as_ref(), &name).await,
+        held_by_b,
+        "relocking a held lock put another key"
+    );
+    b.dist_unlock().await.unwrap();
+    assert_eq!(
+        lock_keys(observer.as_ref(), &name).await,
+        Vec::<String>::new()
+    );
+    lock(b.as_ref(), "b again").await;
+    wait_for_lock_keys(observer.as_ref(), &name, 1, "b holds again").await;
+    b.close().await.unwrap();
+    assert_eq!(
+        lock_keys(observer.as_ref(), &name).await,
+        Vec::<String>::new(),
+        "close() left the lock key"
+    );
+    a.close().await.unwrap();
+    observer.close().await.unwrap();
+}
+
+/// A handle's own participants for its lock queue in the handle first: while `a` holds the
+/// lock and a guard of `a` on `lock_name` waits, a later `dist_lock` of `b` is served
+/// before `a`'s guard (on etcd one handle has one lock key per name).
+pub async fn own_handle_queues_after_other_handles(store: TestStore) {
+    let name = store.lock_name().to_owned();
+    let a: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let b: Arc<dyn Kvi> = Arc::from(store.open().await);
+    lock(a.as_ref(), "a").await;
+    let a2 = {
+        let a = Arc::clone(&a);
+        let name = name.clone();
+        tokio::spawn(async move {
+            let options = hmetcd_core::LockOptions::new().timeout(Duration::from_secs(30));
+            a.lock_with(&name, options).await
+        })
+    };
+    tokio::time::sleep(PROBE).await;
+    let b_waits = queue_dist_lock(&b);
+    tokio::time::sleep(PROBE).await;
+    assert!(
+        !a2.is_finished() && !b_waits.is_finished(),
+        "a waiter got a held lock"
+    );
+    a.dist_unlock().await.unwrap();
+    within(MARGIN, "b, queued in the store before a's guard", b_waits)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("b after a unlocked: {err}"));
+    tokio::time::sleep(PROBE).await;
+    assert!(!a2.is_finished(), "a's guard got the lock b holds");
+    b.dist_unlock().await.unwrap();
+    let guard = within(MARGIN, "a's guard after b unlocked", a2)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("a's guard after b unlocked: {err}"));
+    assert!(guard.is_held());
+    drop(guard);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }

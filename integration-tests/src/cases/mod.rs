@@ -75,6 +75,8 @@ pub fn all() -> Vec<Case> {
         case!(lock::drop_releases_within_the_bound),
         case!(lock::different_lock_names_do_not_exclude),
         case!(lock::lock_protects_a_counter),
+        case!(lock::lock_keys_come_and_go_with_participants),
+        case!(lock::own_handle_queues_after_other_handles),
         case!(named_locks::guards_exclude_across_handles),
         case!(named_locks::guards_exclude_among_tasks_of_one_handle),
         case!(named_locks::dropping_a_guard_releases_it),
@@ -89,6 +91,9 @@ pub fn all() -> Vec<Case> {
         case!(named_locks::distinct_names_do_not_exclude),
         case!(named_locks::empty_name_is_invalid),
         case!(named_locks::guard_protects_a_counter),
+        case!(named_locks::guard_keys_come_and_go_with_participants),
+        case!(named_locks::watch_prefix_sees_guard_keys),
+        case!(named_locks::own_handle_guards_queue_after_other_handles),
         case!(watch::watch_returns_the_next_put),
         case!(watch::watch_returns_a_delete),
         case!(watch::watch_sees_only_its_key),
@@ -160,6 +165,43 @@ pub(crate) async fn all_keys(kv: &dyn Kvi) -> Vec<String> {
         .into_iter()
         .map(|pair| pair.key)
         .collect()
+}
+
+/// The lock keys `<name>/<id>` that `kv` sees for the lock `name`: each must have a
+/// non-empty id and the value `""`, as in etcd's lock layout. Sorted by key.
+pub(crate) async fn lock_keys(kv: &dyn Kvi, name: &str) -> Vec<String> {
+    let dir = format!("{name}/");
+    kv.get_range("", LAST_KEY)
+        .await
+        .unwrap_or_else(|err| panic!("get_range over every key: {err}"))
+        .into_iter()
+        .filter(|pair| pair.key.starts_with(&dir))
+        .map(|pair| {
+            let id = &pair.key[dir.len()..];
+            assert!(
+                !id.is_empty() && !id.contains('/'),
+                "lock key {:?} is not <name>/<id>",
+                pair.key
+            );
+            assert_eq!(pair.value, "", "the value of the lock key {:?}", pair.key);
+            pair.key
+        })
+        .collect()
+}
+
+/// Waits until `kv` sees `count` lock keys for `name`, and returns them.
+pub(crate) async fn wait_for_lock_keys(
+    kv: &dyn Kvi,
+    name: &str,
+    count: usize,
+    what: &str,
+) -> Vec<String> {
+    let what = format!("{what}: {count} lock key(s) under {name:?}");
+    eventually(PROMPTLY, &what, || async {
+        lock_keys(kv, name).await.len() == count
+    })
+    .await;
+    lock_keys(kv, name).await
 }
 
 /// The events a callback watcher was given, shared with the case.

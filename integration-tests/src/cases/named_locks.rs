@@ -7,7 +7,7 @@ use std::time::Duration;
 use hmetcd_core::{Error, Kvi, LockGuard, LockOptions};
 use tokio::time::Instant;
 
-use super::{within, MARGIN, PROMPTLY};
+use super::{lock_keys, next_event, put_of, wait_for_lock_keys, within, MARGIN, PROMPTLY};
 use crate::TestStore;
 
 /// How long a "the lock is taken" probe waits before giving up.
@@ -472,4 +472,113 @@ pub async fn guard_protects_a_counter(store: TestStore) {
         kv.close().await.unwrap();
     }
     first.close().await.unwrap();
+}
+
+/// Every guard's participant has a key `<name>/<id>` with the value `""` (etcd's lock
+/// layout) from the moment it queues until it is released or gives up.
+pub async fn guard_keys_come_and_go_with_participants(store: TestStore) {
+    let a = store.open().await;
+    let b: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let quitter = store.open().await;
+    let observer = store.open().await;
+    assert_eq!(
+        lock_keys(observer.as_ref(), NAME).await,
+        Vec::<String>::new()
+    );
+    let guard = take(a.as_ref(), NAME, "a").await;
+    let held_by_a = wait_for_lock_keys(observer.as_ref(), NAME, 1, "a holds").await;
+    assert_taken(quitter.as_ref(), NAME, "a quitter").await;
+    assert_eq!(
+        lock_keys(observer.as_ref(), NAME).await,
+        held_by_a,
+        "a timed attempt that gave up left a key"
+    );
+    let waiter = queue(&b, NAME);
+    let both = wait_for_lock_keys(observer.as_ref(), NAME, 2, "a holds, b waits").await;
+    assert!(both.contains(&held_by_a[0]), "{both:?}");
+    drop(guard);
+    let (got, _) = within(MARGIN, "b after a's guard was dropped", waiter)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("b after a's guard was dropped: {err}"));
+    let held_by_b = lock_keys(observer.as_ref(), NAME).await;
+    assert_eq!(held_by_b.len(), 1, "b holds: {held_by_b:?}");
+    assert_ne!(held_by_b, held_by_a, "a's key outlived its guard");
+    got.unlock().await.unwrap();
+    assert_eq!(
+        lock_keys(observer.as_ref(), NAME).await,
+        Vec::<String>::new()
+    );
+    let guard = take(quitter.as_ref(), NAME, "the quitter, now").await;
+    wait_for_lock_keys(observer.as_ref(), NAME, 1, "the quitter holds").await;
+    quitter.close().await.unwrap();
+    assert_eq!(
+        lock_keys(observer.as_ref(), NAME).await,
+        Vec::<String>::new(),
+        "close() left the guard's key"
+    );
+    drop(guard);
+    for kv in [a, observer] {
+        kv.close().await.unwrap();
+    }
+    b.close().await.unwrap();
+}
+
+/// `watch_prefix("<name>/")` sees a guard's key put when the lock is taken and deleted when
+/// the guard is dropped.
+pub async fn watch_prefix_sees_guard_keys(store: TestStore) {
+    let kv = store.open().await;
+    let observer = store.open().await;
+    let dir = format!("{NAME}/");
+    let mut events = observer.watch_prefix(&dir).await.unwrap();
+    let guard = take(kv.as_ref(), NAME, "the holder").await;
+    let put = next_event(&mut events, PROMPTLY, "the guard's key being put").await;
+    let (key, value) = put_of(&put);
+    assert!(
+        key.starts_with(&dir) && key.len() > dir.len(),
+        "lock key {key:?}"
+    );
+    assert_eq!(value, "");
+    let key = key.to_owned();
+    drop(guard);
+    match next_event(&mut events, PROMPTLY, "the guard's key being deleted").await {
+        hmetcd_core::WatchEvent::Delete { key: deleted, .. } => assert_eq!(deleted, key),
+        other => panic!("expected the Delete of {key:?}, got {other:?}"),
+    }
+    drop(events);
+    kv.close().await.unwrap();
+    observer.close().await.unwrap();
+}
+
+/// A handle's own guards for a name queue in the handle first: while `a` holds, a second
+/// guard of `a` waits, then `b` asks; when `a` releases, `b` gets the lock before `a`'s
+/// second guard (on etcd one handle has one lock key per name).
+pub async fn own_handle_guards_queue_after_other_handles(store: TestStore) {
+    let a: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let b: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let first = take(a.as_ref(), NAME, "a").await;
+    let a2 = queue(&a, NAME);
+    tokio::time::sleep(PROBE).await;
+    let b_waits = queue(&b, NAME);
+    tokio::time::sleep(PROBE).await;
+    assert!(
+        !a2.is_finished() && !b_waits.is_finished(),
+        "a waiter got a held lock"
+    );
+    drop(first);
+    let (got, _) = within(MARGIN, "b, queued in the store before a2", b_waits)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("b after a released: {err}"));
+    tokio::time::sleep(PROBE).await;
+    assert!(!a2.is_finished(), "a2 got the lock b holds");
+    got.unlock().await.unwrap();
+    let (second, _) = within(MARGIN, "a2 after b unlocked", a2)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("a2 after b unlocked: {err}"));
+    assert!(second.is_held());
+    drop(second);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }
