@@ -266,7 +266,9 @@ impl Shared {
         call: impl AsyncFnOnce(&mut etcd_client::KvClient) -> Result<T, etcd_client::Error>,
     ) -> Result<Result<T, etcd_client::Error>> {
         let mut kv = self.kv_pool.take(&self.client);
-        let answer = self.bounded(request, call(&mut kv)).await;
+        // The request future (kilobytes, from etcd-client) gets its own box: the boxed
+        // future of the trait method stays small, instead of holding it twice.
+        let answer = self.bounded(request, Box::pin(call(&mut kv))).await;
         // A timed-out request leaves the client fit for the next one; a cancelled one drops it.
         self.kv_pool.give_back(kv);
         answer
