@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, EventType, GetOptions, KvClient, LockOptions, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp,
+    Client, Compare, ConnectOptions, EventType, GetOptions, KvClient, LockOptions, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp,
 };
 use hmetcd_core::{CompareOp, KeyChange, Kvi};
 use hmetcd_mem::MemKvs;
@@ -159,13 +159,19 @@ async fn run(server: &EtcdServer, settings: &Settings, report: &mut Report) {
         }
     }
     if settings.runs("open") {
-        let (hm, raw) = open_times(endpoints, &options, settings).await;
+        let [hm, raw, raw_same_options] = open_times(endpoints, &options, settings).await;
         let measured = Sequential {
-            hm,
+            hm: hm.clone(),
             raw,
             cpu_us: None,
         };
         report.sequential_row("open()", &measured);
+        let measured = Sequential {
+            hm,
+            raw: raw_same_options,
+            cpu_us: None,
+        };
+        report.sequential_row("open(), raw with hmetcd's connect options", &measured);
     }
 
     if settings.runs("throughput") {
@@ -476,29 +482,44 @@ async fn raw_block(
 }
 
 /// `hmetcd::open` against raw etcd-client's connect plus the lease grant a handle needs, in
-/// alternation; closing is not timed.
-async fn open_times(
-    endpoints: &str,
-    options: &str,
-    settings: &Settings,
-) -> (Vec<Duration>, Vec<Duration>) {
-    let (mut hm, mut rw) = (Vec::new(), Vec::new());
+/// rotation: raw with default options, and raw with the connect options `EtcdKvs` sets (the
+/// same work, connection settings included). Closing is not timed.
+async fn open_times(endpoints: &str, options: &str, settings: &Settings) -> [Vec<Duration>; 3] {
+    let mut times: [Vec<Duration>; 3] = Default::default();
     for round in 0..settings.rounds * 10 {
-        for side in [round % 2, 1 - round % 2] {
+        for turn in 0..3 {
+            let side = (round + turn) % 3;
             let began = Instant::now();
             if side == 0 {
                 let kv = must(hmetcd::open(endpoints, options).await, "open");
-                hm.push(began.elapsed());
+                times[0].push(began.elapsed());
                 kv.close().await.ok();
             } else {
-                let client = must(connect_raw(endpoints).await, "raw connect");
+                let connect_options = (side == 2).then(hmetcd_connect_options);
+                let client = must(
+                    Client::connect(endpoints.split(',').collect::<Vec<_>>(), connect_options)
+                        .await,
+                    "raw connect",
+                );
                 let lease = must(client.lease_client().grant(30, None).await, "lease grant");
-                rw.push(began.elapsed());
+                times[side].push(began.elapsed());
                 client.lease_client().revoke(lease.id()).await.ok();
             }
         }
     }
-    (hm, rw)
+    times
+}
+
+/// The connect options `EtcdKvs` uses with default hmetcd options (see
+/// `crates/hmetcd-etcd/src/connect.rs`): HTTP/2 keep-alive, a connect timeout, etcd's
+/// require-leader header and token refresh.
+fn hmetcd_connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(false)
+        .with_require_leader(true)
+        .with_auto_token_refresh(true)
 }
 
 /// One throughput run: calls per second, and the process's CPU time per call.
