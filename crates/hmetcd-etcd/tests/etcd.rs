@@ -715,32 +715,13 @@ async fn lock_is_lost_with_the_lease_and_never_queued_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_mutex_and_this_library_exclude_each_other() {
-    use std::process::{Command, Stdio};
-
     let server = EtcdServer::start().await;
-    let etcdctl = server.etcdctl();
-    let go_lock = |command: &[&str]| {
-        Command::new(&etcdctl)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", server.endpoint()))
-            .args(["lock", "hbtd_dist_lock"])
-            .args(command)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let go_lock = |command: &[&str]| etcdctl_lock(&server, "hbtd_dist_lock", command);
     let kv = open(&server, "").await;
 
     // Go's concurrency.Mutex (etcdctl lock) holds the lock for three seconds.
     let mut go = go_lock(&["sleep", "3"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while raw_keys(&server, "hbtd_dist_lock/").await.is_empty() {
-        assert!(Instant::now() < deadline, "etcdctl did not take the lock");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Go took the lock before its key was seen, and runs `sleep 3` before releasing it.
-    let go_took_it = Instant::now();
+    let go_took_it = go_holds(&server, "hbtd_dist_lock").await;
     let err = kv
         .dist_timed_lock(Duration::from_millis(500))
         .await
@@ -772,32 +753,14 @@ async fn go_mutex_and_this_library_exclude_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_mutex_and_named_guards_exclude_each_other() {
-    use std::process::{Command, Stdio};
-
     const NAME: &str = "jobs/nightly";
     let server = EtcdServer::start().await;
-    let etcdctl = server.etcdctl();
-    let go_lock = |command: &[&str]| {
-        Command::new(&etcdctl)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", server.endpoint()))
-            .args(["lock", NAME])
-            .args(command)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let go_lock = |command: &[&str]| etcdctl_lock(&server, NAME, command);
     let kv = open(&server, "").await;
 
     // Go's concurrency.Mutex (etcdctl lock) holds the named lock for three seconds.
     let mut go = go_lock(&["sleep", "3"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while raw_keys(&server, "jobs/nightly/").await.is_empty() {
-        assert!(Instant::now() < deadline, "etcdctl did not take the lock");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let go_took_it = Instant::now();
+    let go_took_it = go_holds(&server, NAME).await;
     let err = kv
         .lock_with(NAME, LockOptions::new().timeout(Duration::from_millis(500)))
         .await
@@ -901,6 +864,33 @@ async fn abandoned_guard_attempts_leave_no_waiter_key() {
     drop(guard);
     holder.close().await.unwrap();
     other.close().await.unwrap();
+}
+
+/// Starts `etcdctl lock <name> <command>`: Go's `concurrency.Mutex` on `name`, held while the
+/// command runs.
+fn etcdctl_lock(server: &EtcdServer, name: &str, command: &[&str]) -> std::process::Child {
+    use std::process::{Command, Stdio};
+
+    Command::new(server.etcdctl())
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", server.endpoint()))
+        .args(["lock", name])
+        .args(command)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to five seconds) until etcdctl's key is under `<name>/`, and returns when it was
+/// seen: Go took the lock before that, with nobody else queued.
+async fn go_holds(server: &EtcdServer, name: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_keys(server, &format!("{name}/")).await.is_empty() {
+        assert!(Instant::now() < deadline, "etcdctl did not take the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Instant::now()
 }
 
 /// Waits up to five seconds for `etcdctl lock` to take the lock, run its command, release
