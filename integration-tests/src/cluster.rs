@@ -7,10 +7,12 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use etcd_client::ConnectOptions;
+
+use crate::etcd_server::MemberCommand;
 
 /// The etcd binary these tests run: `HMETCD_ETCD_BIN`, `etcd` on `PATH`, or `/usr/bin/etcd`.
 pub fn etcd_binary() -> Result<PathBuf, String> {
@@ -190,37 +192,16 @@ impl EtcdCluster {
         let client_url = self.endpoint(index);
         let peer_url = self.peer_url(index);
         let member = &self.members[index];
-        let log_path = member.dir.path().join("etcd.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|err| format!("opening {}: {err}", log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|err| format!("opening {}: {err}", log_path.display()))?;
-        // setpriv makes the kernel kill etcd if the thread that started it goes away.
-        let mut command = match setpriv() {
-            Some(setpriv) => {
-                let mut command = Command::new(setpriv);
-                command.arg("--pdeathsig").arg("KILL").arg(&self.bin);
-                command
-            }
-            None => Command::new(&self.bin),
-        };
-        command
-            .arg(format!("--name={}", member.name))
-            .arg(format!(
-                "--data-dir={}",
-                member.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster={initial_cluster}"))
-            .arg(format!("--initial-cluster-token={}", self.token))
-            .arg("--initial-cluster-state=new");
+        let (mut command, _log) = MemberCommand {
+            bin: &self.bin,
+            dir: member.dir.path(),
+            name: &member.name,
+            client_url: &client_url,
+            peer_url: &peer_url,
+            initial_cluster: &initial_cluster,
+        }
+        .command()?;
+        command.arg(format!("--initial-cluster-token={}", self.token));
         if let Some(tls) = &self.spec.tls {
             command
                 .arg(format!("--cert-file={}", tls.cert_file.display()))
@@ -231,11 +212,7 @@ impl EtcdCluster {
                     .arg("--client-cert-auth");
             }
         }
-        command
-            .args(&self.spec.extra_args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
+        command.args(&self.spec.extra_args);
         let child = command
             .spawn()
             .map_err(|err| format!("starting {}: {err}", self.bin.display()))?;
@@ -410,13 +387,6 @@ pub async fn member_status(
         member_id: status.header().map(|h| h.member_id()).unwrap_or_default(),
         leader: status.leader(),
     })
-}
-
-fn setpriv() -> Option<PathBuf> {
-    ["/usr/bin/setpriv", "/bin/setpriv"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|path| path.is_file())
 }
 
 /// `count` distinct free loopback ports (all bound at once, so none repeats).

@@ -15,6 +15,8 @@ mod container;
 mod docker;
 mod process;
 
+pub(crate) use process::MemberCommand;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

@@ -78,42 +78,19 @@ impl EtcdProcess {
     }
 
     async fn spawn(&mut self) -> Result<(), String> {
-        let log_path = self.dir.path().join("etcd.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|err| format!("opening {}: {err}", log_path.display()))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|err| format!("opening {}: {err}", log_path.display()))?;
         let client_url = format!("http://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        // setpriv makes the kernel kill etcd if this process dies without tearing it down.
-        let mut command = match setpriv() {
-            Some(setpriv) => {
-                let mut command = Command::new(setpriv);
-                command.arg("--pdeathsig").arg("KILL").arg(&self.bin);
-                command
-            }
-            None => Command::new(&self.bin),
+        let member = MemberCommand {
+            bin: &self.bin,
+            dir: self.dir.path(),
+            name: "hmetcd-test",
+            client_url: &client_url,
+            peer_url: &peer_url,
+            initial_cluster: &format!("hmetcd-test={peer_url}"),
         };
-        command
-            .arg("--name=hmetcd-test")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=hmetcd-test={peer_url}"))
-            .arg("--initial-cluster-state=new")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(true);
+        let (command, log_path) = member.command()?;
+        let mut command = Command::from(command);
+        command.kill_on_drop(true);
         let child = command
             .spawn()
             .map_err(|err| format!("starting {}: {err}", self.bin.display()))?;
@@ -173,6 +150,57 @@ impl EtcdProcess {
             .kill()
             .await
             .map_err(|err| format!("killing etcd: {err}"))
+    }
+}
+
+/// One etcd member to start on loopback.
+pub(crate) struct MemberCommand<'a> {
+    pub(crate) bin: &'a Path,
+    /// Holds the data directory and `etcd.log`.
+    pub(crate) dir: &'a Path,
+    pub(crate) name: &'a str,
+    pub(crate) client_url: &'a str,
+    pub(crate) peer_url: &'a str,
+    /// `name=peer_url,...` of every member of the new cluster.
+    pub(crate) initial_cluster: &'a str,
+}
+
+impl MemberCommand<'_> {
+    /// The member's command line, with stdout and stderr appended to `<dir>/etcd.log` (also
+    /// returned), under `setpriv --pdeathsig KILL` where there is one: the kernel kills etcd
+    /// if the thread that started it goes away without tearing it down.
+    pub(crate) fn command(&self) -> Result<(std::process::Command, PathBuf), String> {
+        let log_path = self.dir.join("etcd.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|err| format!("opening {}: {err}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|err| format!("opening {}: {err}", log_path.display()))?;
+        let mut command = match setpriv() {
+            Some(setpriv) => {
+                let mut command = std::process::Command::new(setpriv);
+                command.arg("--pdeathsig").arg("KILL").arg(self.bin);
+                command
+            }
+            None => std::process::Command::new(self.bin),
+        };
+        let (client_url, peer_url) = (self.client_url, self.peer_url);
+        command
+            .arg(format!("--name={}", self.name))
+            .arg(format!("--data-dir={}", self.dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
+            .arg("--initial-cluster-state=new")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        Ok((command, log_path))
     }
 }
 
