@@ -6,11 +6,10 @@ use std::time::Duration;
 use hmetcd_core::{Error, Kvi};
 use tokio::time::Instant;
 
-use super::{lock_keys, wait_for_lock_keys, within, MARGIN, PROMPTLY};
+use super::{
+    assert_handed_over_at_once, lock_keys, wait_for_lock_keys, within, MARGIN, PROBE, PROMPTLY,
+};
 use crate::TestStore;
-
-/// How long a "the lock is taken" probe waits before giving up.
-const PROBE: Duration = Duration::from_millis(300);
 
 async fn lock(kv: &dyn Kvi, who: &str) {
     within(
@@ -226,28 +225,16 @@ async fn assert_released_at_once(store: &TestStore, release: Release) {
         queued
             .dist_timed_lock(Duration::from_secs(30))
             .await
-            .map(|()| Instant::now())
+            .map(|()| ((), Instant::now()))
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!acquired.is_finished(), "the waiter got a held lock");
-    let released = Instant::now();
-    match release {
-        Release::Unlock => holder.dist_unlock().await.unwrap(),
-        Release::Close => holder.close().await.unwrap(),
-    }
-    let acquired = within(
-        MARGIN,
-        &format!("the waiter to get the lock after {release:?}"),
-        acquired,
-    )
-    .await
-    .unwrap()
-    .unwrap_or_else(|err| panic!("waiter after {release:?}: {err}"));
-    assert!(
-        acquired - released < MARGIN,
-        "the waiter waited {:?}",
-        acquired - released
-    );
+    let how = format!("{release:?}");
+    assert_handed_over_at_once(acquired, &how, async {
+        match release {
+            Release::Unlock => holder.dist_unlock().await.unwrap(),
+            Release::Close => holder.close().await.unwrap(),
+        }
+    })
+    .await;
     waiter.close().await.unwrap();
     holder.close().await.unwrap();
 }

@@ -131,6 +131,34 @@ pub(crate) const PROMPTLY: Duration = Duration::from_secs(5);
 /// Slack on top of a backend's promised bound, for scheduling and round trips.
 pub(crate) const MARGIN: Duration = Duration::from_secs(2);
 
+/// How long a "the lock is taken" probe waits before giving up.
+pub(crate) const PROBE: Duration = Duration::from_millis(300);
+
+/// Checks that `release` hands a lock to `waiter` (a task queued for it) at once: the waiter
+/// is still waiting after [`PROBE`], and has the lock less than [`MARGIN`] after `release`
+/// began. `how` names the release in messages. Hands back what the waiter got.
+pub(crate) async fn assert_handed_over_at_once<T>(
+    waiter: tokio::task::JoinHandle<hmetcd_core::Result<(T, tokio::time::Instant)>>,
+    how: &str,
+    release: impl Future<Output = ()>,
+) -> T {
+    tokio::time::sleep(PROBE).await;
+    assert!(!waiter.is_finished(), "the waiter got a held lock");
+    let released = tokio::time::Instant::now();
+    release.await;
+    let what = format!("the waiter to get the lock after {how}");
+    let (got, acquired) = within(MARGIN, &what, waiter)
+        .await
+        .unwrap()
+        .unwrap_or_else(|err| panic!("waiter after {how}: {err}"));
+    assert!(
+        acquired - released < MARGIN,
+        "the waiter waited {:?}",
+        acquired - released
+    );
+    got
+}
+
 /// Awaits `fut`, panicking with `what` if it is not done within `limit`.
 pub(crate) async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output {
     match tokio::time::timeout(limit, fut).await {

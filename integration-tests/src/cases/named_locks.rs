@@ -7,11 +7,11 @@ use std::time::Duration;
 use hmetcd_core::{Error, Kvi, LockGuard, LockOptions};
 use tokio::time::Instant;
 
-use super::{lock_keys, next_event, put_of, wait_for_lock_keys, within, MARGIN, PROMPTLY};
+use super::{
+    assert_handed_over_at_once, lock_keys, next_event, put_of, wait_for_lock_keys, within, MARGIN,
+    PROBE, PROMPTLY,
+};
 use crate::TestStore;
-
-/// How long a "the lock is taken" probe waits before giving up.
-const PROBE: Duration = Duration::from_millis(300);
 
 /// The name most cases lock (under the case's own prefix).
 const NAME: &str = "jobs/nightly";
@@ -109,26 +109,17 @@ async fn assert_released_at_once(store: &TestStore, release: Release) {
     let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
     let guard = take(holder.as_ref(), NAME, "holder").await;
     let acquired = queue(&waiter, NAME);
-    tokio::time::sleep(PROBE).await;
-    assert!(!acquired.is_finished(), "the waiter got a held lock");
-    let released = Instant::now();
-    match release {
-        Release::Drop => drop(guard),
-        Release::Unlock => {
-            assert!(guard.is_held());
-            guard.unlock().await.unwrap();
+    let how = format!("{release:?}");
+    let got = assert_handed_over_at_once(acquired, &how, async move {
+        match release {
+            Release::Drop => drop(guard),
+            Release::Unlock => {
+                assert!(guard.is_held());
+                guard.unlock().await.unwrap();
+            }
         }
-    }
-    let what = format!("the waiter to get the lock after {release:?}");
-    let (got, acquired) = within(MARGIN, &what, acquired)
-        .await
-        .unwrap()
-        .unwrap_or_else(|err| panic!("waiter after {release:?}: {err}"));
-    assert!(
-        acquired - released < MARGIN,
-        "the waiter waited {:?}",
-        acquired - released
-    );
+    })
+    .await;
     assert_taken(
         holder.as_ref(),
         NAME,
@@ -312,23 +303,14 @@ pub async fn close_releases_every_guard(store: TestStore) {
     let first = take(kv.as_ref(), "first", "holder").await;
     let second = take(kv.as_ref(), "second", "holder").await;
     let acquired = queue(&waiter, "first");
-    tokio::time::sleep(PROBE).await;
-    assert!(!acquired.is_finished(), "the waiter got a held lock");
-    let closed = Instant::now();
-    kv.close().await.unwrap();
-    assert!(
-        !first.is_held() && !second.is_held(),
-        "guards held after close"
-    );
-    let (got, acquired) = within(MARGIN, "the waiter after close", acquired)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        acquired - closed < MARGIN,
-        "the waiter waited {:?}",
-        acquired - closed
-    );
+    let got = assert_handed_over_at_once(acquired, "close()", async {
+        kv.close().await.unwrap();
+        assert!(
+            !first.is_held() && !second.is_held(),
+            "guards held after close"
+        );
+    })
+    .await;
     drop(
         assert_free(
             waiter.as_ref(),
