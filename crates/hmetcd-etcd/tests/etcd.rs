@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 use futures::StreamExt;
-use hmetcd_core::{CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, WatchEvent};
+use hmetcd_core::{CompareOp, Error, KeyChange, KeyValue, Kvi, LockOptions, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
 use support::EtcdServer;
 
@@ -716,11 +716,10 @@ async fn lock_is_lost_with_the_lease_and_never_queued_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_mutex_and_this_library_exclude_each_other() {
     let server = EtcdServer::start().await;
-    let go_lock = |command: &[&str]| etcdctl_lock(&server, "hbtd_dist_lock", command);
     let kv = open(&server, "").await;
 
     // Go's concurrency.Mutex (etcdctl lock) holds the lock for three seconds.
-    let mut go = go_lock(&["sleep", "3"]);
+    let mut go = etcdctl_lock(&server, "hbtd_dist_lock", &["sleep", "3"]);
     let go_took_it = go_holds(&server, "hbtd_dist_lock").await;
     let err = kv
         .dist_timed_lock(Duration::from_millis(500))
@@ -731,21 +730,10 @@ async fn go_mutex_and_this_library_exclude_each_other() {
         .await
         .unwrap()
         .unwrap();
-    let waited = go_took_it.elapsed();
-    assert!(
-        waited >= Duration::from_millis(2500),
-        "took the lock {waited:?} after Go did, while Go held it for 3 s"
-    );
-    // etcdctl releases the lock first and exits after: it must exit, successfully.
-    exits_successfully(&mut go).await;
+    got_it_after_go(go_took_it, &mut go).await;
 
     // This library holds it: Go waits until it is released.
-    let mut go = go_lock(&["true"]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        go.try_wait().unwrap().is_none(),
-        "Go took the lock while this library held it"
-    );
+    let mut go = go_waits(&server, "hbtd_dist_lock").await;
     kv.dist_unlock().await.unwrap();
     exits_successfully(&mut go).await;
     kv.close().await.unwrap();
@@ -755,11 +743,10 @@ async fn go_mutex_and_this_library_exclude_each_other() {
 async fn go_mutex_and_named_guards_exclude_each_other() {
     const NAME: &str = "jobs/nightly";
     let server = EtcdServer::start().await;
-    let go_lock = |command: &[&str]| etcdctl_lock(&server, NAME, command);
     let kv = open(&server, "").await;
 
     // Go's concurrency.Mutex (etcdctl lock) holds the named lock for three seconds.
-    let mut go = go_lock(&["sleep", "3"]);
+    let mut go = etcdctl_lock(&server, NAME, &["sleep", "3"]);
     let go_took_it = go_holds(&server, NAME).await;
     let err = kv
         .lock_with(NAME, LockOptions::new().timeout(Duration::from_millis(500)))
@@ -773,12 +760,7 @@ async fn go_mutex_and_named_guards_exclude_each_other() {
         .await
         .unwrap()
         .unwrap();
-    let waited = go_took_it.elapsed();
-    assert!(
-        waited >= Duration::from_millis(2500),
-        "took the lock {waited:?} after Go did, while Go held it for 3 s"
-    );
-    exits_successfully(&mut go).await;
+    got_it_after_go(go_took_it, &mut go).await;
     let keys = raw_keys(&server, "jobs/nightly/").await;
     assert_eq!(keys.len(), 1);
     assert!(
@@ -787,19 +769,11 @@ async fn go_mutex_and_named_guards_exclude_each_other() {
     );
 
     // A guard holds it: Go waits until the guard is unlocked, and until a guard is dropped.
-    let guard_waits_go = |guard: LockGuard| async {
-        let mut go = go_lock(&["true"]);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(
-            go.try_wait().unwrap().is_none(),
-            "Go took the lock while a guard held it"
-        );
-        (go, guard)
-    };
-    let (mut go, guard) = guard_waits_go(guard).await;
+    let mut go = go_waits(&server, NAME).await;
     guard.unlock().await.unwrap();
     exits_successfully(&mut go).await;
-    let (mut go, guard) = guard_waits_go(kv.lock(NAME).await.unwrap()).await;
+    let guard = kv.lock(NAME).await.unwrap();
+    let mut go = go_waits(&server, NAME).await;
     drop(guard);
     exits_successfully(&mut go).await;
     kv.close().await.unwrap();
@@ -891,6 +865,29 @@ async fn go_holds(server: &EtcdServer, name: &str) -> Instant {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Instant::now()
+}
+
+/// Asserts that we took the lock only after Go's hold (`sleep 3`, from `go_took_it`) ended,
+/// and that etcdctl, which releases the lock first and exits after, exits successfully.
+async fn got_it_after_go(go_took_it: Instant, go: &mut std::process::Child) {
+    let waited = go_took_it.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "took the lock {waited:?} after Go did, while Go held it for 3 s"
+    );
+    exits_successfully(go).await;
+}
+
+/// Starts `etcdctl lock <name> true` while we hold `name`, and asserts that Go is still
+/// waiting a second later.
+async fn go_waits(server: &EtcdServer, name: &str) -> std::process::Child {
+    let mut go = etcdctl_lock(server, name, &["true"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        go.try_wait().unwrap().is_none(),
+        "Go took the lock {name:?} while this library held it"
+    );
+    go
 }
 
 /// Waits up to five seconds for `etcdctl lock` to take the lock, run its command, release
