@@ -284,11 +284,9 @@ impl Shared {
 
     /// Deletes a held lock's key (the next waiter gets the lock).
     async fn delete_lock_key(&self, held: &HeldKey) -> Result<()> {
-        let mut kv = self.client.kv_client();
-        self.request(
-            Request::new("unlock", &held.name),
-            kv.delete(held.key.as_str(), None),
-        )
+        self.kv_request(Request::new("unlock", &held.name), async |kv| {
+            kv.delete(held.key.as_str(), None).await
+        })
         .await
         .map(|_| ())
     }
@@ -327,7 +325,6 @@ impl Shared {
         lease: i64,
     ) -> Result<Attempt> {
         let request = Request::new("lock", name);
-        let mut kv = self.client.kv_client();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
@@ -335,7 +332,10 @@ impl Shared {
                 "",
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let queued = match self.bounded(request, kv.txn(txn)).await? {
+        let queued = match self
+            .kv_bounded(request, async |kv| kv.txn(txn).await)
+            .await?
+        {
             Ok(queued) => queued,
             Err(err) if is_lease_not_found(&err) => {
                 self.session.mark_lost(lease).await;
@@ -357,8 +357,9 @@ impl Shared {
     }
 
     async fn create_revision(&self, key: &str, request: Request<'_>) -> Result<Option<i64>> {
-        let mut kv = self.client.kv_client();
-        let answer = self.request(request, kv.get(key, None)).await?;
+        let answer = self
+            .kv_request(request, async |kv| kv.get(key, None).await)
+            .await?;
         Ok(answer.kvs().first().map(|found| found.create_revision()))
     }
 
@@ -386,8 +387,7 @@ impl Shared {
                 .with_max_create_revision(my_revision - 1)
                 .with_limit(1);
             let txn = Txn::new().and_then([TxnOp::get(dir, Some(ahead)), TxnOp::get(key, None)]);
-            let mut kv = self.client.kv_client();
-            let answer = match self.request(request, kv.txn(txn)).await {
+            let answer = match self.kv_request(request, async |kv| kv.txn(txn).await).await {
                 Ok(answer) => answer,
                 Err(err) if err.is_transient() => {
                     tracing::debug!(error = %err, "waiting for the lock: etcd unreachable; retrying");
@@ -618,12 +618,10 @@ impl WaiterKey {
 
     async fn remove_now(&mut self, shared: &Shared, name: &str) {
         if let Some(key) = self.key.take() {
-            let mut kv = shared.client.kv_client();
             if let Err(err) = shared
-                .request(
-                    Request::new("remove lock waiter", name),
-                    kv.delete(key, None),
-                )
+                .kv_request(Request::new("remove lock waiter", name), async |kv| {
+                    kv.delete(key, None).await
+                })
                 .await
             {
                 tracing::warn!(error = %err, "could not remove the lock waiter key; it goes with the lease");

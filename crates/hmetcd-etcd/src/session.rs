@@ -174,12 +174,10 @@ impl Shared {
             let keys: Vec<String> = session.temp_keys().iter().cloned().collect();
             for stored in keys {
                 let shown = self.prefix.strip(&stored).unwrap_or(&stored).to_owned();
-                let mut kv = self.client.kv_client();
                 let options = PutOptions::new().with_lease(state.id);
-                self.request(
-                    Request::new("put temp key", &shown),
-                    kv.put(stored, TEMP_VALUE, Some(options)),
-                )
+                self.kv_request(Request::new("put temp key", &shown), async |kv| {
+                    kv.put(stored, TEMP_VALUE, Some(options)).await
+                })
                 .await?;
             }
             state.restore_pending = false;

@@ -118,17 +118,15 @@ impl Shared {
         let request = Request::new("watch", &shown);
         // The store's revision now: the watch starts right after it, so every change made
         // after this call began is delivered, and none before.
-        let mut kv = self.client.kv_client();
         let key = if target.stored.is_empty() {
             "\0"
         } else {
             target.stored.as_str()
         };
         let now = self
-            .request(
-                request,
-                kv.get(key, Some(GetOptions::new().with_count_only())),
-            )
+            .kv_request(request, async |kv| {
+                kv.get(key, Some(GetOptions::new().with_count_only())).await
+            })
             .await?;
         let revision = now
             .header()
