@@ -25,7 +25,7 @@ pub mod watch;
 pub use endpoint::{Endpoint, EtcdUrl, Scheme};
 pub use error::{BoxError, Error, Result};
 pub use kvi::Kvi;
-pub use lock::{LockGuard, LockOptions, LockRelease};
+pub use lock::{LockGuard, LockOptions, LockRelease, LostReason, LostSignal};
 pub use options::{Options, Password, DEFAULT_LOCK_NAME};
 pub use types::{CompareOp, KeyChange, KeyValue, WatchEvent};
 pub use watch::{WatchCallback, WatchHandle, WatchStream};

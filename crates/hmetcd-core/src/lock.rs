@@ -9,11 +9,90 @@
 //! is the handle's `lock_name` is the handle's lock.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 use crate::Result;
+
+/// Why a lock (or a leadership) stopped being held other than by its holder's own
+/// `unlock()`, `resign()` or drop: what [`LockGuard::lost`] resolves with.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LostReason {
+    /// `max_hold` ran out and the library released the lock.
+    MaxHold,
+    /// The handle's lease (its session) was lost: etcd was unreachable for longer than
+    /// `lease_ttl`, or the lease was revoked. Another holder may have the lock now.
+    SessionLost,
+    /// The handle was closed.
+    Closed,
+    /// Someone else deleted this holder's lock key; the next waiter has the lock now.
+    KeyDeleted,
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::MaxHold => "max_hold ran out",
+            LostReason::SessionLost => "the handle's session (lease) was lost",
+            LostReason::Closed => "the handle was closed",
+            LostReason::KeyDeleted => "the lock key was deleted by someone else",
+        })
+    }
+}
+
+/// The backend side of [`LockGuard::lost`]: a one-shot signal that a hold ended, with the
+/// first reason given. Clones share one signal. Backends fire it; applications never see it.
+#[derive(Clone, Debug)]
+pub struct LostSignal(Arc<tokio::sync::watch::Sender<Option<LostReason>>>);
+
+impl Default for LostSignal {
+    fn default() -> Self {
+        LostSignal::new()
+    }
+}
+
+impl LostSignal {
+    /// A signal that has not fired.
+    pub fn new() -> Self {
+        LostSignal(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+
+    /// Fires with `reason` unless it already fired; `true` if this call fired it.
+    pub fn fire(&self, reason: LostReason) -> bool {
+        self.0.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        })
+    }
+
+    /// The reason it fired with, if it did.
+    pub fn reason(&self) -> Option<LostReason> {
+        *self.0.borrow()
+    }
+
+    /// Resolves with the reason once it fires; never resolves if it never does.
+    pub fn wait(&self) -> BoxFuture<'static, LostReason> {
+        let mut receiver = self.0.subscribe();
+        Box::pin(async move {
+            // `None`: every clone was dropped unfired (the hold ended by its own release).
+            let fired = receiver
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|reason| *reason);
+            match fired {
+                Some(reason) => reason,
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
 
 /// How [`Kvi::lock_with`](crate::Kvi::lock_with) takes a named lock.
 ///
@@ -70,9 +149,15 @@ impl LockOptions {
 /// and releases it. Applications never use this; backends implement it and build guards with
 /// [`LockGuard::from_backend`].
 pub trait LockRelease: Send + Sync + 'static {
-    /// Whether the lock is still held, as far as the handle knows: not released, not expired
-    /// by `max_hold`, not released by `close()`, and not lost with the handle's session.
+    /// Whether the lock is still held: not released, not expired by `max_hold`, not released
+    /// by `close()`, and not possibly lost with the handle's session. Conservative: `false`
+    /// from the moment the store may have expired the lease, never `true` while another
+    /// holder can exist.
     fn is_held(&self) -> bool;
+
+    /// Resolves once the lock stops being held for any reason other than this guard's own
+    /// release; never resolves otherwise.
+    fn lost(&self) -> BoxFuture<'static, LostReason>;
 
     /// Releases the lock now. `Ok` if it was already released (expired, closed).
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
@@ -90,16 +175,22 @@ pub trait LockRelease: Send + Sync + 'static {
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard {
     name: String,
+    fencing_token: i64,
     release: Option<Box<dyn LockRelease>>,
 }
 
 impl LockGuard {
-    /// The guard of the lock `name`, held through `release`. This is the backend side of the
-    /// guard: backends call it once they hold the lock; applications get guards from
-    /// [`Kvi::lock`](crate::Kvi::lock).
-    pub fn from_backend(name: impl Into<String>, release: Box<dyn LockRelease>) -> Self {
+    /// The guard of the lock `name`, held through `release`, whose lock key was created at
+    /// revision `fencing_token`. This is the backend side of the guard: backends call it once
+    /// they hold the lock; applications get guards from [`Kvi::lock`](crate::Kvi::lock).
+    pub fn from_backend(
+        name: impl Into<String>,
+        fencing_token: i64,
+        release: Box<dyn LockRelease>,
+    ) -> Self {
         LockGuard {
             name: name.into(),
+            fencing_token,
             release: Some(release),
         }
     }
@@ -109,12 +200,59 @@ impl LockGuard {
         &self.name
     }
 
-    /// Whether the lock is still held: `false` once `max_hold` expired, the handle was closed,
-    /// or (on etcd) the handle's lease was lost as far as the handle knows.
+    /// The fencing token of this hold: the store revision at which this holder's lock key was
+    /// created (always > 0). For one lock name it strictly increases from each holder to the
+    /// next, across handles and processes. Store it beside the data the lock protects and
+    /// refuse writes that carry a lower token than the one stored: a holder that lost the lock
+    /// (paused, partitioned) then cannot overwrite its successor's work.
+    ///
+    /// ```
+    /// # use hmetcd_core::Kvi;
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let first = kv.lock("jobs").await?;
+    /// let token = first.fencing_token();
+    /// first.unlock().await?;
+    /// let second = kv.lock("jobs").await?;
+    /// assert!(second.fencing_token() > token);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn fencing_token(&self) -> i64 {
+        self.fencing_token
+    }
+
+    /// Whether the lock is still held. Conservative: `false` once `max_hold` expired, the
+    /// handle was closed, the lock key was deleted, or from the moment the store may have
+    /// expired the handle's lease (measured from when the last successful keep-alive was
+    /// sent). It may say `false` early; it never says `true` while another holder can exist.
     pub fn is_held(&self) -> bool {
         self.release
             .as_ref()
             .is_some_and(|release| release.is_held())
+    }
+
+    /// Resolves once the lock stops being held for any reason other than this guard's own
+    /// [`unlock`](LockGuard::unlock) or drop, with the reason. Dropping the future is fine,
+    /// and many may be taken; one taken before the guard is unlocked or dropped never
+    /// resolves. After it resolved, [`unlock`](LockGuard::unlock) is `Ok` and releases nobody.
+    ///
+    /// ```
+    /// # use hmetcd_core::{Kvi, LostReason};
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let guard = kv.lock("jobs").await?;
+    /// tokio::select! {
+    ///     reason = guard.lost() => tracing::warn!(%reason, "lost the lock; stopping"),
+    ///     () = do_the_work() => {}
+    /// }
+    /// # Ok(())
+    /// # }
+    /// # async fn do_the_work() {}
+    /// ```
+    pub fn lost(&self) -> BoxFuture<'static, LostReason> {
+        match &self.release {
+            Some(release) => release.lost(),
+            None => Box::pin(std::future::pending()),
+        }
     }
 
     /// Releases the lock now and reports how that went. `Ok` if it was already released by
@@ -139,6 +277,7 @@ impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockGuard")
             .field("name", &self.name)
+            .field("fencing_token", &self.fencing_token)
             .field("held", &self.is_held())
             .finish()
     }
@@ -157,6 +296,9 @@ mod tests {
         fn is_held(&self) -> bool {
             true
         }
+        fn lost(&self) -> BoxFuture<'static, LostReason> {
+            Box::pin(std::future::pending())
+        }
         fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
@@ -172,19 +314,35 @@ mod tests {
     async fn unlock_releases_once_and_drop_releases_once() {
         assert_send_sync::<LockGuard>();
         let released = Arc::new(AtomicUsize::new(0));
-        let guard = LockGuard::from_backend("jobs", Box::new(Counted(Arc::clone(&released))));
+        let guard = LockGuard::from_backend("jobs", 7, Box::new(Counted(Arc::clone(&released))));
         assert_eq!(guard.name(), "jobs");
+        assert_eq!(guard.fencing_token(), 7);
         assert!(guard.is_held());
         assert_eq!(
             format!("{guard:?}"),
-            r#"LockGuard { name: "jobs", held: true }"#
+            r#"LockGuard { name: "jobs", fencing_token: 7, held: true }"#
         );
         guard.unlock().await.unwrap();
         assert_eq!(released.load(Ordering::SeqCst), 1);
         drop(LockGuard::from_backend(
             "jobs",
+            8,
             Box::new(Counted(Arc::clone(&released))),
         ));
         assert_eq!(released.load(Ordering::SeqCst), 11);
+    }
+
+    #[tokio::test]
+    async fn lost_signal_keeps_the_first_reason_and_wakes_every_waiter() {
+        let signal = LostSignal::new();
+        let early = signal.wait();
+        assert_eq!(signal.reason(), None);
+        assert!(signal.fire(LostReason::MaxHold));
+        assert!(!signal.fire(LostReason::Closed));
+        assert_eq!(early.await, LostReason::MaxHold);
+        assert_eq!(signal.clone().wait().await, LostReason::MaxHold);
+        let never = LostSignal::new();
+        let waiting = tokio::time::timeout(Duration::from_millis(20), never.wait()).await;
+        assert!(waiting.is_err(), "an unfired signal never resolves");
     }
 }

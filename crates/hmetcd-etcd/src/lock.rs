@@ -23,7 +23,7 @@ use etcd_client::{
 };
 use futures::future::BoxFuture;
 use hmetcd_core::keys::check_key;
-use hmetcd_core::{Error, LockGuard, LockOptions, LockRelease, Result};
+use hmetcd_core::{Error, LockGuard, LockOptions, LockRelease, LostReason, LostSignal, Result};
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
 
@@ -61,6 +61,8 @@ struct HeldKey {
     key: String,
     /// The lease generation it was taken under; a newer lease means the lock was lost.
     generation: u64,
+    /// The create revision of `key`: the fencing token.
+    revision: i64,
     /// Released only once the key is deleted, so that the handle's next participant for this
     /// name never finds the old key and takes it for its own place in the queue.
     _local: OwnedMutexGuard<()>,
@@ -107,7 +109,8 @@ impl LockState {
 
 /// How an attempt to queue and wait ended.
 enum Attempt {
-    Acquired,
+    /// Ours, with our key's create revision.
+    Acquired(i64),
     /// Our waiter key vanished (the lease expired meanwhile): queue again.
     KeyLost,
 }
@@ -201,6 +204,7 @@ impl Shared {
         check_key("name", name)?;
         let deadline = deadline_after(options.get_timeout());
         let held = self.acquire_key(name, deadline).await?;
+        let fencing_token = held.revision;
         let id = self.lock.next_guard.fetch_add(1, Ordering::Relaxed);
         let slot: GuardSlot = Arc::new(Mutex::new(Some(held)));
         locked(&self.lock.guards).insert(id, Arc::clone(&slot));
@@ -208,6 +212,7 @@ impl Shared {
             shared: Arc::clone(self),
             id,
             slot,
+            lost: LostSignal::new(),
             expiry: None,
         };
         // A close that raced with this call may have missed the new guard.
@@ -218,7 +223,11 @@ impl Shared {
         if let Some(max_hold) = options.get_max_hold() {
             release.expiry = Some(release.start_expiry(name, max_hold)?);
         }
-        Ok(LockGuard::from_backend(name, Box::new(release)))
+        Ok(LockGuard::from_backend(
+            name,
+            fencing_token,
+            Box::new(release),
+        ))
     }
 
     /// Takes the lock `name` for one of the handle's participants: first the name's local
@@ -256,12 +265,13 @@ impl Shared {
             let mut waiter = WaiterKey::new(self, &key);
             let attempt = self.queue_and_wait(name, &dir, &key, lease);
             match by_deadline(name, deadline, attempt).await {
-                Ok(Attempt::Acquired) => {
+                Ok(Attempt::Acquired(revision)) => {
                     waiter.keep();
                     return Ok(HeldKey {
                         name: name.to_owned(),
                         key,
                         generation,
+                        revision,
                         _local: local,
                     });
                 }
@@ -415,7 +425,7 @@ impl Shared {
                 return Ok(Attempt::KeyLost);
             }
             let Some(ahead) = ahead.kvs().first() else {
-                return Ok(Attempt::Acquired);
+                return Ok(Attempt::Acquired(my_revision));
             };
             let after = revision_of(answer.header(), request)?;
             if !self
@@ -483,6 +493,7 @@ struct EtcdLockRelease {
     shared: Arc<Shared>,
     id: u64,
     slot: GuardSlot,
+    lost: LostSignal,
     /// The `max_hold` timer, if any.
     expiry: Option<AbortHandle>,
 }
@@ -510,6 +521,7 @@ impl EtcdLockRelease {
         })?;
         let shared = Arc::clone(&self.shared);
         let slot = Arc::clone(&self.slot);
+        let lost = self.lost.clone();
         let id = self.id;
         Ok(runtime
             .spawn(async move {
@@ -520,6 +532,7 @@ impl EtcdLockRelease {
                 let held = locked(&slot).take();
                 shared.lock.forget_guard(id);
                 if let Some(held) = held {
+                    lost.fire(LostReason::MaxHold);
                     tracing::debug!(lock = %held.name, ?max_hold, "max_hold expired; releasing the lock");
                     shared.delete_lock_key_until_done(held).await;
                 }
@@ -534,6 +547,10 @@ impl LockRelease for EtcdLockRelease {
         generation.is_some_and(|generation| {
             !*self.shared.shutdown.borrow() && self.shared.session.is_alive(generation)
         })
+    }
+
+    fn lost(&self) -> BoxFuture<'static, LostReason> {
+        self.lost.wait()
     }
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hmetcd_core::{Error, LockRelease, Result};
+use hmetcd_core::{Error, LockRelease, LostReason, LostSignal, Result};
 use tokio::task::AbortHandle;
 
 use crate::participants::Held;
@@ -14,18 +14,28 @@ use crate::participants::Held;
 /// The lock while a guard holds it; empty once released.
 type Slot = Arc<Mutex<Option<Held>>>;
 
+/// A live guard as the handle sees it: its lock, and the signal that tells it why it lost it.
+struct Live {
+    slot: Slot,
+    lost: LostSignal,
+}
+
 /// The live guards of one handle.
 #[derive(Default)]
 pub(crate) struct Guards {
-    live: Mutex<HashMap<u64, Slot>>,
+    live: Mutex<HashMap<u64, Live>>,
 }
 
 impl Guards {
-    /// Releases every guard at once (the handle is closed or dropped).
-    pub(crate) fn release_all(&self) {
+    /// Releases every guard at once (the handle is closed or dropped): each guard's `lost()`
+    /// resolves with `reason`.
+    pub(crate) fn release_all(&self, reason: LostReason) {
         let live = std::mem::take(&mut *self.live.lock().unwrap_or_else(PoisonError::into_inner));
-        for slot in live.into_values() {
-            drop(take(&slot));
+        for guard in live.into_values() {
+            if let Some(held) = take(&guard.slot) {
+                guard.lost.fire(reason);
+                drop(held);
+            }
         }
     }
 
@@ -45,6 +55,7 @@ fn take(slot: &Slot) -> Option<Held> {
 pub(crate) struct MemLockRelease {
     id: u64,
     slot: Slot,
+    lost: LostSignal,
     guards: Weak<Guards>,
     expiry: Option<AbortHandle>,
 }
@@ -72,19 +83,31 @@ impl MemLockRelease {
                 None => None,
             };
         let slot: Slot = Arc::new(Mutex::new(Some(held)));
+        let lost = LostSignal::new();
         guards
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, Arc::clone(&slot));
+            .insert(
+                id,
+                Live {
+                    slot: Arc::clone(&slot),
+                    lost: lost.clone(),
+                },
+            );
         let expiry = max_hold.zip(runtime).map(|(max_hold, runtime)| {
             let slot = Arc::clone(&slot);
             let guards = Arc::downgrade(guards);
+            let lost = lost.clone();
             let name = name.to_owned();
             runtime
                 .spawn(async move {
                     tokio::time::sleep(max_hold).await;
                     tracing::debug!(lock = %name, ?max_hold, "max_hold expired; releasing the lock");
+                    if let Some(held) = take(&slot) {
+                        lost.fire(LostReason::MaxHold);
+                        drop(held);
+                    }
                     release(id, &slot, &guards);
                 })
                 .abort_handle()
@@ -92,6 +115,7 @@ impl MemLockRelease {
         Ok(MemLockRelease {
             id,
             slot,
+            lost,
             guards: Arc::downgrade(guards),
             expiry,
         })
@@ -119,6 +143,10 @@ impl LockRelease for MemLockRelease {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some()
+    }
+
+    fn lost(&self) -> BoxFuture<'static, LostReason> {
+        self.lost.wait()
     }
 
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {

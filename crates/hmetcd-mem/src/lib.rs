@@ -45,8 +45,8 @@ use guards::{Guards, MemLockRelease};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Options, Result,
-    WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, LostReason, Options,
+    Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 use participants::{Held, Participants};
 use store::{LeaseId, Store, Target};
@@ -227,7 +227,7 @@ impl MemKvs {
         // As when etcd revokes the lease: temp keys and lock keys go in one revision.
         self.store.revoke(self.lease, &lease_keys);
         self.release_lock();
-        self.guards.release_all();
+        self.guards.release_all(LostReason::Closed);
         self.store.unwatch_owner(self.lease);
     }
 
@@ -258,6 +258,7 @@ impl MemKvs {
         let Some(held) = taken else {
             return Err(Error::Closed);
         };
+        let fencing_token = held.fencing_token();
         let release = MemLockRelease::register(
             name,
             &self.guards,
@@ -271,7 +272,11 @@ impl MemKvs {
             release.release_now();
             return Err(Error::Closed);
         }
-        Ok(LockGuard::from_backend(name, Box::new(release)))
+        Ok(LockGuard::from_backend(
+            name,
+            fencing_token,
+            Box::new(release),
+        ))
     }
 
     fn watch_target(&self, target: Target) -> Result<WatchStream> {

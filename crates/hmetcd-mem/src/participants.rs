@@ -63,7 +63,8 @@ impl Participants {
         let key = format!("{stored_name}/{:x}", self.lease);
         locked(&self.keys).insert(key.clone());
         pending.key = Some(key.clone());
-        let store_guard = match self.store.enqueue(stored_name, &key, self.lease) {
+        let (queued, fencing_token) = self.store.enqueue(stored_name, &key, self.lease);
+        let store_guard = match queued {
             Queued::Acquired(guard) => guard,
             Queued::Waiting(wait) => wait.await,
         };
@@ -72,6 +73,7 @@ impl Participants {
             participants: Arc::clone(self),
             stored_name: stored_name.to_owned(),
             key,
+            fencing_token,
             store_guard: Some(store_guard),
             local_guard: Some(local_guard),
         }
@@ -119,8 +121,17 @@ pub(crate) struct Held {
     participants: Arc<Participants>,
     stored_name: String,
     key: String,
+    /// The create revision of `key`.
+    fencing_token: i64,
     store_guard: Option<OwnedMutexGuard<()>>,
     local_guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Held {
+    /// The create revision of this holder's lock key.
+    pub(crate) fn fencing_token(&self) -> i64 {
+        self.fencing_token
+    }
 }
 
 impl Drop for Held {

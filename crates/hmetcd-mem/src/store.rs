@@ -141,11 +141,11 @@ impl Store {
 
     /// Puts the participant's lock `key` (value `""`, bound to `lease`) and joins the queue of
     /// the lock `name` in one step, so that the queue's order is the order of the keys'
-    /// revisions, as on etcd.
-    pub(crate) fn enqueue(&self, name: &str, key: &str, lease: LeaseId) -> Queued {
+    /// revisions, as on etcd. Also returns the key's create revision (its fencing token).
+    pub(crate) fn enqueue(&self, name: &str, key: &str, lease: LeaseId) -> (Queued, i64) {
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
         let mutex = Arc::clone(locks.entry(name.to_owned()).or_default());
-        self.put(key, "", Some(lease));
+        let revision = self.write().put(key, "", Some(lease));
         // Unconstrained: a first poll must join tokio's fair queue, not yield to the scheduler.
         let mut wait: BoxFuture<'static, OwnedMutexGuard<()>> =
             Box::pin(tokio::task::unconstrained(mutex.lock_owned()));
@@ -156,7 +156,7 @@ impl Store {
             Poll::Pending => Queued::Waiting(wait),
         };
         drop(locks);
-        queued
+        (queued, revision)
     }
 
     /// Drops the mutex of the lock `name` if nobody holds, waits for or keeps it, so that
@@ -193,8 +193,7 @@ impl Store {
     }
 
     pub(crate) fn put(&self, key: &str, value: &str, lease: Option<LeaseId>) {
-        let mut state = self.write();
-        state.put(key, value, lease);
+        let _ = self.write().put(key, value, lease);
     }
 
     pub(crate) fn delete(&self, key: &str) {
@@ -236,7 +235,7 @@ impl Store {
             .get(key)
             .is_some_and(|entry| op.holds(&entry.value, value));
         let (put_key, put_value) = if holds { then } else { otherwise };
-        state.put(put_key, put_value, None);
+        let _ = state.put(put_key, put_value, None);
         holds
     }
 
@@ -248,7 +247,7 @@ impl Store {
             .get(key)
             .is_some_and(|entry| entry.value == test);
         if matches {
-            state.put(key, set, None);
+            let _ = state.put(key, set, None);
         }
         matches
     }
@@ -328,7 +327,8 @@ impl Store {
 }
 
 impl State {
-    fn put(&mut self, key: &str, value: &str, lease: Option<LeaseId>) {
+    /// Puts `key` and returns the new store revision.
+    fn put(&mut self, key: &str, value: &str, lease: Option<LeaseId>) -> i64 {
         match self.values.get_mut(key) {
             Some(entry) => {
                 entry.value.clear();
@@ -348,10 +348,11 @@ impl State {
             }
         }
         self.revision += 1;
+        let revision = self.revision;
         if !self.watchers.is_empty() {
-            let revision = self.revision;
             self.watchers.notify(key, Some(value), revision);
         }
+        revision
     }
 
     fn remove(&mut self, key: &str) -> bool {
