@@ -74,7 +74,9 @@ use crate::session::Session;
 /// without closing stops its background tasks, and its lease expires within `lease_ttl`.
 pub struct EtcdKvs {
     shared: Arc<Shared>,
-    /// The lease keep-alive and, with several endpoints, the member health checks.
+    /// The session's owner task (see [`session`]).
+    session_owner: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// With several endpoints, the member health checks.
     background: Mutex<Vec<AbortOnDrop>>,
 }
 
@@ -140,24 +142,26 @@ impl EtcdKvs {
                     err => errors.map(Request::keyless("connect"), err),
                 })?;
             // Granting the lease is the first request: it proves a member answers and has a leader.
+            let granted_at = tokio::time::Instant::now();
             let lease = client
                 .lease_client()
                 .grant(ttl, None)
                 .await
                 .map_err(|err| errors.map(Request::keyless("lease grant"), err))?;
-            Ok::<_, Error>((client, lease.id()))
+            Ok::<_, Error>((client, lease.id(), lease.ttl(), granted_at))
         };
-        let (client, lease) = tokio::time::timeout(options.connect_timeout, connecting)
-            .await
-            .map_err(|_| {
-                errors.unavailable(
-                    format!(
-                        "no endpoint answered within connect_timeout ({:?})",
-                        options.connect_timeout
-                    ),
-                    None,
-                )
-            })??;
+        let (client, lease, granted_ttl, granted_at) =
+            tokio::time::timeout(options.connect_timeout, connecting)
+                .await
+                .map_err(|_| {
+                    errors.unavailable(
+                        format!(
+                            "no endpoint answered within connect_timeout ({:?})",
+                            options.connect_timeout
+                        ),
+                        None,
+                    )
+                })??;
         tracing::debug!(endpoints = %errors.endpoints, lease = %lease_hex(lease), "connected to etcd");
 
         let prefix = KeyPrefix::new(options.prefix.clone());
@@ -165,7 +169,7 @@ impl EtcdKvs {
         let shared = Arc::new(Shared {
             client,
             errors,
-            session: Session::new(lease, ttl),
+            session: Session::new(lease, ttl, granted_ttl, granted_at),
             options,
             prefix,
             closed: AtomicBool::new(false),
@@ -174,18 +178,36 @@ impl EtcdKvs {
             watches: watch::WatchHub::new(),
             kv_pool: pool::KvPool::new(),
         });
-        let keep_alive = tokio::spawn(session::keep_alive(Arc::clone(&shared)));
-        let mut background = vec![AbortOnDrop(keep_alive)];
-        background.extend(members::spawn_health_task(
+        let owner = tokio::spawn(session::run(Arc::clone(&shared)));
+        let background = members::spawn_health_task(
             &shared.client,
             urls,
             &shared.options,
             shared.shutdown.subscribe(),
-        ));
+        )
+        .into_iter()
+        .collect();
         Ok(EtcdKvs {
             shared,
+            session_owner: Mutex::new(Some(owner)),
             background: Mutex::new(background),
         })
+    }
+
+    /// Stops the session's owner: at once (drop), or letting a lease grant under way finish so
+    /// that the owner revokes what it granted (close, bounded by `request_timeout`).
+    async fn stop_session_owner(&self) {
+        let owner = self
+            .session_owner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(mut owner) = owner {
+            let limit = self.shared.options.request_timeout + Duration::from_secs(1);
+            if tokio::time::timeout(limit, &mut owner).await.is_err() {
+                owner.abort();
+            }
+        }
     }
 
     fn stop_background(&self) {
@@ -203,6 +225,14 @@ impl Drop for EtcdKvs {
     fn drop(&mut self) {
         self.shared.shutdown.send_replace(true);
         self.stop_background();
+        if let Some(owner) = self
+            .session_owner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        {
+            owner.abort();
+        }
     }
 }
 
@@ -526,6 +556,10 @@ impl Kvi for EtcdKvs {
         shared.shutdown.send_replace(true);
         self.stop_background();
         shared.lock.forget();
+        // Once the owner has stopped nothing grants a lease again: the one revoked here is the
+        // last, and keys put on it by calls racing this close go with it.
+        self.stop_session_owner().await;
+        shared.session.close();
         // Revoking the lease removes the temp keys and the lock key at once.
         let lease = shared.session.current_lease();
         let mut leases = shared.client.lease_client();

@@ -2,15 +2,29 @@
 //! algorithm of etcd's Go `concurrency.Mutex`, on the handle's lease.
 //!
 //! Each participant puts `<name>/<lease id in hex>` (with the handle's prefix in front) bound
-//! to its lease, then waits until every key under `<name>/` created before its own is
+//! to its lease, then waits until every lock key of `<name>` created before its own is
 //! deleted. Waiters are therefore served in the order they queued, and Go services using
-//! `concurrency.NewMutex(session, name)` on the same etcd take part in the same queue.
+//! `concurrency.NewMutex(session, name)` on the same etcd take part in the same queue. Only
+//! keys of exactly that form count: `<name>/config`, or the keys of a lock named `<name>/7`,
+//! are not participants of `<name>`. (Go's Mutex waits on every key under `<name>/`: that
+//! makes a Go waiter slower, never two holders.)
 //!
 //! A handle has one lease and so one waiter key per name: its own participants (the handle's
 //! lock and every guard for that name) queue first on a fair local mutex per name, held for as
-//! long as the lock is. The handle's lock is the named lock `lock_name`. So a participant takes
-//! its place in etcd's queue when it reaches the front of its handle's local queue: among
-//! participants of different handles, first come first served holds from that moment.
+//! long as the lock is, and until its key is deleted. The handle's lock is the named lock
+//! `lock_name`. So a participant takes its place in etcd's queue when it reaches the front of
+//! its handle's local queue: among participants of different handles, first come first served
+//! holds from that moment.
+//!
+//! A held lock is a [`Hold`], watched by a monitor task until it is released: the monitor
+//! notices when the lock is lost (the lease's generation ended, the handle closed, `max_hold`
+//! ran out, or someone deleted the lock key), fires the hold's [`LostSignal`] with the reason
+//! and lets the name go. The fencing token of a hold is its key's create revision.
+//!
+//! Keys that must go away (released lock keys, the waiter keys of attempts that gave up or were
+//! cancelled) are deleted in the background, retried until etcd confirms the delete or the
+//! handle is shut down (closing revokes the lease, and the keys with it). Until then the
+//! handle keeps the name's local mutex: it never queues again behind its own stale key.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,24 +32,28 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use hmetcd_core::keys::check_key;
-use hmetcd_core::{Error, LockGuard, LockOptions, LockRelease, LostReason, LostSignal, Result};
+use hmetcd_core::{
+    Error, LockGuard, LockOptions, LockRelease, LostReason, LostSignal, Result, WatchEvent,
+};
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
 
 use crate::error::{is_lease_not_found, Request};
 use crate::retry::{pause_unless_shut_down, shut_down, Backoff};
+use crate::session::Phase;
+use crate::watch::Target;
 use crate::{lease_hex, Shared};
 
 /// When a timed attempt gives up, and the timeout to report then.
 type Deadline = Option<(Instant, Duration)>;
 
-/// A named lock held by one of the handle's guards; empty once released.
-type GuardSlot = Arc<Mutex<Option<HeldKey>>>;
+/// How many keys ahead of ours one read looks at for the next lock participant.
+const AHEAD_PAGE: i64 = 16;
 
 /// The locks as this handle sees them.
 #[derive(Default)]
@@ -44,51 +62,99 @@ pub(crate) struct LockState {
     /// acquisition and then finds the lock held (the handle's lock is re-entrant).
     dist_callers: tokio::sync::Mutex<()>,
     /// The handle's lock, while held.
-    held: Mutex<Option<HeldKey>>,
+    held: Mutex<Option<Arc<Hold>>>,
     /// One fair mutex per lock name (as the caller wrote it), so that the handle never queues
     /// two waiter keys for one name. Entries nobody uses are removed.
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The named locks of the handle's guards, so that `close()` releases them.
-    guards: Mutex<HashMap<u64, GuardSlot>>,
-    next_guard: AtomicU64,
+    /// Every lock the handle holds (its own and its guards'), so that `close()` releases them.
+    holds: Mutex<HashMap<u64, Arc<Hold>>>,
+    next_hold: AtomicU64,
 }
 
-/// A lock this handle holds: its key in etcd and its name's local mutex.
+/// A lock key this handle owns in etcd and the name's local mutex, kept until the key is
+/// deleted (or known gone).
 struct HeldKey {
     /// The name as the caller wrote it (without the prefix).
     name: String,
     /// The stored lock key.
     key: String,
-    /// The lease generation it was taken under; a newer lease means the lock was lost.
-    generation: u64,
-    /// The create revision of `key`: the fencing token.
-    revision: i64,
     /// Released only once the key is deleted, so that the handle's next participant for this
     /// name never finds the old key and takes it for its own place in the queue.
     _local: OwnedMutexGuard<()>,
+}
+
+/// One held lock: the handle's lock or a guard's.
+struct Hold {
+    id: u64,
+    /// The name as the caller wrote it.
+    name: String,
+    /// The lease the key is bound to, and its generation in the session.
+    lease: i64,
+    generation: u64,
+    /// The key's create revision: the fencing token.
+    revision: i64,
+    /// The key while held; `None` once released or lost.
+    key: Mutex<Option<HeldKey>>,
+    lost: LostSignal,
+    /// The task that notices a loss.
+    monitor: Mutex<Option<AbortHandle>>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+impl Hold {
+    /// Takes the key out (the lock is no longer held as far as this hold is concerned) and
+    /// stops the monitor. `None` if it was already released or lost.
+    fn take(&self) -> Option<HeldKey> {
+        let key = locked(&self.key).take();
+        if let Some(monitor) = locked(&self.monitor).take() {
+            monitor.abort();
+        }
+        key
+    }
+
+    /// Whether the lock is surely still held: not released or lost, the handle neither closed
+    /// nor dropped, and the
+    /// lease of its generation confirmed recently enough that etcd cannot have expired it.
+    fn is_held(&self, shared: &Shared) -> bool {
+        locked(&self.key).is_some()
+            && self.lost.reason().is_none()
+            && !*shared.shutdown.borrow()
+            && shared.session.holds(self.generation)
+    }
+
+    /// The lock was lost for `reason`: the hold lets go of its key. Returns it if it was still
+    /// held (for the caller to delete where that is needed).
+    fn lose(&self, reason: LostReason) -> Option<HeldKey> {
+        let key = locked(&self.key).take()?;
+        self.lost.fire(reason);
+        tracing::warn!(lock = %self.name, %reason, token = self.revision, "lost the lock");
+        Some(key)
+    }
+}
+
 impl LockState {
-    fn held(&self) -> MutexGuard<'_, Option<HeldKey>> {
+    fn held(&self) -> MutexGuard<'_, Option<Arc<Hold>>> {
         locked(&self.held)
     }
 
     /// Forgets every lock of the handle without touching etcd (closing revokes the lease,
-    /// which removes the keys).
+    /// which removes the keys); each hold's `lost()` says `Closed`.
     pub(crate) fn forget(&self) {
         self.held().take();
-        let guards = std::mem::take(&mut *locked(&self.guards));
-        for slot in guards.into_values() {
-            locked(&slot).take();
+        let holds = std::mem::take(&mut *locked(&self.holds));
+        for hold in holds.into_values() {
+            if let Some(monitor) = locked(&hold.monitor).take() {
+                monitor.abort();
+            }
+            drop(hold.lose(LostReason::Closed));
         }
     }
 
-    fn forget_guard(&self, id: u64) {
-        locked(&self.guards).remove(&id);
+    fn forget_hold(&self, id: u64) {
+        locked(&self.holds).remove(&id);
     }
 
     fn local_mutex(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -142,56 +208,84 @@ pub(crate) fn deadline_after(timeout: Option<Duration>) -> Deadline {
     timeout.and_then(|timeout| Instant::now().checked_add(timeout).map(|at| (at, timeout)))
 }
 
+/// Whether `suffix` (what follows `<name>/`) is a lease id as lock keys write it: lowercase
+/// hex, as Go's `fmt.Sprintf("%x", id)` prints an `int64`.
+fn is_lease_suffix(suffix: &[u8]) -> bool {
+    let digits = suffix.strip_prefix(b"-").unwrap_or(suffix);
+    !digits.is_empty()
+        && digits
+            .iter()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte))
+}
+
 impl Shared {
     fn lock_name(&self) -> &str {
         &self.options.lock_name
     }
 
     /// `dist_lock` (no deadline) and `dist_timed_lock`.
-    pub(crate) async fn acquire_lock(&self, deadline: Deadline) -> Result<()> {
+    pub(crate) async fn acquire_lock(self: &Arc<Self>, deadline: Deadline) -> Result<()> {
         let name = self.lock_name();
         let _one_caller_at_a_time = by_deadline(name, deadline, async {
             Ok(self.lock.dist_callers.lock().await)
         })
         .await?;
-        let held = self
-            .lock
-            .held()
-            .as_ref()
-            .map(|held| (held.key.clone(), held.generation));
-        if let Some((key, generation)) = held {
-            // "Holds" means holds now: the lease is alive and the lock key is still there.
-            if self.session.is_alive(generation)
-                && self
-                    .create_revision(&key, Request::new("lock", name))
-                    .await?
-                    .is_some()
-            {
-                return Ok(());
+        let held = self.lock.held().clone();
+        if let Some(hold) = held {
+            // "Holds" means holds now: the lease is surely alive and the lock key still there.
+            let key = locked(&hold.key).as_ref().map(|held| held.key.clone());
+            if let Some(key) = key {
+                if hold.is_held(self)
+                    && self
+                        .create_revision(&key, Request::new("lock", name))
+                        .await?
+                        == Some(hold.revision)
+                {
+                    return Ok(());
+                }
             }
-            tracing::warn!(
-                lock = name,
-                "the lock was lost with the lease; queueing again"
-            );
+            tracing::warn!(lock = name, "the lock was lost; queueing again");
             self.lock.held().take();
+            self.lock.forget_hold(hold.id);
+            if let Some(held) = hold.lose(LostReason::SessionLost) {
+                self.drop_held(held);
+            }
         }
-        let held = self.acquire_key(name, deadline).await?;
-        *self.lock.held() = Some(held);
+        let hold = self.acquire_key(name, deadline, None).await?;
+        *self.lock.held() = Some(hold);
         Ok(())
     }
 
     /// `dist_unlock`: deletes the lock key if this handle holds the lock.
-    pub(crate) async fn release_lock(&self) -> Result<()> {
-        let Some(held) = self.lock.held().take() else {
+    pub(crate) async fn release_lock(self: &Arc<Self>) -> Result<()> {
+        let Some(hold) = self.lock.held().take() else {
             return Ok(());
         };
-        if let Err(err) = self.delete_lock_key(&held).await {
-            // Still ours as far as we know; a later unlock tries again.
-            *self.lock.held() = Some(held);
-            return Err(err);
+        self.lock.forget_hold(hold.id);
+        match hold.take() {
+            Some(held) => self.delete_released(held).await,
+            None => Ok(()),
         }
-        self.drop_held(held);
-        Ok(())
+    }
+
+    /// Deletes a released lock's key; if that fails, reports it and goes on trying in the
+    /// background, as for a dropped guard.
+    async fn delete_released(self: &Arc<Self>, held: HeldKey) -> Result<()> {
+        if self.is_closed() {
+            // Closing revoked the lease, and the key with it.
+            self.drop_held(held);
+            return Ok(());
+        }
+        match self.delete_lock_key(&held.name, &held.key).await {
+            Ok(()) => {
+                self.drop_held(held);
+                Ok(())
+            }
+            Err(err) => {
+                spawn_delete(Arc::clone(self), held);
+                Err(err)
+            }
+        }
     }
 
     /// `lock` and `lock_with`: a guard for the named lock `name`.
@@ -203,26 +297,23 @@ impl Shared {
         self.ensure_open()?;
         check_key("name", name)?;
         let deadline = deadline_after(options.get_timeout());
-        let held = self.acquire_key(name, deadline).await?;
-        let fencing_token = held.revision;
-        let id = self.lock.next_guard.fetch_add(1, Ordering::Relaxed);
-        let slot: GuardSlot = Arc::new(Mutex::new(Some(held)));
-        locked(&self.lock.guards).insert(id, Arc::clone(&slot));
-        let mut release = EtcdLockRelease {
-            shared: Arc::clone(self),
-            id,
-            slot,
-            lost: LostSignal::new(),
-            expiry: None,
-        };
-        // A close that raced with this call may have missed the new guard.
-        if self.is_closed() {
-            release.take();
-            return Err(Error::Closed);
-        }
         if let Some(max_hold) = options.get_max_hold() {
-            release.expiry = Some(release.start_expiry(name, max_hold)?);
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(Error::NotSupported {
+                    what: format!("max_hold ({max_hold:?}) on the lock {name:?}"),
+                    reason: "the timer needs a Tokio runtime; call lock_with from within one"
+                        .to_owned(),
+                });
+            }
         }
+        let hold = self
+            .acquire_key(name, deadline, options.get_max_hold())
+            .await?;
+        let fencing_token = hold.revision;
+        let release = EtcdLockRelease {
+            shared: Arc::clone(self),
+            hold,
+        };
         Ok(LockGuard::from_backend(
             name,
             fencing_token,
@@ -231,8 +322,14 @@ impl Shared {
     }
 
     /// Takes the lock `name` for one of the handle's participants: first the name's local
-    /// mutex, then a place in etcd's queue. Gives up at `deadline` without a trace.
-    async fn acquire_key(&self, name: &str, deadline: Deadline) -> Result<HeldKey> {
+    /// mutex, then a place in etcd's queue. Gives up at `deadline` without a trace. The hold
+    /// is watched from then on, and released after `max_hold` if given.
+    async fn acquire_key(
+        self: &Arc<Self>,
+        name: &str,
+        deadline: Deadline,
+        max_hold: Option<Duration>,
+    ) -> Result<Arc<Hold>> {
         let local = self.lock.local_mutex(name);
         let mut shutdown = self.shutdown.subscribe();
         let taken = by_deadline(name, deadline, async {
@@ -242,41 +339,87 @@ impl Shared {
             }
         })
         .await;
-        let outcome = match taken {
+        let acquired = match taken {
             Ok(local) => self.queue_until_acquired(name, local, deadline).await,
             Err(err) => Err(err),
         };
-        if outcome.is_err() {
-            self.lock.forget_local_if_unused(name);
+        let (held, lease, generation, revision) = match acquired {
+            Ok(acquired) => acquired,
+            Err(err) => {
+                self.lock.forget_local_if_unused(name);
+                return Err(err);
+            }
+        };
+        let hold = Arc::new(Hold {
+            id: self.lock.next_hold.fetch_add(1, Ordering::Relaxed),
+            name: name.to_owned(),
+            lease,
+            generation,
+            revision,
+            key: Mutex::new(Some(held)),
+            lost: LostSignal::new(),
+            monitor: Mutex::new(None),
+        });
+        locked(&self.lock.holds).insert(hold.id, Arc::clone(&hold));
+        // A close that raced with this call may have missed the new hold.
+        if self.is_closed() {
+            self.lock.forget_hold(hold.id);
+            if let Some(held) = hold.take() {
+                self.drop_held(held);
+            }
+            return Err(Error::Closed);
         }
-        outcome
+        let monitor = tokio::spawn(monitor(Arc::clone(self), Arc::clone(&hold), max_hold));
+        *locked(&hold.monitor) = Some(monitor.abort_handle());
+        // The monitor may have finished already (a loss at once): then it stays stopped.
+        if locked(&hold.key).is_none() {
+            monitor.abort();
+        }
+        Ok(hold)
     }
 
+    /// Queues under the current lease until the lock is ours. Returns our key, its lease,
+    /// generation and create revision.
     async fn queue_until_acquired(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         local: OwnedMutexGuard<()>,
         deadline: Deadline,
-    ) -> Result<HeldKey> {
+    ) -> Result<(HeldKey, i64, u64, i64)> {
         let dir = format!("{}/", self.prefix.apply(name));
+        let request = Request::new("lock", name);
+        let mut waiter = WaiterKey {
+            shared: Arc::clone(self),
+            name: name.to_owned(),
+            key: None,
+            local: Some(local),
+        };
+        let mut not = None;
         loop {
-            let (lease, generation) = by_deadline(name, deadline, self.live_lease()).await?;
+            let timeout = self.options.request_timeout;
+            let (lease, generation) = by_deadline(
+                name,
+                deadline,
+                self.session.live_lease(not, timeout, request),
+            )
+            .await?;
             let key = format!("{dir}{}", lease_hex(lease));
-            let mut waiter = WaiterKey::new(self, &key);
-            let attempt = self.queue_and_wait(name, &dir, &key, lease);
+            waiter.key = Some(key.clone());
+            let attempt = self.queue_and_wait(&dir, &key, lease, request);
             match by_deadline(name, deadline, attempt).await {
                 Ok(Attempt::Acquired(revision)) => {
-                    waiter.keep();
-                    return Ok(HeldKey {
-                        name: name.to_owned(),
-                        key,
-                        generation,
-                        revision,
-                        _local: local,
-                    });
+                    let held = waiter.take_held(key).ok_or_else(|| Error::Backend {
+                        operation: request.to_string(),
+                        reason: "the handle's queue place for the lock was handed on twice"
+                            .to_owned(),
+                        source: None,
+                    })?;
+                    return Ok((held, lease, generation, revision));
                 }
                 Ok(Attempt::KeyLost) => {
-                    waiter.keep();
+                    // The key went with its lease: nothing to delete.
+                    waiter.key = None;
+                    not = Some(lease);
                     if let Some((at, timeout)) = deadline {
                         if Instant::now() >= at {
                             return Err(gave_up(name, timeout));
@@ -284,33 +427,34 @@ impl Shared {
                     }
                 }
                 Err(err) => {
-                    // A given-up attempt leaves no trace: our waiter key goes before we return.
-                    waiter.remove_now(self, name).await;
+                    // A given-up attempt leaves no trace: our waiter key goes before we return
+                    // (or, if etcd does not answer now, as soon as it does).
+                    waiter.remove_now().await;
                     return Err(err);
                 }
             }
         }
     }
 
-    /// Deletes a held lock's key (the next waiter gets the lock).
-    async fn delete_lock_key(&self, held: &HeldKey) -> Result<()> {
-        self.kv_request(Request::new("unlock", &held.name), async |kv| {
-            kv.delete(held.key.as_str(), None).await
+    /// Deletes a lock key (the next waiter gets the lock).
+    async fn delete_lock_key(&self, name: &str, key: &str) -> Result<()> {
+        self.kv_request(Request::new("unlock", name), async |kv| {
+            kv.delete(key, None).await
         })
         .await
         .map(|_| ())
     }
 
-    /// Deletes a held lock's key, retrying until it is gone or the handle is shut down (then
-    /// the key goes with the lease). The name's local mutex is released only after that.
+    /// Deletes a lock key, retrying until it is gone or the handle is shut down (then the key
+    /// goes with the lease). The name's local mutex is released only after that.
     async fn delete_lock_key_until_done(&self, held: HeldKey) {
         let mut backoff = Backoff::new();
         let mut shutdown = self.shutdown.subscribe();
         while !self.is_closed() {
-            match self.delete_lock_key(&held).await {
+            match self.delete_lock_key(&held.name, &held.key).await {
                 Ok(()) => break,
                 Err(err) => {
-                    tracing::warn!(error = %err, lock = %held.name, "could not release the lock yet; retrying");
+                    tracing::warn!(error = %err, lock = %held.name, "could not delete a lock key yet; retrying");
                     if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
                         break;
                     }
@@ -329,26 +473,26 @@ impl Shared {
     /// Puts our waiter key (if not there yet) and waits until every key queued before it is gone.
     async fn queue_and_wait(
         &self,
-        name: &str,
         dir: &str,
         key: &str,
         lease: i64,
+        request: Request<'_>,
     ) -> Result<Attempt> {
-        let request = Request::new("lock", name);
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key,
                 "",
                 Some(PutOptions::new().with_lease(lease)),
-            )]);
+            )])
+            .or_else([TxnOp::get(key, None)]);
         let queued = match self
             .kv_bounded(request, async |kv| kv.txn(txn).await)
             .await?
         {
             Ok(queued) => queued,
             Err(err) if is_lease_not_found(&err) => {
-                self.session.mark_lost(lease).await;
+                self.session.report_lost(lease);
                 return Ok(Attempt::KeyLost);
             }
             Err(err) => return Err(self.errors.map(request, err)),
@@ -356,8 +500,17 @@ impl Shared {
         let my_revision = if queued.succeeded() {
             revision_of(queued.header(), request)?
         } else {
-            // The key is already there (an earlier attempt on this lease): its place in the queue stands.
-            match self.create_revision(key, request).await? {
+            // The key is already there: a participant of this handle on the same lease let go
+            // of it without deleting it (it counted the lock as lost). Its place in the queue
+            // stands, as in Go's Mutex; nobody held the lock in between.
+            let found = queued
+                .op_responses()
+                .into_iter()
+                .find_map(|read| match read {
+                    TxnOpResponse::Get(read) => read.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                });
+            match found {
                 Some(revision) => revision,
                 None => return Ok(Attempt::KeyLost),
             }
@@ -373,11 +526,74 @@ impl Shared {
         Ok(answer.kvs().first().map(|found| found.create_revision()))
     }
 
-    /// Go's `waitDeletes`: until no key under `dir` was created before `my_revision`, watch
-    /// the newest such key (the one just ahead of us) until it is deleted. Each look reads the
-    /// key ahead and our own key in one request: if ours vanished (the lease expired while we
-    /// waited), the attempt must queue again. Outages while waiting are ridden out: the wait
-    /// itself has no time limit.
+    /// The lock key of `dir` created last before `below` (inclusive), if any: the participant
+    /// just ahead of us. Only keys `<dir><lease hex>` count. The first page comes with the
+    /// create revision of our own `key`, in one transaction.
+    async fn key_ahead(
+        &self,
+        dir: &str,
+        key: &str,
+        below: i64,
+        request: Request<'_>,
+    ) -> Result<(Option<(Vec<u8>, i64)>, Option<i64>, i64)> {
+        let mut below = below;
+        let mut mine = None;
+        let mut first = true;
+        loop {
+            let ahead = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_max_create_revision(below)
+                .with_limit(AHEAD_PAGE)
+                .with_keys_only();
+            let mut ops = vec![TxnOp::get(dir, Some(ahead))];
+            if first {
+                ops.push(TxnOp::get(key, None));
+            }
+            let txn = Txn::new().and_then(ops);
+            let answer = self
+                .kv_request(request, async |kv| kv.txn(txn).await)
+                .await?;
+            let revision = revision_of(answer.header(), request)?;
+            let responses = answer.op_responses();
+            let mut reads = responses.iter().filter_map(|response| match response {
+                TxnOpResponse::Get(read) => Some(read),
+                _ => None,
+            });
+            let Some(page) = reads.next() else {
+                return Err(missing_reads(request));
+            };
+            if first {
+                let Some(own) = reads.next() else {
+                    return Err(missing_reads(request));
+                };
+                mine = own.kvs().first().map(|found| found.create_revision());
+                first = false;
+            }
+            let participant = page.kvs().iter().find(|found| {
+                found
+                    .key()
+                    .strip_prefix(dir.as_bytes())
+                    .is_some_and(is_lease_suffix)
+            });
+            if let Some(found) = participant {
+                return Ok((
+                    Some((found.key().to_vec(), found.create_revision())),
+                    mine,
+                    revision,
+                ));
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => below = last.create_revision() - 1,
+                _ => return Ok((None, mine, revision)),
+            }
+        }
+    }
+
+    /// Go's `waitDeletes`: until no lock key of `dir` was created before `my_revision`, watch
+    /// the newest such key (the one just ahead of us) until it is deleted. Each look also reads
+    /// our own key: if it vanished (the lease expired while we waited), the attempt must queue
+    /// again. Outages while waiting are ridden out: the wait itself has no time limit.
     async fn wait_for_predecessors(
         &self,
         dir: &str,
@@ -391,14 +607,11 @@ impl Shared {
             if self.is_closed() {
                 return Err(Error::Closed);
             }
-            let ahead = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_max_create_revision(my_revision - 1)
-                .with_limit(1);
-            let txn = Txn::new().and_then([TxnOp::get(dir, Some(ahead)), TxnOp::get(key, None)]);
-            let answer = match self.kv_request(request, async |kv| kv.txn(txn).await).await {
-                Ok(answer) => answer,
+            let (ahead, mine, revision) = match self
+                .key_ahead(dir, key, my_revision - 1, request)
+                .await
+            {
+                Ok(found) => found,
                 Err(err) if err.is_transient() => {
                     tracing::debug!(error = %err, "waiting for the lock: etcd unreachable; retrying");
                     if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
@@ -408,41 +621,25 @@ impl Shared {
                 }
                 Err(err) => return Err(err),
             };
-            let responses = answer.op_responses();
-            let mut reads = responses.iter().filter_map(|response| match response {
-                TxnOpResponse::Get(read) => Some(read),
-                _ => None,
-            });
-            let (Some(ahead), Some(mine)) = (reads.next(), reads.next()) else {
-                return Err(Error::Backend {
-                    operation: request.to_string(),
-                    reason: "etcd answered a transaction of two reads without both results"
-                        .to_owned(),
-                    source: None,
-                });
-            };
-            if mine.kvs().first().map(|found| found.create_revision()) != Some(my_revision) {
+            if mine != Some(my_revision) {
                 return Ok(Attempt::KeyLost);
             }
-            let Some(ahead) = ahead.kvs().first() else {
+            let Some((ahead, _)) = ahead else {
                 return Ok(Attempt::Acquired(my_revision));
             };
-            let after = revision_of(answer.header(), request)?;
-            if !self
-                .wait_deleted(ahead.key(), after + 1, request, &mut shutdown)
+            if self
+                .wait_deleted(&ahead, revision + 1, request, &mut shutdown)
                 .await?
             {
-                if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
-                    return Err(Error::Closed);
-                }
-            } else {
                 backoff.reset();
+            } else if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
+                return Err(Error::Closed);
             }
         }
     }
 
-    /// Watches `key` from `revision` until it is deleted (`true`), or the watch breaks
-    /// (`false`: look again).
+    /// Watches the stored `key` from `revision` until it is deleted (`true`), or the watch
+    /// breaks (`false`: look again).
     async fn wait_deleted(
         &self,
         key: &[u8],
@@ -450,40 +647,166 @@ impl Shared {
         request: Request<'_>,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<bool> {
-        let mut watches = self.client.watch_client();
-        let options = WatchOptions::new().with_start_revision(revision);
-        let request = Request::new("watch lock", request.key);
-        let mut stream = match self
-            .bounded(request, watches.watch(key, Some(options)))
-            .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
-                tracing::debug!(error = %err, "waiting for the lock: cannot watch the key ahead");
+        let Some(target) = self.stored_target(key) else {
+            return Ok(false);
+        };
+        let mut stream = match self.watch_from(target, revision).await {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::debug!(error = %err, lock = request.key, "waiting for the lock: cannot watch the key ahead");
                 return Ok(false);
             }
-            Err(_) => return Ok(false),
         };
         loop {
-            let message = tokio::select! {
+            let event = tokio::select! {
                 () = shut_down(shutdown) => return Err(Error::Closed),
-                message = stream.message() => message,
+                event = stream.next() => event,
             };
-            match message {
-                Ok(Some(answer)) => {
-                    if answer
-                        .events()
-                        .iter()
-                        .any(|event| event.event_type() == EventType::Delete)
-                    {
-                        return Ok(true);
-                    }
-                    if answer.canceled() || answer.compact_revision() > 0 {
-                        return Ok(false);
-                    }
-                }
-                Ok(None) | Err(_) => return Ok(false),
+            match event {
+                Some(Ok(WatchEvent::Delete { .. })) => return Ok(true),
+                Some(Ok(WatchEvent::Put { .. })) => {}
+                Some(Err(_)) | None => return Ok(false),
             }
+        }
+    }
+
+    /// A watch target for a stored lock key (lock keys are under the prefix by construction).
+    fn stored_target(&self, key: &[u8]) -> Option<Target> {
+        let key = std::str::from_utf8(key).ok()?;
+        let shown = self.prefix.strip(key)?;
+        Some(Target::key(shown, &self.prefix))
+    }
+
+    /// Why the lock key of `hold` was deleted: with its lease (the session is lost), or by
+    /// someone else.
+    async fn why_deleted(&self, hold: &Hold) -> LostReason {
+        let mut leases = self.client.lease_client();
+        let asked = self
+            .request(
+                Request::keyless("lease time-to-live"),
+                leases.time_to_live(hold.lease, None),
+            )
+            .await;
+        match asked {
+            Ok(answer) if answer.ttl() > 0 => LostReason::KeyDeleted,
+            Ok(_) => {
+                self.session.report_lost(hold.lease);
+                LostReason::SessionLost
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, lock = %hold.name, "cannot ask about the lease of a deleted lock key");
+                if self.session.holds(hold.generation) {
+                    LostReason::KeyDeleted
+                } else {
+                    LostReason::SessionLost
+                }
+            }
+        }
+    }
+}
+
+fn missing_reads(request: Request<'_>) -> Error {
+    Error::Backend {
+        operation: request.to_string(),
+        reason: "etcd answered a transaction of reads without every result".to_owned(),
+        source: None,
+    }
+}
+
+/// Watches one hold until the lock is lost, then fires its signal and lets the name go.
+/// Aborted when the hold is released by its holder.
+async fn monitor(shared: Arc<Shared>, hold: Arc<Hold>, max_hold: Option<Duration>) {
+    let reason = tokio::select! {
+        reason = session_ended(&shared, hold.generation) => reason,
+        reason = key_deleted(&shared, &hold) => reason,
+        () = sleep_or_forever(max_hold) => LostReason::MaxHold,
+    };
+    shared.lock.forget_hold(hold.id);
+    {
+        let mut held = shared.lock.held();
+        if held.as_ref().is_some_and(|own| own.id == hold.id) {
+            held.take();
+        }
+    }
+    let Some(held) = hold.lose(reason) else {
+        return;
+    };
+    if reason == LostReason::MaxHold {
+        tracing::debug!(lock = %hold.name, ?max_hold, "max_hold expired; releasing the lock");
+        shared.delete_lock_key_until_done(held).await;
+    } else {
+        // Gone with its lease, deleted by someone else, or going with the lease at close.
+        shared.drop_held(held);
+    }
+}
+
+async fn sleep_or_forever(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the session generation a lock was taken under ends.
+async fn session_ended(shared: &Shared, generation: u64) -> LostReason {
+    let mut states = shared.session.subscribe();
+    let mut shutdown = shared.shutdown.subscribe();
+    let ended = states.wait_for(|state| {
+        state.generation != generation || !matches!(state.phase, Phase::Live | Phase::Restoring)
+    });
+    tokio::select! {
+        () = shut_down(&mut shutdown) => LostReason::Closed,
+        ended = ended => match ended {
+            Ok(state) if state.phase == Phase::Closed => LostReason::Closed,
+            Ok(_) => LostReason::SessionLost,
+            Err(_) => LostReason::Closed,
+        },
+    }
+}
+
+/// Resolves when the hold's key is deleted, with whose doing that was.
+async fn key_deleted(shared: &Shared, hold: &Hold) -> LostReason {
+    let Some(key) = locked(&hold.key).as_ref().map(|held| held.key.clone()) else {
+        return std::future::pending().await;
+    };
+    let request = Request::new("watch lock", &hold.name);
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut backoff = Backoff::new();
+    let mut from = hold.revision + 1;
+    loop {
+        if matches!(
+            shared
+                .wait_deleted(key.as_bytes(), from, request, &mut shutdown)
+                .await,
+            Ok(true)
+        ) {
+            return shared.why_deleted(hold).await;
+        }
+        // The watch broke: look whether the key is still ours, then watch again from there.
+        let read = shared
+            .kv_request(request, async |kv| kv.get(key.as_str(), None).await)
+            .await;
+        match read {
+            Ok(answer) => {
+                let ours = answer
+                    .kvs()
+                    .first()
+                    .is_some_and(|found| found.create_revision() == hold.revision);
+                if !ours {
+                    return shared.why_deleted(hold).await;
+                }
+                // Still ours at this revision: only a later event counts (the one the broken
+                // watch was at may have been compacted away since).
+                if let Some(header) = answer.header() {
+                    from = from.max(header.revision() + 1);
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, lock = %hold.name, "cannot check the lock key; retrying");
+            }
+        }
+        if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
+            return std::future::pending().await;
         }
     }
 }
@@ -491,111 +814,48 @@ impl Shared {
 /// The etcd side of a [`LockGuard`].
 struct EtcdLockRelease {
     shared: Arc<Shared>,
-    id: u64,
-    slot: GuardSlot,
-    lost: LostSignal,
-    /// The `max_hold` timer, if any.
-    expiry: Option<AbortHandle>,
-}
-
-impl EtcdLockRelease {
-    /// Takes the held lock out of the guard (it is no longer held as far as the guard is
-    /// concerned) and stops the `max_hold` timer. `None` if it was already released.
-    fn take(&mut self) -> Option<HeldKey> {
-        let held = locked(&self.slot).take();
-        self.shared.lock.forget_guard(self.id);
-        if held.is_some() {
-            // Only while the lock was still in the slot: a timer that took it must finish.
-            if let Some(expiry) = self.expiry.take() {
-                expiry.abort();
-            }
-        }
-        held
-    }
-
-    /// Starts the timer that releases the lock after `max_hold`.
-    fn start_expiry(&self, name: &str, max_hold: Duration) -> Result<AbortHandle> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NotSupported {
-            what: format!("max_hold on the lock {name:?}"),
-            reason: "the timer needs a Tokio runtime; call lock_with from within one".to_owned(),
-        })?;
-        let shared = Arc::clone(&self.shared);
-        let slot = Arc::clone(&self.slot);
-        let lost = self.lost.clone();
-        let id = self.id;
-        Ok(runtime
-            .spawn(async move {
-                let mut shutdown = shared.shutdown.subscribe();
-                if !pause_unless_shut_down(max_hold, &mut shutdown).await {
-                    return;
-                }
-                let held = locked(&slot).take();
-                shared.lock.forget_guard(id);
-                if let Some(held) = held {
-                    lost.fire(LostReason::MaxHold);
-                    tracing::debug!(lock = %held.name, ?max_hold, "max_hold expired; releasing the lock");
-                    shared.delete_lock_key_until_done(held).await;
-                }
-            })
-            .abort_handle())
-    }
+    hold: Arc<Hold>,
 }
 
 impl LockRelease for EtcdLockRelease {
     fn is_held(&self) -> bool {
-        let generation = locked(&self.slot).as_ref().map(|held| held.generation);
-        generation.is_some_and(|generation| {
-            !*self.shared.shutdown.borrow() && self.shared.session.is_alive(generation)
-        })
+        self.hold.is_held(&self.shared)
     }
 
     fn lost(&self) -> BoxFuture<'static, LostReason> {
-        self.lost.wait()
+        self.hold.lost.wait()
     }
 
-    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        let held = self.take();
-        let shared = Arc::clone(&self.shared);
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        self.shared.lock.forget_hold(self.hold.id);
+        let held = self.hold.take();
+        let shared = self.shared;
         Box::pin(async move {
-            let Some(held) = held else {
-                return Ok(());
-            };
-            if shared.is_closed() {
-                // Closing revoked the lease, and the key with it.
-                shared.drop_held(held);
-                return Ok(());
-            }
-            match shared.delete_lock_key(&held).await {
-                Ok(()) => {
-                    shared.drop_held(held);
-                    Ok(())
-                }
-                Err(err) => {
-                    // Reported, and still released: in the background, as a dropped guard is.
-                    spawn_release(shared, held);
-                    Err(err)
-                }
+            match held {
+                Some(held) => shared.delete_released(held).await,
+                None => Ok(()),
             }
         })
     }
 
-    fn release_on_drop(mut self: Box<Self>) {
-        if let Some(held) = self.take() {
-            spawn_release(Arc::clone(&self.shared), held);
+    fn release_on_drop(self: Box<Self>) {
+        self.shared.lock.forget_hold(self.hold.id);
+        if let Some(held) = self.hold.take() {
+            spawn_delete(self.shared, held);
         }
     }
 }
 
 /// Deletes the key of `held` in the background on the current Tokio runtime. Without one,
-/// the key stays until the handle's lease ends, and the handle's next participant for this
-/// name takes the lock over from it.
-fn spawn_release(shared: Arc<Shared>, held: HeldKey) {
+/// the key stays until the handle's lease ends, and the name stays taken in this handle
+/// until then.
+fn spawn_delete(shared: Arc<Shared>, held: HeldKey) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
             runtime.spawn(async move { shared.delete_lock_key_until_done(held).await });
         }
         Err(_) => {
-            tracing::debug!(lock = %held.name, "guard dropped outside a Tokio runtime; the lock goes with the lease");
+            tracing::debug!(lock = %held.name, "lock released outside a Tokio runtime; its key goes with the lease");
             shared.drop_held(held);
         }
     }
@@ -611,37 +871,42 @@ fn revision_of(header: Option<&etcd_client::ResponseHeader>, request: Request<'_
         })
 }
 
-/// Our waiter key while we queue: removed if the attempt is abandoned, so it never delays a
-/// later acquirer. If the waiting future is dropped, the removal is spawned.
+/// Our place while we queue: the name's local mutex, and our waiter key once put. An
+/// abandoned attempt (an error, a timeout, a dropped future) retires the key: it is deleted,
+/// now or in the background once etcd answers, and only then is the local mutex released.
 struct WaiterKey {
+    shared: Arc<Shared>,
+    name: String,
     key: Option<String>,
-    kv: etcd_client::KvClient,
-    timeout: Duration,
+    local: Option<OwnedMutexGuard<()>>,
 }
 
 impl WaiterKey {
-    fn new(shared: &Shared, key: &str) -> Self {
-        WaiterKey {
-            key: Some(key.to_owned()),
-            kv: shared.client.kv_client(),
-            timeout: shared.options.request_timeout,
-        }
-    }
-
-    /// The key stays (we hold the lock now, or it is already gone).
-    fn keep(&mut self) {
+    /// The lock is ours: the key and the local mutex now belong to the hold. `None` only if the
+    /// local mutex was already handed on, which `queue_until_acquired` never does.
+    fn take_held(&mut self, key: String) -> Option<HeldKey> {
         self.key = None;
+        let local = self.local.take()?;
+        Some(HeldKey {
+            name: self.name.clone(),
+            key,
+            _local: local,
+        })
     }
 
-    async fn remove_now(&mut self, shared: &Shared, name: &str) {
-        if let Some(key) = self.key.take() {
-            if let Err(err) = shared
-                .kv_request(Request::new("remove lock waiter", name), async |kv| {
-                    kv.delete(key, None).await
-                })
-                .await
-            {
-                tracing::warn!(error = %err, "could not remove the lock waiter key; it goes with the lease");
+    /// Tries to delete the key once now; if etcd does not answer, the retirement goes on in
+    /// the background (on drop).
+    async fn remove_now(&mut self) {
+        let Some(key) = self.key.clone() else {
+            return;
+        };
+        if self.shared.is_closed() {
+            return;
+        }
+        match self.shared.delete_lock_key(&self.name, &key).await {
+            Ok(()) => self.key = None,
+            Err(err) => {
+                tracing::warn!(error = %err, lock = %self.name, "could not remove the lock waiter key yet; retrying in the background");
             }
         }
     }
@@ -649,16 +914,35 @@ impl WaiterKey {
 
 impl Drop for WaiterKey {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else {
+        let Some(local) = self.local.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+        let held = HeldKey {
+            name: std::mem::take(&mut self.name),
+            key: self.key.take().unwrap_or_default(),
+            _local: local,
         };
-        let mut kv = self.kv.clone();
-        let timeout = self.timeout;
-        runtime.spawn(async move {
-            let _ = tokio::time::timeout(timeout, kv.delete(key, None)).await;
-        });
+        if held.key.is_empty() {
+            self.shared.drop_held(held);
+            return;
+        }
+        spawn_delete(Arc::clone(&self.shared), held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_lease_ids_are_lock_participants() {
+        assert!(is_lease_suffix(b"694d7a1b2c3d4e5f"));
+        assert!(is_lease_suffix(b"ff"));
+        assert!(is_lease_suffix(b"-ff"));
+        assert!(!is_lease_suffix(b""));
+        assert!(!is_lease_suffix(b"-"));
+        assert!(!is_lease_suffix(b"config"));
+        assert!(!is_lease_suffix(b"7/694d7a1b2c3d4e5f"));
+        assert!(!is_lease_suffix(b"FF"));
     }
 }

@@ -1,105 +1,195 @@
-//! The handle's lease: kept alive in the background, taken anew when lost, with the temp keys
-//! put back on the new lease.
+//! The handle's session: one lease, owned by one task, and the temp keys bound to it.
+//!
+//! One task, [`run`], owns the lease: it keeps it alive, notices when it is lost, takes a new
+//! one and puts the temp keys back. Nobody else grants or revokes a lease (but `close()`,
+//! after the owner has stopped). The owner publishes what it knows as a [`SessionState`]
+//! through a `tokio::sync::watch` channel:
+//!
+//! - requests that need the lease (temp keys, lock waiter keys) read the current state, or wait
+//!   for a live lease with their own deadline; none waits for a restore it did not ask for;
+//! - a request that hears "lease not found" from etcd reports it ([`Session::report_lost`]),
+//!   and the owner replaces the lease;
+//! - locks remember the generation they were taken under: a lock is held only while that
+//!   generation is live and its lease confirmed ([`Session::holds`]).
+//!
+//! The lease counts as lost when etcd says so (a keep-alive answer with TTL 0, "lease not
+//! found" from any request), or when no keep-alive was confirmed within the TTL measured from
+//! when the last confirmed one was *sent*: from then on etcd may have expired it. Such a lease
+//! may still be alive in etcd (a slow network), so the owner revokes it before it puts the temp
+//! keys back on the new one: nothing of ours is left on a lease we no longer keep alive.
+//!
+//! The restore runs beside the keep-alive of the new lease (never in its way), in transactions
+//! of up to [`RESTORE_BATCH`] keys, each key put back only if it is absent: a key that someone
+//! else wrote since is theirs, and the handle stops treating it as a temp key.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use etcd_client::{KvClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
-use hmetcd_core::Result;
+use etcd_client::{
+    Compare, CompareOp, KvClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+use hmetcd_core::{Error, Result};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::error::{is_lease_not_found, Request};
-use crate::retry::Backoff;
+use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff};
 use crate::{lease_hex, Shared};
 
 /// The value of every temp key, as in the Go package.
 const TEMP_VALUE: &str = "1";
 
+/// Keys put back per transaction: etcd's default `max-txn-ops` is 128.
+const RESTORE_BATCH: usize = 128;
+
+/// Bytes of keys per restore transaction, well under etcd's 1.5 MiB request limit.
+const RESTORE_BATCH_BYTES: usize = 512 * 1024;
+
+/// Taken off a lease's confirmed validity: etcd counts TTLs in whole seconds on its own clock.
+const VALIDITY_MARGIN: Duration = Duration::from_millis(250);
+
+/// Where the session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The lease is kept alive and every temp key is on it.
+    Live,
+    /// A new lease is kept alive; the temp keys are being put back on it.
+    Restoring,
+    /// The lease is lost; a new one is being taken.
+    Lost,
+    /// The handle is closed or dropped: no lease will be taken again.
+    Closed,
+}
+
+/// What the owner publishes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionState {
+    /// The current (or, while `Lost`, the last) lease.
+    pub(crate) lease: i64,
+    /// Grows by one with every new lease.
+    pub(crate) generation: u64,
+    /// Until when etcd surely keeps the lease: the send time of the last confirmed keep-alive
+    /// (or of the grant) plus the TTL etcd confirmed, less a margin.
+    pub(crate) valid_until: Instant,
+    pub(crate) phase: Phase,
+}
+
+impl SessionState {
+    fn has_lease(&self) -> bool {
+        matches!(self.phase, Phase::Live | Phase::Restoring)
+    }
+}
+
 /// The handle's lease and the temp keys bound to it.
 pub(crate) struct Session {
     /// Lease TTL in seconds.
     ttl: i64,
-    /// The current lease id, readable without waiting (for `close` and `Debug`).
-    current: AtomicI64,
-    state: tokio::sync::Mutex<LeaseState>,
-    /// What `state` says about the lease's life, readable without waiting (for `is_alive`).
-    view: Mutex<LeaseView>,
+    state: watch::Sender<SessionState>,
+    /// Leases that a request found gone, for the owner.
+    reports: mpsc::UnboundedSender<i64>,
+    reports_inbox: Mutex<Option<mpsc::UnboundedReceiver<i64>>>,
     /// Stored keys (prefix applied) of the handle's temp keys.
     temp_keys: Mutex<BTreeSet<String>>,
     /// Whether `temp_keys` has any; every plain write asks, most handles have none.
     has_temp_keys: AtomicBool,
 }
 
-/// The part of [`LeaseState`] that tells whether a lease generation is alive.
-#[derive(Clone, Copy)]
-struct LeaseView {
-    generation: u64,
-    lost: bool,
-    renewed_at: Instant,
-}
-
-struct LeaseState {
-    id: i64,
-    /// Grows by one with every new lease; a lock taken under an older generation is lost.
-    generation: u64,
-    /// etcd said the lease is gone; the next user takes a new one.
-    lost: bool,
-    /// The temp keys still have to be put back on the current lease.
-    restore_pending: bool,
-    /// When etcd last confirmed the lease.
-    renewed_at: Instant,
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Session {
-    pub(crate) fn new(lease: i64, ttl: i64) -> Self {
+    /// The session of a lease asked for with `ttl` seconds and granted with `granted_ttl` by a
+    /// request sent at `granted_at`.
+    pub(crate) fn new(lease: i64, ttl: i64, granted_ttl: i64, granted_at: Instant) -> Self {
+        let (reports, inbox) = mpsc::unbounded_channel();
         Session {
             ttl,
-            current: AtomicI64::new(lease),
-            state: tokio::sync::Mutex::new(LeaseState {
-                id: lease,
+            state: watch::Sender::new(SessionState {
+                lease,
                 generation: 0,
-                lost: false,
-                restore_pending: false,
-                renewed_at: Instant::now(),
+                valid_until: valid_until(granted_at, granted_ttl),
+                phase: Phase::Live,
             }),
-            view: Mutex::new(LeaseView {
-                generation: 0,
-                lost: false,
-                renewed_at: Instant::now(),
-            }),
+            reports,
+            reports_inbox: Mutex::new(Some(inbox)),
             temp_keys: Mutex::new(BTreeSet::new()),
             has_temp_keys: AtomicBool::new(false),
         }
     }
 
-    fn view(&self) -> MutexGuard<'_, LeaseView> {
-        self.view
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Mirrors `state` into the view; called with `state` locked, after every change.
-    fn publish(&self, state: &LeaseState) {
-        *self.view() = LeaseView {
-            generation: state.generation,
-            lost: state.lost,
-            renewed_at: state.renewed_at,
-        };
+    pub(crate) fn state(&self) -> SessionState {
+        *self.state.borrow()
     }
 
     pub(crate) fn current_lease(&self) -> i64 {
-        self.current.load(Ordering::SeqCst)
+        self.state.borrow().lease
     }
 
     fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl.unsigned_abs())
     }
 
+    /// A receiver of every change of the state, for lock holders to watch.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<SessionState> {
+        self.state.subscribe()
+    }
+
+    /// Whether a lock taken under `generation` is surely still held as far as the lease goes:
+    /// that generation is live and etcd cannot have expired its lease yet.
+    pub(crate) fn holds(&self, generation: u64) -> bool {
+        let state = self.state.borrow();
+        state.generation == generation && state.has_lease() && Instant::now() < state.valid_until
+    }
+
+    /// A request found `lease` gone: the owner takes a new one.
+    pub(crate) fn report_lost(&self, lease: i64) {
+        // Fails only once the owner has stopped (closed or dropped): nothing to replace then.
+        let _ = self.reports.send(lease);
+    }
+
+    /// No lease will be taken again: said by `close()` once the owner has stopped.
+    pub(crate) fn close(&self) {
+        self.state.send_modify(|state| state.phase = Phase::Closed);
+    }
+
+    fn publish(&self, change: impl FnOnce(&mut SessionState)) {
+        self.state.send_modify(change);
+    }
+
+    /// A live lease to put keys on, and its generation, waiting up to `timeout` while a new one
+    /// is being taken; never `not` (a lease the caller found gone). `Closed` once the handle is.
+    pub(crate) async fn live_lease(
+        &self,
+        not: Option<i64>,
+        timeout: Duration,
+        request: Request<'_>,
+    ) -> Result<(i64, u64)> {
+        let usable = |state: &SessionState| {
+            state.phase == Phase::Closed || (state.has_lease() && Some(state.lease) != not)
+        };
+        let mut states = self.state.subscribe();
+        let state = match tokio::time::timeout(timeout, states.wait_for(usable)).await {
+            Ok(Ok(state)) => *state,
+            Ok(Err(_)) => return Err(Error::Closed),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    operation: format!("{request}: waiting for a new lease"),
+                    timeout,
+                })
+            }
+        };
+        if state.phase == Phase::Closed {
+            return Err(Error::Closed);
+        }
+        Ok((state.lease, state.generation))
+    }
+
     fn temp_keys(&self) -> MutexGuard<'_, BTreeSet<String>> {
-        self.temp_keys
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        locked(&self.temp_keys)
     }
 
     /// Remembers a temp key (stored form), to be put back if the lease is ever lost.
@@ -121,81 +211,31 @@ impl Session {
         }
     }
 
-    /// Whether the lease of `generation` is alive as far as anyone can tell: etcd has not said
-    /// otherwise, and confirmed it less than a TTL ago.
-    pub(crate) fn is_alive(&self, generation: u64) -> bool {
-        let view = *self.view();
-        view.generation == generation && !view.lost && view.renewed_at.elapsed() < self.ttl()
-    }
-
-    /// Records that etcd said `lease` is gone.
-    pub(crate) async fn mark_lost(&self, lease: i64) {
-        let mut state = self.state.lock().await;
-        if state.id == lease && !state.lost {
-            tracing::warn!(lease = %lease_hex(lease), "the lease expired; taking a new one");
-            state.lost = true;
-            self.publish(&state);
-        }
-    }
-
-    async fn renewed(&self, lease: i64) {
-        let mut state = self.state.lock().await;
-        if state.id == lease {
-            state.renewed_at = Instant::now();
-            self.publish(&state);
-        }
+    fn is_temp_key(&self, stored: &str) -> bool {
+        self.has_temp_keys.load(Ordering::Acquire) && self.temp_keys().contains(stored)
     }
 }
 
-impl Shared {
-    /// The current lease and its generation, taking a new lease first if the old one was lost
-    /// and putting the temp keys back if that is still to do.
-    pub(crate) async fn live_lease(&self) -> Result<(i64, u64)> {
-        let session = &self.session;
-        let mut state = session.state.lock().await;
-        if state.lost {
-            let mut leases = self.client.lease_client();
-            let granted = self
-                .request(
-                    Request::keyless("lease grant"),
-                    leases.grant(session.ttl, None),
-                )
-                .await?;
-            state.id = granted.id();
-            state.generation += 1;
-            state.lost = false;
-            state.restore_pending = true;
-            state.renewed_at = Instant::now();
-            session.current.store(granted.id(), Ordering::SeqCst);
-            session.publish(&state);
-            tracing::info!(lease = %lease_hex(granted.id()), "took a new lease");
-        }
-        if state.restore_pending {
-            let keys: Vec<String> = session.temp_keys().iter().cloned().collect();
-            for stored in keys {
-                let shown = self.prefix.strip(&stored).unwrap_or(&stored).to_owned();
-                let options = PutOptions::new().with_lease(state.id);
-                self.kv_request(Request::new("put temp key", &shown), async |kv| {
-                    kv.put(stored, TEMP_VALUE, Some(options)).await
-                })
-                .await?;
-            }
-            state.restore_pending = false;
-        }
-        Ok((state.id, state.generation))
-    }
+fn valid_until(sent_at: Instant, ttl: i64) -> Instant {
+    let ttl = Duration::from_secs(ttl.max(0).unsigned_abs());
+    (sent_at + ttl)
+        .checked_sub(VALIDITY_MARGIN)
+        .unwrap_or(sent_at)
+}
 
+impl Shared {
     /// `temp_key`: stores "1" at `key` bound to the lease and remembers it, so it can be put
-    /// back if the lease is ever lost.
+    /// back if the lease is ever lost. If etcd says the lease is gone, the owner is told and
+    /// the put runs once more on the new lease.
     pub(crate) async fn put_temp_key(&self, key: &str) -> Result<()> {
         let stored = self.prefix.apply(key);
-        // Remembered first, so that a lease renewal running meanwhile puts it back too.
+        // Remembered first, so that a restore running meanwhile puts it back too.
         self.session.remember_temp_key(&stored);
         let request = Request::new("put temp key", key);
-        let mut attempt = 0;
+        let timeout = self.options.request_timeout;
+        let mut not = None;
         let outcome = loop {
-            attempt += 1;
-            let lease = match self.live_lease().await {
+            let lease = match self.session.live_lease(not, timeout, request).await {
                 Ok((lease, _)) => lease,
                 Err(err) => break Err(err),
             };
@@ -204,8 +244,9 @@ impl Shared {
                 async |kv: &mut KvClient| kv.put(stored.as_str(), TEMP_VALUE, Some(options)).await;
             match self.kv_bounded(request, put).await {
                 Ok(Ok(_)) => break Ok(()),
-                Ok(Err(err)) if is_lease_not_found(&err) && attempt < 2 => {
-                    self.session.mark_lost(lease).await
+                Ok(Err(err)) if is_lease_not_found(&err) && not.is_none() => {
+                    self.session.report_lost(lease);
+                    not = Some(lease);
                 }
                 Ok(Err(err)) => break Err(self.errors.map(request, err)),
                 Err(timeout) => break Err(timeout),
@@ -218,26 +259,175 @@ impl Shared {
     }
 }
 
-/// Keeps the handle's lease alive until the handle is closed or dropped (the task is aborted
-/// then). Never gives up: failures are retried with backoff, and a lost lease is replaced.
-pub(crate) async fn keep_alive(shared: Arc<Shared>) {
-    let ttl = shared.session.ttl();
-    // etcd's own clients renew at a third of the TTL.
-    let interval = (ttl / 3).max(Duration::from_millis(100));
+/// Why the owner stopped keeping a lease alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseEnd {
+    /// etcd said it is gone.
+    Gone,
+    /// Not confirmed in time: etcd may have expired it, or may still keep it.
+    Unconfirmed,
+    /// The handle is closed or dropped.
+    Shutdown,
+}
+
+/// The session's owner: keeps the lease alive, replaces it when lost and has the temp keys
+/// put back, until the handle is closed or dropped.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let Some(mut reports) = locked(&shared.session.reports_inbox).take() else {
+        return;
+    };
+    let mut shutdown = shared.shutdown.subscribe();
+    let session = &shared.session;
     // The lease was granted by connect a moment ago: its first renewal is due in one interval,
-    // not now. Opening the keep-alive stream later keeps it out of `open()`'s way, and a
-    // short-lived handle never opens one.
-    tokio::time::sleep(interval).await;
-    let mut backoff = Backoff::new();
-    while !shared.is_closed() {
-        let lease = match shared.live_lease().await {
-            Ok((lease, _)) => lease,
-            Err(err) => {
-                tracing::debug!(error = %err, "cannot renew the lease yet; retrying");
-                tokio::time::sleep(backoff.next_pause()).await;
-                continue;
+    // not now. A short-lived handle never opens a keep-alive stream.
+    let interval = renewal_interval(session.ttl());
+    let mut first_pause = Some(interval);
+    // The restore of the current generation, if one is running.
+    let mut restore: Option<AbortOnDrop> = None;
+    loop {
+        let SessionState {
+            lease, generation, ..
+        } = session.state();
+        let end = keep_alive(
+            &shared,
+            lease,
+            first_pause.take(),
+            &mut reports,
+            &mut shutdown,
+        )
+        .await;
+        if end == LeaseEnd::Shutdown {
+            return;
+        }
+        tracing::warn!(lease = %lease_hex(lease), reason = ?end, "the lease is lost; taking a new one");
+        session.publish(|state| {
+            if state.generation == generation {
+                state.phase = Phase::Lost;
             }
+        });
+        restore.take();
+        let Some((new_lease, sent_at, ttl)) = grant(&shared, &mut shutdown).await else {
+            return;
         };
+        tracing::info!(lease = %lease_hex(new_lease), "took a new lease");
+        session.publish(|state| {
+            *state = SessionState {
+                lease: new_lease,
+                generation: generation + 1,
+                valid_until: valid_until(sent_at, ttl),
+                phase: Phase::Restoring,
+            };
+        });
+        let old = (end == LeaseEnd::Unconfirmed).then_some(lease);
+        restore = Some(AbortOnDrop(tokio::spawn(restore_session(
+            Arc::clone(&shared),
+            old,
+            new_lease,
+            generation + 1,
+        ))));
+    }
+}
+
+/// etcd's own clients renew at a third of the TTL.
+fn renewal_interval(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+/// Grants a new lease, retrying until etcd answers. `None` if the handle was shut down; a
+/// lease granted while it was is revoked at once, so nothing outlives `close()`.
+async fn grant(
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(i64, Instant, i64)> {
+    let mut backoff = Backoff::new();
+    let request = Request::keyless("lease grant");
+    loop {
+        if *shutdown.borrow() {
+            return None;
+        }
+        let sent_at = Instant::now();
+        let mut leases = shared.client.lease_client();
+        // Not raced with the shutdown: a grant that etcd performs must be seen, to revoke it.
+        match shared
+            .request(request, leases.grant(shared.session.ttl, None))
+            .await
+        {
+            Ok(granted) if *shutdown.borrow() => {
+                revoke_quietly(shared, granted.id()).await;
+                return None;
+            }
+            Ok(granted) => return Some((granted.id(), sent_at, granted.ttl())),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot take a new lease yet; retrying");
+                if !pause_unless_shut_down(backoff.next_pause(), shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn revoke_quietly(shared: &Shared, lease: i64) {
+    let mut leases = shared.client.lease_client();
+    if let Err(err) = shared
+        .request(Request::keyless("lease revoke"), leases.revoke(lease))
+        .await
+    {
+        tracing::debug!(error = %err, lease = %lease_hex(lease), "could not revoke the lease; it expires by itself");
+    }
+}
+
+/// Keeps `lease` alive until it is lost or the handle shuts down.
+async fn keep_alive(
+    shared: &Shared,
+    lease: i64,
+    first_pause: Option<Duration>,
+    reports: &mut mpsc::UnboundedReceiver<i64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> LeaseEnd {
+    let renewing = async {
+        if let Some(pause) = first_pause {
+            tokio::time::sleep(pause).await;
+        }
+        renew(shared, lease).await
+    };
+    let reported = async {
+        loop {
+            match reports.recv().await {
+                Some(gone) if gone == lease => return,
+                Some(_) => {}
+                // Unreachable: the session holds a sender.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let mut states = shared.session.subscribe();
+    let expired = async {
+        loop {
+            let until = states.borrow_and_update().valid_until;
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                changed = states.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
+            }
+        }
+    };
+    tokio::select! {
+        () = shut_down(shutdown) => LeaseEnd::Shutdown,
+        end = renewing => end,
+        () = reported => LeaseEnd::Gone,
+        () = expired => LeaseEnd::Unconfirmed,
+    }
+}
+
+/// Renews `lease` every interval, reopening the keep-alive stream when it breaks; returns
+/// only when etcd says the lease is gone (the caller also stops it when the lease's validity
+/// runs out unconfirmed).
+async fn renew(shared: &Shared, lease: i64) -> LeaseEnd {
+    let interval = renewal_interval(shared.session.ttl());
+    let mut backoff = Backoff::new();
+    loop {
         let mut leases = shared.client.lease_client();
         match shared
             .bounded(
@@ -247,46 +437,51 @@ pub(crate) async fn keep_alive(shared: Arc<Shared>) {
             .await
         {
             Ok(Ok((keeper, answers))) => {
-                backoff.reset();
-                shared.session.renewed(lease).await;
-                if renew_until_broken(&shared, lease, keeper, answers, interval).await {
-                    shared.session.mark_lost(lease).await;
-                } else {
-                    tokio::time::sleep(backoff.next_pause()).await;
+                if renew_until_broken(shared, lease, keeper, answers, interval, &mut backoff).await
+                {
+                    return LeaseEnd::Gone;
                 }
             }
-            Ok(Err(err)) if is_lease_not_found(&err) => shared.session.mark_lost(lease).await,
+            Ok(Err(err)) if is_lease_not_found(&err) => return LeaseEnd::Gone,
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, lease = %lease_hex(lease), "lease keep-alive failed; retrying");
-                tokio::time::sleep(backoff.next_pause()).await;
             }
             Err(err) => {
                 tracing::debug!(error = %err, lease = %lease_hex(lease), "lease keep-alive timed out; retrying");
-                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
+        tokio::time::sleep(backoff.next_pause().min(interval)).await;
     }
 }
 
-/// Renews `lease` every `interval` over one keep-alive stream. Returns `true` when etcd says the
-/// lease is gone, `false` when the stream broke (etcd restarted, network trouble).
+/// Renews `lease` every `interval` over one keep-alive stream, publishing each confirmed
+/// validity. Returns `true` when etcd says the lease is gone, `false` when the stream broke.
 async fn renew_until_broken(
     shared: &Shared,
     lease: i64,
     mut keeper: LeaseKeeper,
     mut answers: LeaseKeepAliveStream,
     interval: Duration,
+    backoff: &mut Backoff,
 ) -> bool {
     // An answer slower than half the interval means a stuck member: reopening the stream (on
     // another member) while the lease still has two thirds of its TTL left beats waiting.
     let answer_timeout = shared.options.request_timeout.min(interval / 2);
     loop {
-        tokio::time::sleep(interval).await;
+        let sent_at = Instant::now();
         if keeper.keep_alive().await.is_err() {
             return false;
         }
         match tokio::time::timeout(answer_timeout, answers.message()).await {
-            Ok(Ok(Some(answer))) if answer.ttl() > 0 => shared.session.renewed(lease).await,
+            Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                backoff.reset();
+                let confirmed = valid_until(sent_at, answer.ttl());
+                shared.session.publish(|state| {
+                    if state.lease == lease && confirmed > state.valid_until {
+                        state.valid_until = confirmed;
+                    }
+                });
+            }
             Ok(Ok(Some(_))) => return true,
             Ok(Ok(None)) => return false,
             Ok(Err(err)) => {
@@ -298,5 +493,141 @@ async fn renew_until_broken(
                 return false;
             }
         }
+        tokio::time::sleep(interval).await;
     }
+}
+
+/// After a new lease: revokes the old one if etcd may still keep it, then puts every temp
+/// key back on the new one, and marks the session live. Retries until done; the owner aborts
+/// it if the new lease is lost meanwhile.
+async fn restore_session(shared: Arc<Shared>, old: Option<i64>, lease: i64, generation: u64) {
+    let mut backoff = Backoff::new();
+    if let Some(old) = old {
+        // Our keys on it (temp keys, lock keys) go now rather than when etcd expires it.
+        let request = Request::keyless("lease revoke");
+        loop {
+            let mut leases = shared.client.lease_client();
+            match shared.bounded(request, leases.revoke(old)).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) if is_lease_not_found(&err) => break,
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, lease = %lease_hex(old), "cannot revoke the lost lease yet; retrying")
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, lease = %lease_hex(old), "cannot revoke the lost lease yet; retrying")
+                }
+            }
+            tokio::time::sleep(backoff.next_pause()).await;
+        }
+    }
+    loop {
+        match restore_temp_keys(&shared, lease).await {
+            Ok(restored) => {
+                tracing::info!(lease = %lease_hex(lease), restored, "temp keys are back on the new lease");
+                break;
+            }
+            Err(Error::Closed) => return,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot put the temp keys back yet; retrying");
+                tokio::time::sleep(backoff.next_pause()).await;
+            }
+        }
+    }
+    shared.session.publish(|state| {
+        if state.generation == generation && state.phase == Phase::Restoring {
+            state.phase = Phase::Live;
+        }
+    });
+}
+
+/// Puts every temp key back on `lease` where it is absent, in batches; returns how many it put.
+/// A key present on `lease` is already back (a `temp_key` call did it); a key present otherwise
+/// was written by someone else since, and is theirs.
+async fn restore_temp_keys(shared: &Shared, lease: i64) -> Result<usize> {
+    let keys: Vec<String> = shared.session.temp_keys().iter().cloned().collect();
+    let mut restored = 0;
+    let mut batch: Vec<String> = Vec::new();
+    let mut bytes = 0;
+    for key in keys {
+        bytes += key.len();
+        batch.push(key);
+        if batch.len() == RESTORE_BATCH || bytes >= RESTORE_BATCH_BYTES {
+            restored += restore_batch(shared, lease, &batch).await?;
+            batch.clear();
+            bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        restored += restore_batch(shared, lease, &batch).await?;
+    }
+    Ok(restored)
+}
+
+async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<usize> {
+    let request = Request::keyless("put temp keys back");
+    let options = PutOptions::new().with_lease(lease);
+    let ops: Vec<TxnOp> = keys
+        .iter()
+        .map(|key| {
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.as_str(), TEMP_VALUE, Some(options.clone()))])
+                    .or_else([TxnOp::get(key.as_str(), None)]),
+            )
+        })
+        .collect();
+    let txn = Txn::new().and_then(ops);
+    let answer = match shared
+        .kv_bounded(request, async |kv| kv.txn(txn).await)
+        .await?
+    {
+        Ok(answer) => answer,
+        Err(err) if is_lease_not_found(&err) => {
+            shared.session.report_lost(lease);
+            return Err(shared.errors.map(request, err));
+        }
+        Err(err) => return Err(shared.errors.map(request, err)),
+    };
+    let revision = answer.header().map_or(0, |header| header.revision());
+    let mut restored = 0;
+    let mut withdrawn = Vec::new();
+    for (key, response) in keys.iter().zip(answer.op_responses()) {
+        let TxnOpResponse::Txn(outcome) = response else {
+            continue;
+        };
+        if outcome.succeeded() {
+            restored += 1;
+            // Deleted or overwritten by this handle while the batch was under way: not ours.
+            if !shared.session.is_temp_key(key) {
+                withdrawn.push(key.clone());
+            }
+            continue;
+        }
+        let found = outcome
+            .op_responses()
+            .into_iter()
+            .find_map(|read| match read {
+                TxnOpResponse::Get(read) => read.kvs().first().map(|kv| kv.lease()),
+                _ => None,
+            });
+        if found.is_some_and(|owner| owner != lease) {
+            tracing::info!(key = %key, "a temp key was written by someone else while the lease was lost; it is theirs now");
+            shared.session.forget_temp_key(key);
+        }
+    }
+    for key in withdrawn {
+        // Only our own put of this batch: a later write by anyone stays.
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        shared
+            .kv_request(request, async |kv| kv.txn(txn).await)
+            .await?;
+    }
+    Ok(restored)
 }

@@ -136,7 +136,14 @@ impl Shared {
                 reason: "etcd answered without a response header".to_owned(),
                 source: None,
             })?;
+        self.watch_from(target, revision + 1).await
+    }
 
+    /// Registers a watch for every change from revision `start` on and returns its stream
+    /// once etcd has confirmed the watch.
+    pub(crate) async fn watch_from(&self, target: Target, start: i64) -> Result<WatchStream> {
+        let shown = target.shown.clone();
+        let request = Request::new("watch", &shown);
         let commands = self.watch_commands();
         let id = self.watches.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, receiver) = mpsc::unbounded_channel();
@@ -145,7 +152,7 @@ impl Shared {
             .send(Command::Register {
                 id,
                 target,
-                start: revision + 1,
+                start,
                 events,
                 confirmed,
             })

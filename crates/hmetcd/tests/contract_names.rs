@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hmetcd::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Result, WatchCallback,
-    WatchEvent, WatchHandle, WatchStream,
+    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, LostReason, Result,
+    WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 
 fn error_names(err: &Error) -> &'static str {
@@ -80,7 +80,21 @@ async fn every_method(kv: &dyn Kvi) -> Result<()> {
     let guard: LockGuard = kv.lock("jobs").await?;
     assert_eq!(guard.name(), "jobs");
     assert!(guard.is_held());
+    let token: i64 = guard.fencing_token();
+    assert!(token > 0);
+    let lost: futures::future::BoxFuture<'static, LostReason> = guard.lost();
+    drop(lost);
     guard.unlock().await?;
+    let next = kv.lock("jobs").await?;
+    assert!(next.fencing_token() > token);
+    let reasons = [
+        LostReason::MaxHold,
+        LostReason::SessionLost,
+        LostReason::Closed,
+        LostReason::KeyDeleted,
+    ];
+    assert_eq!(reasons.len(), 4);
+    next.unlock().await?;
     let options: LockOptions = LockOptions::new()
         .timeout(Duration::from_secs(1))
         .max_hold(Duration::from_secs(60));
