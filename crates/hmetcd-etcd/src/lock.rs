@@ -405,7 +405,13 @@ impl Shared {
             .await?;
             let key = format!("{dir}{}", lease_hex(lease));
             waiter.key = Some(key.clone());
-            let attempt = self.queue_and_wait(&dir, &key, lease, request);
+            // A lease lost while we wait takes our key with it: queue again on the next one.
+            let attempt = async {
+                tokio::select! {
+                    attempt = self.queue_and_wait(&dir, &key, lease, request) => attempt,
+                    _ = session_ended(self, generation) => Ok(Attempt::KeyLost),
+                }
+            };
             match by_deadline(name, deadline, attempt).await {
                 Ok(Attempt::Acquired(revision)) => {
                     let held = waiter.take_held(key).ok_or_else(|| Error::Backend {
