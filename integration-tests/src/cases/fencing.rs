@@ -484,22 +484,45 @@ pub async fn is_held_false_after_loss(store: TestStore) {
 }
 
 /// A key of the lock's form `<name>/<lowercase hex>` written by a plain `store` queues like a
-/// participant of another client (say a Go service): the lock waits until it is deleted.
+/// participant of another client (say a Go service): the lock waits until it is deleted,
+/// whether it was written before anyone locked or while the lock was held.
 pub async fn a_key_in_lock_key_form_queues_like_a_participant(store: TestStore) {
     let a = store.open().await;
     let b = store.open().await;
+    let c: Arc<dyn Kvi> = Arc::from(store.open().await);
     a.store("jobs/1f", "").await.unwrap();
     assert_taken(b.as_ref(), NAME, "b behind jobs/1f").await;
     a.delete("jobs/1f").await.unwrap();
     let guard = assert_free(b.as_ref(), NAME, "b once jobs/1f was deleted").await;
     a.store("jobs/ff", "").await.unwrap();
     assert_not_lost(&guard, "after a later key jobs/ff").await;
+    let waiting = queue(&c, NAME);
+    wait_for_lock_keys(a.as_ref(), NAME, 3, "b holds, jobs/ff, c waits").await;
     guard.unlock().await.unwrap();
-    assert_taken(b.as_ref(), NAME, "b behind jobs/ff").await;
+    tokio::time::sleep(PROBE).await;
+    assert!(
+        !waiting.is_finished(),
+        "c got the lock before jobs/ff, queued ahead of it, went"
+    );
+    a.delete("jobs/ff").await.unwrap();
+    let (got, _) = within(MARGIN, "c after jobs/ff was deleted", waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(got);
+    a.store("jobs/ff", "").await.unwrap();
+    assert_taken(
+        b.as_ref(),
+        NAME,
+        "b behind jobs/ff, written while nobody waited",
+    )
+    .await;
     a.delete("jobs/ff").await.unwrap();
     drop(assert_free(b.as_ref(), NAME, "b once jobs/ff was deleted").await);
-    a.close().await.unwrap();
-    b.close().await.unwrap();
+    for kv in [a, b] {
+        kv.close().await.unwrap();
+    }
+    c.close().await.unwrap();
 }
 
 /// A waiter whose lock key is deleted queues again at the back with a new key, as etcd's
