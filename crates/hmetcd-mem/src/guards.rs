@@ -1,5 +1,7 @@
 //! Named locks in memory: a guard holds its participant's place at the front of the lock's
 //! queues; the handle keeps track of its live guards so that `close()` and drop release them.
+//! A guard loses its lock to `max_hold`, to `close()`, or when anyone deletes its lock key
+//! (the store then tells its participant, see `store.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -33,7 +35,9 @@ impl Guards {
         let live = std::mem::take(&mut *self.live.lock().unwrap_or_else(PoisonError::into_inner));
         for guard in live.into_values() {
             if let Some(held) = take(&guard.slot) {
-                guard.lost.fire(reason);
+                if held.is_held() {
+                    guard.lost.fire(reason);
+                }
                 drop(held);
             }
         }
@@ -82,8 +86,8 @@ impl MemLockRelease {
                 })?),
                 None => None,
             };
+        let lost = held.lost().clone();
         let slot: Slot = Arc::new(Mutex::new(Some(held)));
-        let lost = LostSignal::new();
         guards
             .live
             .lock()
@@ -105,7 +109,9 @@ impl MemLockRelease {
                     tokio::time::sleep(max_hold).await;
                     tracing::debug!(lock = %name, ?max_hold, "max_hold expired; releasing the lock");
                     if let Some(held) = take(&slot) {
-                        lost.fire(LostReason::MaxHold);
+                        if held.is_held() {
+                            lost.fire(LostReason::MaxHold);
+                        }
                         drop(held);
                     }
                     release(id, &slot, &guards);
@@ -142,7 +148,8 @@ impl LockRelease for MemLockRelease {
         self.slot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+            .as_ref()
+            .is_some_and(Held::is_held)
     }
 
     fn lost(&self) -> BoxFuture<'static, LostReason> {

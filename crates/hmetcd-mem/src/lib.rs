@@ -4,8 +4,9 @@
 //! Every rule of the contract holds here exactly as on etcd: inclusive sorted ranges,
 //! atomic transactions with etcd's missing-key rule, a store-wide revision counter, a real
 //! first-come-first-served lock whose participants write etcd's lock keys
-//! (`<lock_name>/<lease id in hex>`, seen by ranges and watches), temp keys that vanish with their handle, and watches that
-//! are pushed to watchers as writes happen (no polling).
+//! (`<lock_name>/<lease id in hex>`, seen by ranges and watches; deleting a holder's key hands
+//! the lock to the next waiter, as on etcd), temp keys that vanish with their handle, and
+//! watches that are pushed to watchers as writes happen (no polling).
 //!
 //! ```
 //! use hmetcd_core::Kvi;
@@ -170,11 +171,14 @@ impl MemKvs {
         }
     }
 
+    /// Whether the handle holds its lock now: "holds" means holds now, so a lock whose key
+    /// was deleted (by anyone) is not held, and the next `dist_lock` queues again.
     fn holds_lock(&self) -> bool {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+            .as_ref()
+            .is_some_and(Held::is_held)
     }
 
     async fn acquire(&self) -> Result<()> {
@@ -187,17 +191,22 @@ impl MemKvs {
         let acquire = async {
             let _one_at_a_time = self.acquiring.lock().await;
             if self.holds_lock() {
-                return;
+                return true;
             }
+            // A lost hold's key is gone already: dropping it releases nothing.
+            self.release_lock();
             // The handle's lock is the named lock `lock_name`, queued like every guard.
-            let held = self.participants.acquire(&self.stored_lock_name).await;
+            let Some(held) = self.participants.acquire(&self.stored_lock_name).await else {
+                return false;
+            };
             *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(held);
+            true
         };
-        tokio::select! {
-            () = acquire => {}
-            _ = closing.wait_for(|closed| *closed) => {}
-        }
-        if self.closed.load(Ordering::Acquire) {
+        let acquired = tokio::select! {
+            acquired = acquire => acquired,
+            _ = closing.wait_for(|closed| *closed) => false,
+        };
+        if !acquired || self.closed.load(Ordering::Acquire) {
             self.release_lock();
             return Err(Error::Closed);
         }
@@ -225,7 +234,8 @@ impl MemKvs {
         .collect();
         lease_keys.extend(self.participants.keys());
         // As when etcd revokes the lease: temp keys and lock keys go in one revision.
-        self.store.revoke(self.lease, &lease_keys);
+        self.store
+            .revoke(self.lease, &lease_keys, LostReason::Closed);
         self.release_lock();
         self.guards.release_all(LostReason::Closed);
         self.store.unwatch_owner(self.lease);
@@ -240,7 +250,7 @@ impl MemKvs {
         // Dropping the wait leaves both queues and deletes the waiter's key: no trace is left.
         let wait = async {
             tokio::select! {
-                held = self.participants.acquire(&stored_name) => Some(held),
+                held = self.participants.acquire(&stored_name) => held,
                 _ = closing.wait_for(|closed| *closed) => None,
             }
         };

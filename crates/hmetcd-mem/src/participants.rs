@@ -6,13 +6,17 @@
 //! waits in etcd. The in-memory backend copies that: the same key (bound to the handle's
 //! lease, value `""`) is written when a participant joins the store's queue and deleted when
 //! it releases or gives up, so ranges and watches see lock keys come and go as on etcd.
+//!
+//! Whoever deletes a participant's key ends its place at once: a holder has lost the lock
+//! (its handle's next participant for the name may queue), and a waiter queues again at the
+//! back with a new key, as etcd's waiter does when it finds its key gone.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::OwnedMutexGuard;
+use hmetcd_core::{LostReason, LostSignal};
 
-use crate::store::{LeaseId, Queued, Store};
+use crate::store::{LeaseId, Place, Status, Store};
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -25,8 +29,6 @@ pub(crate) struct Participants {
     lease: LeaseId,
     /// One fair mutex per stored lock name; entries nobody uses are removed.
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The lock keys of this handle now in the store (queued or held), for `close()`.
-    keys: Mutex<HashSet<String>>,
 }
 
 impl Participants {
@@ -35,58 +37,69 @@ impl Participants {
             store,
             lease,
             local: Mutex::default(),
-            keys: Mutex::default(),
         }
     }
 
-    /// The lock keys this handle has in the store now.
+    fn key(&self, stored_name: &str) -> String {
+        // Etcd's lock layout: `<name>/<lease id in lowercase hex>`.
+        format!("{stored_name}/{:x}", self.lease)
+    }
+
+    /// The lock keys this handle may have in the store now: one per name that a participant
+    /// of the handle waits for or holds (for `close()`, which deletes those bound to the lease).
     pub(crate) fn keys(&self) -> Vec<String> {
-        locked(&self.keys).iter().cloned().collect()
+        locked(&self.local)
+            .keys()
+            .map(|name| self.key(name))
+            .collect()
     }
 
     /// Waits for the lock `stored_name` (prefix included). Dropping the wait leaves no trace:
-    /// the participant leaves both queues and its key is deleted.
-    pub(crate) async fn acquire(self: &Arc<Self>, stored_name: &str) -> Held {
+    /// the participant leaves both queues and its key is deleted. `None` if the handle's lease
+    /// was revoked meanwhile (the handle is closing).
+    pub(crate) async fn acquire(self: &Arc<Self>, stored_name: &str) -> Option<Held> {
         let mut pending = Pending {
             participants: Arc::clone(self),
             stored_name: stored_name.to_owned(),
-            key: None,
+            place: None,
         };
         let local = Arc::clone(
             locked(&self.local)
                 .entry(stored_name.to_owned())
                 .or_default(),
         );
-        // As on etcd: the handle's own participants for a name queue locally before the store.
-        let local_guard = local.lock_owned().await;
-        // Etcd's lock layout: `<name>/<lease id in lowercase hex>`.
-        let key = format!("{stored_name}/{:x}", self.lease);
-        locked(&self.keys).insert(key.clone());
-        pending.key = Some(key.clone());
-        let (queued, fencing_token) = self.store.enqueue(stored_name, &key, self.lease);
-        let store_guard = match queued {
-            Queued::Acquired(guard) => guard,
-            Queued::Waiting(wait) => wait.await,
-        };
-        pending.key = None;
-        Held {
-            participants: Arc::clone(self),
-            stored_name: stored_name.to_owned(),
-            key,
-            fencing_token,
-            store_guard: Some(store_guard),
-            local_guard: Some(local_guard),
+        let key = self.key(stored_name);
+        let mut local_guard = None;
+        loop {
+            // As on etcd: the handle's own participants for a name queue locally before the store.
+            let guard = match local_guard.take() {
+                Some(guard) => guard,
+                None => Arc::clone(&local).lock_owned().await,
+            };
+            let place = self.store.enqueue(stored_name, &key, self.lease, guard);
+            pending.place = Some(Arc::clone(&place));
+            match place.turn().await {
+                Status::Holding => {
+                    pending.place = None;
+                    return Some(Held {
+                        participants: Arc::clone(self),
+                        stored_name: stored_name.to_owned(),
+                        place,
+                    });
+                }
+                Status::Gone(Some(LostReason::KeyDeleted)) => {
+                    // As etcd's waiter does when its key vanished: queue again, at the back.
+                    tracing::debug!(lock = %stored_name, "a waiter's lock key was deleted; queueing again");
+                    pending.place = None;
+                    local_guard = place.take_local();
+                }
+                Status::Gone(_) | Status::Queued => return None,
+            }
         }
     }
 
-    fn remove_key(&self, key: &str) {
-        locked(&self.keys).remove(key);
-        self.store.delete_leased(key, self.lease);
-    }
-
-    /// Drops what the store and the handle keep for `stored_name` if nobody uses it any more.
+    /// Drops the handle's local mutex for `stored_name` if nobody uses it any more.
     fn forget_if_unused(&self, stored_name: &str) {
-        self.store.forget_lock_if_unused(stored_name);
         let mut local = locked(&self.local);
         if local
             .get(stored_name)
@@ -101,36 +114,42 @@ impl Participants {
 struct Pending {
     participants: Arc<Participants>,
     stored_name: String,
-    /// Our key, once we queued in the store.
-    key: Option<String>,
+    /// Our place, once we queued in the store.
+    place: Option<Arc<Place>>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.participants.remove_key(&key);
+        if let Some(place) = self.place.take() {
+            self.participants.store.release(&place);
         }
         self.participants.forget_if_unused(&self.stored_name);
     }
 }
 
-/// A held lock: its key, its place at the front of the store's queue and of the handle's.
-/// Dropping it releases the lock.
+/// A held lock: its key at the front of the store's queue, and its place at the front of the
+/// handle's. Dropping it releases the lock, unless it was lost already.
 #[derive(Debug)]
 pub(crate) struct Held {
     participants: Arc<Participants>,
     stored_name: String,
-    key: String,
-    /// The create revision of `key`.
-    fencing_token: i64,
-    store_guard: Option<OwnedMutexGuard<()>>,
-    local_guard: Option<OwnedMutexGuard<()>>,
+    place: Arc<Place>,
 }
 
 impl Held {
     /// The create revision of this holder's lock key.
     pub(crate) fn fencing_token(&self) -> i64 {
-        self.fencing_token
+        self.place.revision()
+    }
+
+    /// Whether the lock is still held: its key was not deleted, by anyone but this holder.
+    pub(crate) fn is_held(&self) -> bool {
+        self.place.status() == Status::Holding
+    }
+
+    /// Fires when the hold ends other than by this holder's release.
+    pub(crate) fn lost(&self) -> &LostSignal {
+        self.place.lost()
     }
 }
 
@@ -138,9 +157,8 @@ impl Drop for Held {
     fn drop(&mut self) {
         // As on etcd: the key goes first and the next handle's waiter gets the lock; the
         // handle's own next participant for the name queues in the store only after that.
-        self.participants.remove_key(&self.key);
-        drop(self.store_guard.take());
-        drop(self.local_guard.take());
+        // A lost hold's key is gone already, and whatever now has the key is not ours.
+        self.participants.store.release(&self.place);
         self.participants.forget_if_unused(&self.stored_name);
     }
 }

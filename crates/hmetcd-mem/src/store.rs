@@ -1,14 +1,19 @@
 //! One in-memory store: the data, etcd's revision counter, the watchers and the locks.
+//!
+//! A lock is etcd's lock algorithm over the store itself: its queue is every key
+//! `<name>/<lowercase hex>` in the store, oldest create revision first, and the oldest one
+//! holds it. Whoever deletes a key (its participant, a lease revoke, or anyone's plain
+//! `delete`) takes it out of the queue and the next key's participant holds the lock at once,
+//! as an etcd waiter does when the key ahead of it is deleted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
 use futures::Stream;
 use hashbrown::HashMap;
-use hmetcd_core::{CompareOp, KeyValue, Result, WatchEvent};
+use hmetcd_core::{CompareOp, KeyValue, LostReason, LostSignal, Result, WatchEvent};
 use tokio::sync::{mpsc, OwnedMutexGuard};
 
 /// Identifies the handle (and so the lease) that owns a temp key.
@@ -18,21 +23,165 @@ pub(crate) type LeaseId = u64;
 struct Entry {
     value: String,
     lease: Option<LeaseId>,
+    /// The revision that created the key: its place in a lock's queue.
+    create_revision: i64,
 }
 
-/// A participant's place in the queue of a lock.
-pub(crate) enum Queued {
-    /// The lock was free: it is ours.
-    Acquired(OwnedMutexGuard<()>),
-    /// Queued; the future completes when the lock is ours, and dropping it leaves the queue.
-    Waiting(BoxFuture<'static, OwnedMutexGuard<()>>),
+/// Where a lock participant stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// Waiting until every lock key created before its own is deleted.
+    Queued,
+    /// Its key is the oldest of the lock's keys: it holds the lock.
+    Holding,
+    /// Its key is gone: deleted by the participant itself (`None`), or for the reason given.
+    Gone(Option<LostReason>),
+}
+
+/// One participant's place in the queue of a lock: its key, what the store tells it, and
+/// what the store lets go for it once its hold ends.
+#[derive(Debug)]
+pub(crate) struct Place {
+    key: String,
+    /// The create revision of `key`: the participant's fencing token.
+    revision: i64,
+    status: tokio::sync::watch::Sender<Status>,
+    /// Fired when a hold ends other than by the participant's own release.
+    lost: LostSignal,
+    /// The participant's place at the front of its handle's queue for the name.
+    local: Mutex<Option<OwnedMutexGuard<()>>>,
+}
+
+impl Place {
+    /// The create revision of the participant's lock key.
+    pub(crate) fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        *self.status.borrow()
+    }
+
+    pub(crate) fn lost(&self) -> &LostSignal {
+        &self.lost
+    }
+
+    /// Waits until the participant holds the lock or its key is gone.
+    pub(crate) async fn turn(&self) -> Status {
+        let mut status = self.status.subscribe();
+        let settled = status.wait_for(|status| *status != Status::Queued).await;
+        // The sender lives as long as `self`; `Err` cannot happen while we borrow it.
+        settled.map_or(Status::Gone(None), |status| *status)
+    }
+
+    /// Takes back the participant's place in its handle's queue (to queue again with it).
+    pub(crate) fn take_local(&self) -> Option<OwnedMutexGuard<()>> {
+        self.local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// The key is gone. A holder is told why (unless it released the lock itself) and gives up
+    /// its place in its handle's queue; a waiter whose key was deleted keeps that place, as
+    /// it queues again.
+    fn end(&self, reason: Option<LostReason>) {
+        let was = self.status.send_replace(Status::Gone(reason));
+        let holder = was == Status::Holding;
+        if holder {
+            if let Some(reason) = reason {
+                self.lost.fire(reason);
+            }
+        }
+        if holder || reason != Some(LostReason::KeyDeleted) {
+            drop(self.take_local());
+        }
+    }
+}
+
+/// Whether `id` is a lock key's last segment: lowercase hex, as etcd's lease ids are written.
+fn is_lock_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The lock name of a lock key `<name>/<lowercase hex>`, or `None` for any other key.
+fn lock_name_of(key: &str) -> Option<&str> {
+    let (name, id) = key.rsplit_once('/')?;
+    is_lock_id(id).then_some(name)
+}
+
+/// The keys of one lock that a participant of this store waits for or holds.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Every key `<name>/<lowercase hex>` in the store by create revision, with its
+    /// participant; `None` for keys written otherwise (a plain `store`), which queue like a
+    /// participant of another client, as on etcd.
+    keys: BTreeMap<i64, Option<Arc<Place>>>,
+    /// How many of `keys` have a participant; the queue is dropped when none has.
+    places: usize,
+}
+
+impl Queue {
+    /// The participant of the oldest key holds the lock.
+    fn promote_front(&self) {
+        if let Some((_, Some(place))) = self.keys.first_key_value() {
+            place.status.send_if_modified(|status| {
+                let promote = *status == Status::Queued;
+                if promote {
+                    *status = Status::Holding;
+                }
+                promote
+            });
+        }
+    }
+}
+
+/// The queues of the locks that participants wait for or hold, by stored lock name.
+#[derive(Debug, Default)]
+struct LockQueues(HashMap<String, Queue>);
+
+impl LockQueues {
+    /// `key` was created at `revision`: if it is a key of a lock in use, it queues last.
+    fn created(&mut self, key: &str, revision: i64) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Some(queue) = lock_name_of(key).and_then(|name| self.0.get_mut(name)) {
+            queue.keys.insert(revision, None);
+        }
+    }
+
+    /// `key`, created at `create_revision`, was deleted: its participant (if any) is told
+    /// `reason` (`None`: it deleted the key itself) and the next key's participant holds.
+    fn deleted(&mut self, key: &str, create_revision: i64, reason: Option<LostReason>) {
+        if self.0.is_empty() {
+            return;
+        }
+        let Some(name) = lock_name_of(key) else {
+            return;
+        };
+        let Some(queue) = self.0.get_mut(name) else {
+            return;
+        };
+        let Some(place) = queue.keys.remove(&create_revision) else {
+            return;
+        };
+        if let Some(place) = place {
+            place.end(reason);
+            queue.places -= 1;
+        }
+        if queue.places == 0 {
+            self.0.remove(name);
+        } else {
+            queue.promote_front();
+        }
+    }
 }
 
 /// A store shared by every handle opened on it.
 #[derive(Debug, Default)]
 pub(crate) struct Store {
     state: RwLock<State>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -43,6 +192,7 @@ struct State {
     order: BTreeSet<String>,
     revision: i64,
     watchers: Watchers,
+    locks: LockQueues,
 }
 
 impl Default for State {
@@ -53,6 +203,7 @@ impl Default for State {
             // As on a fresh etcd cluster: the first write gets revision 2.
             revision: 1,
             watchers: Watchers::default(),
+            locks: LockQueues::default(),
         }
     }
 }
@@ -139,35 +290,58 @@ impl Store {
             + 1
     }
 
-    /// Puts the participant's lock `key` (value `""`, bound to `lease`) and joins the queue of
-    /// the lock `name` in one step, so that the queue's order is the order of the keys'
-    /// revisions, as on etcd. Also returns the key's create revision (its fencing token).
-    pub(crate) fn enqueue(&self, name: &str, key: &str, lease: LeaseId) -> (Queued, i64) {
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        let mutex = Arc::clone(locks.entry(name.to_owned()).or_default());
-        let revision = self.write().put(key, "", Some(lease));
-        // Unconstrained: a first poll must join tokio's fair queue, not yield to the scheduler.
-        let mut wait: BoxFuture<'static, OwnedMutexGuard<()>> =
-            Box::pin(tokio::task::unconstrained(mutex.lock_owned()));
-        let mut context = Context::from_waker(futures::task::noop_waker_ref());
-        let queued = match wait.as_mut().poll(&mut context) {
-            Poll::Ready(guard) => Queued::Acquired(guard),
-            // The waiter stays queued; the caller polls it again with its own waker.
-            Poll::Pending => Queued::Waiting(wait),
+    /// Puts the participant's lock `key` (value `""`, bound to `lease`) and queues it behind
+    /// every key `<name>/<lowercase hex>` created before it, in one step. `local` is the
+    /// participant's place in its handle's queue, let go when its hold ends.
+    pub(crate) fn enqueue(
+        &self,
+        name: &str,
+        key: &str,
+        lease: LeaseId,
+        local: OwnedMutexGuard<()>,
+    ) -> Arc<Place> {
+        let mut state = self.write();
+        let state = &mut *state;
+        if !state.locks.0.contains_key(name) {
+            let queue = state.existing_lock_keys(name);
+            state.locks.0.insert(name.to_owned(), queue);
+        }
+        let revision = match state.values.get(key) {
+            // As on etcd, whose waiter puts its key only if it is missing: a key already
+            // there keeps its value, its lease and its place in the queue.
+            Some(entry) => entry.create_revision,
+            None => state.put(key, "", Some(lease)),
         };
-        drop(locks);
-        (queued, revision)
+        let place = Arc::new(Place {
+            key: key.to_owned(),
+            revision,
+            status: tokio::sync::watch::Sender::new(Status::Queued),
+            lost: LostSignal::new(),
+            local: Mutex::new(Some(local)),
+        });
+        if let Some(queue) = state.locks.0.get_mut(name) {
+            let slot = queue.keys.entry(revision).or_default();
+            if slot.replace(Arc::clone(&place)).is_none() {
+                queue.places += 1;
+            }
+            queue.promote_front();
+        }
+        place
     }
 
-    /// Drops the mutex of the lock `name` if nobody holds, waits for or keeps it, so that
-    /// many short-lived lock names do not pile up.
-    pub(crate) fn forget_lock_if_unused(&self, name: &str) {
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        if locks
-            .get(name)
-            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
-        {
-            locks.remove(name);
+    /// The participant of `place` leaves: it unlocks, or gives up waiting. Deletes its key if
+    /// the key is still its own (not deleted by someone else and put again since).
+    pub(crate) fn release(&self, place: &Arc<Place>) {
+        let mut state = self.write();
+        let ours = lock_name_of(&place.key)
+            .and_then(|name| state.locks.0.get(name))
+            .and_then(|queue| queue.keys.get(&place.revision))
+            .is_some_and(|slot| slot.as_ref().is_some_and(|p| Arc::ptr_eq(p, place)));
+        if ours {
+            state.delete(&place.key, None);
+        } else {
+            drop(state);
+            place.end(None);
         }
     }
 
@@ -196,28 +370,10 @@ impl Store {
         let _ = self.write().put(key, value, lease);
     }
 
+    /// Deletes `key`; a lock key's holder loses the lock (`KeyDeleted`) and the next waiter
+    /// gets it, as on etcd.
     pub(crate) fn delete(&self, key: &str) {
-        let mut state = self.write();
-        if state.remove(key) {
-            state.revision += 1;
-            let revision = state.revision;
-            state.watchers.notify(key, None, revision);
-        }
-    }
-
-    /// Deletes `key` if it is still bound to `lease` (a lock key of that handle).
-    pub(crate) fn delete_leased(&self, key: &str, lease: LeaseId) {
-        let mut state = self.write();
-        if state
-            .values
-            .get(key)
-            .is_some_and(|entry| entry.lease == Some(lease))
-        {
-            state.remove(key);
-            state.revision += 1;
-            let revision = state.revision;
-            state.watchers.notify(key, None, revision);
-        }
+        self.write().delete(key, Some(LostReason::KeyDeleted));
     }
 
     /// One atomic compare-and-put; etcd's rule: a comparison on a missing key is false.
@@ -252,8 +408,9 @@ impl Store {
         matches
     }
 
-    /// Deletes every key still bound to `lease`, in one revision, as etcd's lease revoke does.
-    pub(crate) fn revoke(&self, lease: LeaseId, keys: &[String]) {
+    /// Deletes every key still bound to `lease`, in one revision, as etcd's lease revoke does;
+    /// the lease's lock holders lose their locks for `reason`.
+    pub(crate) fn revoke(&self, lease: LeaseId, keys: &[String], reason: LostReason) {
         let mut state = self.write();
         let owned: Vec<&String> = keys
             .iter()
@@ -270,7 +427,11 @@ impl Store {
         state.revision += 1;
         let revision = state.revision;
         for key in owned {
-            state.remove(key);
+            if let Some(entry) = state.remove(key) {
+                state
+                    .locks
+                    .deleted(key, entry.create_revision, Some(reason));
+            }
             state.watchers.notify(key, None, revision);
         }
     }
@@ -329,6 +490,8 @@ impl Store {
 impl State {
     /// Puts `key` and returns the new store revision.
     fn put(&mut self, key: &str, value: &str, lease: Option<LeaseId>) -> i64 {
+        self.revision += 1;
+        let revision = self.revision;
         match self.values.get_mut(key) {
             Some(entry) => {
                 entry.value.clear();
@@ -342,26 +505,49 @@ impl State {
                     Entry {
                         value: value.to_owned(),
                         lease,
+                        create_revision: revision,
                     },
                 );
                 self.order.insert(key.to_owned());
+                self.locks.created(key, revision);
             }
         }
-        self.revision += 1;
-        let revision = self.revision;
         if !self.watchers.is_empty() {
             self.watchers.notify(key, Some(value), revision);
         }
         revision
     }
 
-    fn remove(&mut self, key: &str) -> bool {
-        if self.values.remove(key).is_some() {
-            self.order.remove(key);
-            true
-        } else {
-            false
+    /// Deletes `key` in a revision of its own; a lock key leaves its lock's queue, and its
+    /// participant is told `reason` (`None`: it deleted the key itself).
+    fn delete(&mut self, key: &str, reason: Option<LostReason>) {
+        if let Some(entry) = self.remove(key) {
+            self.revision += 1;
+            let revision = self.revision;
+            self.locks.deleted(key, entry.create_revision, reason);
+            self.watchers.notify(key, None, revision);
         }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.values.remove(key)?;
+        self.order.remove(key);
+        Some(entry)
+    }
+
+    /// The queue of the lock `name` as the store has it now: every key `<name>/<lowercase
+    /// hex>`, whoever wrote it.
+    fn existing_lock_keys(&self, name: &str) -> Queue {
+        use std::ops::Bound::{Included, Unbounded};
+        let dir = format!("{name}/");
+        let keys = self
+            .order
+            .range::<str, _>((Included(dir.as_str()), Unbounded))
+            .take_while(|key| key.starts_with(&dir))
+            .filter(|key| lock_name_of(key) == Some(name))
+            .filter_map(|key| Some((self.values.get(key.as_str())?.create_revision, None)))
+            .collect();
+        Queue { keys, places: 0 }
     }
 }
 
@@ -386,6 +572,27 @@ impl Drop for MemWatchStream {
     fn drop(&mut self) {
         if let Some(store) = self.store.upgrade() {
             store.write().watchers.remove(self.id, &self.target);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_name_slash_lowercase_hex_is_a_lock_key() {
+        assert_eq!(lock_name_of("jobs/1f"), Some("jobs"));
+        assert_eq!(lock_name_of("p/jobs/7/694d"), Some("p/jobs/7"));
+        for key in [
+            "jobs/config",
+            "jobs/1F",
+            "jobs/",
+            "jobs",
+            "jobs/1f/",
+            "jobs/0x1f",
+        ] {
+            assert_eq!(lock_name_of(key), None, "{key:?}");
         }
     }
 }

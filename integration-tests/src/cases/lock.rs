@@ -11,7 +11,7 @@ use super::{
 };
 use crate::TestStore;
 
-async fn lock(kv: &dyn Kvi, who: &str) {
+pub(crate) async fn lock(kv: &dyn Kvi, who: &str) {
     within(
         PROMPTLY,
         &format!("{who} taking a free lock"),
@@ -22,7 +22,7 @@ async fn lock(kv: &dyn Kvi, who: &str) {
 }
 
 /// Asserts that `kv` cannot take the lock now: its timed attempt ends in `LockTimeout`.
-async fn assert_lock_taken(kv: &dyn Kvi, who: &str) {
+pub(crate) async fn assert_lock_taken(kv: &dyn Kvi, who: &str) {
     let what = format!("{who}'s timed lock");
     match within(PROBE + MARGIN, &what, kv.dist_timed_lock(PROBE)).await {
         Err(Error::LockTimeout { .. }) => {}
@@ -31,7 +31,7 @@ async fn assert_lock_taken(kv: &dyn Kvi, who: &str) {
 }
 
 /// Asserts that `kv` gets the lock promptly.
-async fn assert_lock_free(kv: &dyn Kvi, who: &str) {
+pub(crate) async fn assert_lock_free(kv: &dyn Kvi, who: &str) {
     let what = format!("{who}'s timed lock");
     within(PROMPTLY + MARGIN, &what, kv.dist_timed_lock(PROMPTLY))
         .await
@@ -318,7 +318,9 @@ pub async fn lock_protects_a_counter(store: TestStore) {
 }
 
 /// Starts a task that waits for the handle's lock on `kv` and reports when it got it.
-fn queue_dist_lock(kv: &Arc<dyn Kvi>) -> tokio::task::JoinHandle<hmetcd_core::Result<Instant>> {
+pub(crate) fn queue_dist_lock(
+    kv: &Arc<dyn Kvi>,
+) -> tokio::task::JoinHandle<hmetcd_core::Result<Instant>> {
     let kv = Arc::clone(kv);
     tokio::spawn(async move {
         kv.dist_timed_lock(Duration::from_secs(30))

@@ -1,6 +1,7 @@
 //! Every conformance case, grouped by the contract's sections.
 
 pub mod conditional;
+pub mod fencing;
 pub mod go_data;
 pub mod keys;
 pub mod lifetime;
@@ -94,6 +95,19 @@ pub fn all() -> Vec<Case> {
         case!(named_locks::guard_keys_come_and_go_with_participants),
         case!(named_locks::watch_prefix_sees_guard_keys),
         case!(named_locks::own_handle_guards_queue_after_other_handles),
+        case!(fencing::fencing_token_is_positive_and_strictly_increases_across_holders),
+        case!(fencing::lost_resolves_max_hold),
+        case!(fencing::lost_resolves_closed_on_close),
+        case!(fencing::lost_resolves_key_deleted_when_another_handle_deletes_the_lock_key),
+        case!(fencing::lost_resolves_key_deleted_when_its_own_handle_deletes_the_lock_key),
+        case!(fencing::lost_future_dropped_is_fine_and_many_may_be_taken),
+        case!(fencing::unlock_of_a_lost_guard_releases_nobody),
+        case!(fencing::dist_lock_queues_again_after_its_key_was_deleted),
+        case!(fencing::a_plain_key_under_the_lock_name_does_not_block),
+        case!(fencing::a_lock_named_with_a_longer_path_does_not_block),
+        case!(fencing::is_held_false_after_loss),
+        case!(fencing::a_key_in_lock_key_form_queues_like_a_participant),
+        case!(fencing::a_waiter_whose_key_was_deleted_queues_again),
         case!(watch::watch_returns_the_next_put),
         case!(watch::watch_returns_a_delete),
         case!(watch::watch_sees_only_its_key),

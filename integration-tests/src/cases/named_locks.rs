@@ -16,7 +16,7 @@ use crate::TestStore;
 /// The name most cases lock (under the case's own prefix).
 const NAME: &str = "jobs/nightly";
 
-async fn take(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
+pub(crate) async fn take(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
     let what = format!("{who} taking the free lock {name:?}");
     let guard = within(PROMPTLY, &what, kv.lock(name))
         .await
@@ -27,7 +27,7 @@ async fn take(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
 }
 
 /// Asserts that `kv` cannot take `name` now: its timed attempt ends in `LockTimeout`.
-async fn assert_taken(kv: &dyn Kvi, name: &str, who: &str) {
+pub(crate) async fn assert_taken(kv: &dyn Kvi, name: &str, who: &str) {
     let what = format!("{who}'s timed lock of {name:?}");
     let attempt = kv.lock_with(name, LockOptions::new().timeout(PROBE));
     match within(PROBE + MARGIN, &what, attempt).await {
@@ -37,7 +37,7 @@ async fn assert_taken(kv: &dyn Kvi, name: &str, who: &str) {
 }
 
 /// Asserts that `kv` gets `name` promptly, and hands back the guard.
-async fn assert_free(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
+pub(crate) async fn assert_free(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
     let what = format!("{who}'s timed lock of {name:?}");
     let attempt = kv.lock_with(name, LockOptions::new().timeout(PROMPTLY));
     within(PROMPTLY + MARGIN, &what, attempt)
@@ -46,14 +46,15 @@ async fn assert_free(kv: &dyn Kvi, name: &str, who: &str) -> LockGuard {
 }
 
 /// Starts a task that waits for `name` on `kv` and reports when it got it.
-fn queue(
+pub(crate) fn queue(
     kv: &Arc<dyn Kvi>,
-    name: &'static str,
+    name: &str,
 ) -> tokio::task::JoinHandle<hmetcd_core::Result<(LockGuard, Instant)>> {
     let kv = Arc::clone(kv);
+    let name = name.to_owned();
     tokio::spawn(async move {
         let options = LockOptions::new().timeout(Duration::from_secs(30));
-        let guard = kv.lock_with(name, options).await?;
+        let guard = kv.lock_with(&name, options).await?;
         Ok((guard, Instant::now()))
     })
 }
