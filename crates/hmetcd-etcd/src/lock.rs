@@ -177,8 +177,10 @@ impl LockState {
 enum Attempt {
     /// Ours, with our key's create revision.
     Acquired(i64),
-    /// Our waiter key vanished (the lease expired meanwhile): queue again.
+    /// Our waiter key vanished (deleted by someone, or with its lease): queue again.
     KeyLost,
+    /// Our lease is gone: queue again on the next one.
+    LeaseLost,
 }
 
 /// Runs `step`, giving up at `deadline` with `LockTimeout` naming `name`.
@@ -409,7 +411,7 @@ impl Shared {
             let attempt = async {
                 tokio::select! {
                     attempt = self.queue_and_wait(&dir, &key, lease, request) => attempt,
-                    _ = session_ended(self, generation) => Ok(Attempt::KeyLost),
+                    _ = session_ended(self, generation) => Ok(Attempt::LeaseLost),
                 }
             };
             match by_deadline(name, deadline, attempt).await {
@@ -422,10 +424,10 @@ impl Shared {
                     })?;
                     return Ok((held, lease, generation, revision));
                 }
-                Ok(Attempt::KeyLost) => {
-                    // The key went with its lease: nothing to delete.
+                Ok(lost @ (Attempt::KeyLost | Attempt::LeaseLost)) => {
+                    // The key is gone, or goes with its lease: nothing to delete.
                     waiter.key = None;
-                    not = Some(lease);
+                    not = matches!(lost, Attempt::LeaseLost).then_some(lease);
                     if let Some((at, timeout)) = deadline {
                         if Instant::now() >= at {
                             return Err(gave_up(name, timeout));
@@ -499,7 +501,7 @@ impl Shared {
             Ok(queued) => queued,
             Err(err) if is_lease_not_found(&err) => {
                 self.session.report_lost(lease);
-                return Ok(Attempt::KeyLost);
+                return Ok(Attempt::LeaseLost);
             }
             Err(err) => return Err(self.errors.map(request, err)),
         };
