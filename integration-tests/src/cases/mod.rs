@@ -110,6 +110,7 @@ pub fn all() -> Vec<Case> {
         case!(watch_end::finish_reason_says_the_callback_returned_false),
         case!(watch_end::finish_reason_says_the_key_was_deleted),
         case!(watch_end::finish_reason_says_the_handle_was_closed),
+        case!(watch_end::finish_reason_says_the_callback_panicked),
         case!(streams::watch_stream_yields_every_change_in_order),
         case!(streams::watch_stream_misses_nothing_made_after_it_returns),
         case!(streams::watch_prefix_yields_every_change_under_the_prefix),

@@ -177,3 +177,35 @@ pub async fn finish_reason_says_the_handle_was_closed(store: TestStore) {
     let reason = finish_reason(&handle, "close").await;
     assert!(matches!(reason, Some(WatchEnd::Closed)), "{reason:?}");
 }
+
+/// A callback that panics is not called again; its watcher says `CallbackPanicked`.
+pub async fn finish_reason_says_the_callback_panicked(store: TestStore) {
+    let kv = store.open().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let handle = kv
+        .watch_with_cb(
+            "k",
+            KeyChange::Put,
+            Box::new(move |_: &WatchEvent| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                panic!("a callback that panics (expected by this case)");
+            }),
+        )
+        .await
+        .unwrap();
+    kv.store("k", "1").await.unwrap();
+    let reason = finish_reason(&handle, "the callback panicked").await;
+    assert!(
+        matches!(reason, Some(WatchEnd::CallbackPanicked)),
+        "{reason:?}"
+    );
+    kv.store("k", "2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "called again after a panic"
+    );
+    kv.close().await.unwrap();
+}
