@@ -1,6 +1,10 @@
 //! The one error type every backend returns.
 
+use std::fmt;
 use std::time::Duration;
+
+/// Characters of a key that error messages show; the rest is summed up by its length.
+const SHOWN_KEY_CHARS: usize = 100;
 
 /// A boxed error from a backend or the operating system, kept as [`std::error::Error::source`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -34,7 +38,7 @@ pub enum Error {
     },
 
     /// A key argument is not a valid key (keys are non-empty).
-    #[error("invalid key {key:?} given as `{argument}`: {reason}")]
+    #[error("invalid key {} given as `{argument}`: {reason}", clipped(.key))]
     InvalidKey {
         /// Which argument held the key (`key`, `then_key`, `else_key`, ...).
         argument: &'static str,
@@ -86,7 +90,7 @@ pub enum Error {
     Closed,
 
     /// A watch could not resume because the revision it needs was compacted away.
-    #[error("watch on {key:?} cannot resume at revision {revision}: the store is compacted up to revision {compact_revision}")]
+    #[error("watch on {} cannot resume at revision {revision}: the store is compacted up to revision {compact_revision}", clipped(.key))]
     Compacted {
         /// The watched key or prefix (without the handle's prefix).
         key: String,
@@ -120,10 +124,11 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
-    /// A value in the store is not valid UTF-8 (another client wrote raw bytes).
-    #[error("value of key {key:?} is not valid UTF-8")]
+    /// A key or value in the store is not valid UTF-8 (another client wrote raw bytes).
+    #[error("key {} or its value is not valid UTF-8", clipped(.key))]
     InvalidUtf8 {
-        /// The key whose value could not be read (without the handle's prefix).
+        /// The key whose value could not be read (without the handle's prefix); a key that is
+        /// not UTF-8 itself is shown with U+FFFD for its invalid bytes.
         key: String,
         /// Where decoding failed.
         #[source]
@@ -162,8 +167,83 @@ impl Error {
         }
     }
 
+    /// `key` as error messages show it: quoted like `{:?}`, and cut after its first 100
+    /// characters, with its length in bytes (`"kkk…"… (2097152 bytes)`), so that a huge key
+    /// does not make a huge message. Backends use it for keys in their own messages.
+    pub fn clipped_key(key: &str) -> impl fmt::Display + '_ {
+        clipped(key)
+    }
+
     /// Whether retrying the same call later may succeed (timeouts and outages).
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Timeout { .. } | Error::Unavailable { .. })
+    }
+}
+
+/// A key in a message: see [`Error::clipped_key`].
+struct ClippedKey<'a>(&'a str);
+
+fn clipped(key: &str) -> ClippedKey<'_> {
+    ClippedKey(key)
+}
+
+impl fmt::Display for ClippedKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = self.0;
+        match key.char_indices().nth(SHOWN_KEY_CHARS) {
+            None => write!(f, "{key:?}"),
+            Some((cut, _)) => write!(f, "{:?}… ({} bytes)", &key[..cut], key.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_keys_are_shown_whole() {
+        assert_eq!(Error::clipped_key("a/b").to_string(), "\"a/b\"");
+        let hundred = "é".repeat(100);
+        assert_eq!(
+            Error::clipped_key(&hundred).to_string(),
+            format!("{hundred:?}")
+        );
+        assert_eq!(Error::clipped_key("").to_string(), "\"\"");
+    }
+
+    #[test]
+    fn long_keys_are_cut_with_their_length() {
+        let key = "k".repeat(2 << 20);
+        let shown = Error::clipped_key(&key).to_string();
+        assert_eq!(shown, format!("{:?}… (2097152 bytes)", "k".repeat(100)));
+        // Cut on a character boundary: 101 two-byte characters.
+        let key = "é".repeat(101);
+        assert_eq!(
+            Error::clipped_key(&key).to_string(),
+            format!("{:?}… (202 bytes)", "é".repeat(100))
+        );
+    }
+
+    #[test]
+    fn messages_clip_their_keys() {
+        let key = "k".repeat(2 << 20);
+        let errors = [
+            Error::InvalidKey {
+                argument: "key",
+                key: key.clone(),
+                reason: "too long",
+            },
+            Error::Compacted {
+                key: key.clone(),
+                revision: 2,
+                compact_revision: 3,
+            },
+        ];
+        for err in errors {
+            let shown = err.to_string();
+            assert!(shown.len() < 300, "{shown}");
+            assert!(shown.contains("(2097152 bytes)"), "{shown}");
+        }
     }
 }

@@ -12,14 +12,40 @@ use futures::StreamExt;
 use crate::{Error, KeyChange, Result, WatchEvent};
 
 /// A stream of changes, in revision order, none missed and none repeated.
-/// It ends when the handle is closed; an `Err` item (such as [`Error::Compacted`]) is its last.
+///
+/// It ends when the handle is closed. An `Err` item is its last, with one exception: an
+/// [`Error::InvalidUtf8`] item (another client wrote a key or value that is not UTF-8) stands
+/// for that one event, and the stream goes on with the next. Every other error, such as
+/// [`Error::Compacted`], ends the stream.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent>>;
 
 /// The callback of [`Kvi::watch_with_cb`](crate::Kvi::watch_with_cb): return `false` to stop watching.
 pub type WatchCallback = Box<dyn FnMut(&WatchEvent) -> bool + Send + 'static>;
 
+/// Why a callback watcher stopped, as [`WatchHandle::finish_reason`] tells it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum WatchEnd {
+    /// The callback returned `false`.
+    CallbackReturnedFalse,
+    /// The callback panicked (the panic is logged); it is not called again.
+    CallbackPanicked,
+    /// The key was deleted (a `Delete` callback saw that event first).
+    KeyDeleted,
+    /// The handle was cancelled (from inside a callback, or by [`WatchHandle::cancel`]).
+    Cancelled,
+    /// The store handle was closed or dropped, which ends every watcher.
+    Closed,
+    /// The watch failed, with this error; for example [`Error::Compacted`] when the watch
+    /// could not resume after a reconnect without possibly skipping an event, or
+    /// [`Error::InvalidUtf8`] for an event whose key or value is not UTF-8 (a callback
+    /// watcher ends on it, since it cannot call the callback with that event).
+    Failed(Arc<Error>),
+}
+
 thread_local! {
-    // The watcher whose callback this thread is running, so that a callback may cancel its own watch.
+    // The watcher whose callback this thread is running (0: none), so that a callback may
+    // cancel its own watch, and never waits for another watcher's callback.
     static RUNNING_WATCHER: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -27,6 +53,8 @@ struct Control {
     callback: Mutex<Option<WatchCallback>>,
     cancelled: AtomicBool,
     finished: AtomicBool,
+    /// Why it finished; the first reason recorded stays.
+    end: Mutex<Option<WatchEnd>>,
 }
 
 impl Control {
@@ -40,28 +68,38 @@ impl Control {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs the callback unless cancelled; `false` means stop.
-    fn call(self: &Arc<Self>, event: &WatchEvent) -> bool {
+    /// Records why the watcher stops, unless a reason is recorded already.
+    fn end_with(&self, reason: WatchEnd) {
+        self.end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_or_insert(reason);
+    }
+
+    /// Runs the callback unless cancelled; `Some` reason means stop.
+    fn call(self: &Arc<Self>, event: &WatchEvent) -> Option<WatchEnd> {
         let mut slot = self.callback();
         if self.cancelled.load(Ordering::SeqCst) {
-            return false;
+            return Some(WatchEnd::Cancelled);
         }
         let Some(callback) = slot.as_mut() else {
-            return false;
+            return Some(WatchEnd::Cancelled);
         };
         let previous = RUNNING_WATCHER.with(|running| running.replace(self.id()));
         let outcome = catch_unwind(AssertUnwindSafe(|| callback(event)));
         RUNNING_WATCHER.with(|running| running.set(previous));
         match outcome {
-            Ok(keep_going) => keep_going,
+            Ok(true) => None,
+            Ok(false) => Some(WatchEnd::CallbackReturnedFalse),
             Err(_) => {
                 tracing::error!(key = event.key(), "watch callback panicked; the watch ends");
-                false
+                Some(WatchEnd::CallbackPanicked)
             }
         }
     }
 
-    fn finish(&self) {
+    fn finish(&self, reason: WatchEnd) {
+        self.end_with(reason);
         self.callback().take();
         self.finished.store(true, Ordering::SeqCst);
     }
@@ -87,14 +125,19 @@ impl std::fmt::Debug for WatchHandle {
 
 impl WatchHandle {
     /// Stops the watcher. Once this returns the callback is not running and is never called again.
-    /// A callback may cancel its own watcher; it is then not called again after it returns.
+    ///
+    /// Called from inside a watch callback (this watcher's or another's), it never waits: the
+    /// watcher is marked cancelled and its callback is not called again after the one running
+    /// now (if any) returns. Waiting there could deadlock, for instance two callbacks that
+    /// cancel each other's watcher at the same moment.
     pub fn cancel(self) {
         let control = &self.control;
         control.cancelled.store(true, Ordering::SeqCst);
-        let inside_own_callback = RUNNING_WATCHER.with(|running| running.get() == control.id());
-        if !inside_own_callback {
+        control.end_with(WatchEnd::Cancelled);
+        let inside_a_callback = RUNNING_WATCHER.with(|running| running.get() != 0);
+        if !inside_a_callback {
             // Waits for a callback in flight on another thread, then drops it.
-            control.finish();
+            control.finish(WatchEnd::Cancelled);
         }
         control.finished.store(true, Ordering::SeqCst);
         self.task.abort();
@@ -104,12 +147,33 @@ impl WatchHandle {
     pub fn is_finished(&self) -> bool {
         self.control.finished.load(Ordering::SeqCst) || self.task.is_finished()
     }
+
+    /// Why the watcher stopped, once it has; `None` while it runs.
+    ///
+    /// A watcher that ends on an error (say [`Error::Compacted`] after a reconnect) reports
+    /// [`WatchEnd::Failed`] with it here, so its owner learns what a log line alone would hide.
+    pub fn finish_reason(&self) -> Option<WatchEnd> {
+        let reason = self
+            .control
+            .end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match reason {
+            Some(reason) => Some(reason),
+            // Only a task that ended without recording a reason (it cannot, short of a bug).
+            None if self.task.is_finished() => Some(WatchEnd::Closed),
+            None => None,
+        }
+    }
 }
 
 /// Runs `callback` for every event of kind `change` that `stream` yields, with the
 /// stop rules of the contract: the callback returns `false`; the key is deleted (a
 /// `Delete` callback sees that event first); the handle is cancelled; the stream
-/// ends (the store handle was closed) or fails.
+/// ends (the store handle was closed) or yields an error. Every `Err` item ends the watcher,
+/// an [`Error::InvalidUtf8`] one included (the callback cannot be given that event, and
+/// skipping it would break "none missed"); [`WatchHandle::finish_reason`] then carries it.
 ///
 /// Backends implement [`Kvi::watch_with_cb`](crate::Kvi::watch_with_cb) with it. It must be
 /// called within a Tokio runtime.
@@ -122,28 +186,34 @@ pub fn spawn_callback_watcher(
         callback: Mutex::new(Some(callback)),
         cancelled: AtomicBool::new(false),
         finished: AtomicBool::new(false),
+        end: Mutex::new(None),
     });
     let task = tokio::spawn(drive(stream, change, Arc::clone(&control)));
     WatchHandle { control, task }
 }
 
 async fn drive(mut stream: WatchStream, change: KeyChange, control: Arc<Control>) {
-    while let Some(item) = stream.next().await {
+    let reason = loop {
+        let Some(item) = stream.next().await else {
+            break WatchEnd::Closed;
+        };
         let event = match item {
             Ok(event) => event,
             Err(err) => {
                 tracing::warn!(error = %err, "callback watcher ends");
-                break;
+                break WatchEnd::Failed(Arc::new(err));
             }
         };
-        if event.change() == change && !control.call(&event) {
-            break;
+        if event.change() == change {
+            if let Some(reason) = control.call(&event) {
+                break reason;
+            }
         }
         if event.change() == KeyChange::Delete {
-            break;
+            break WatchEnd::KeyDeleted;
         }
-    }
-    control.finish();
+    };
+    control.finish(reason);
 }
 
 /// The first event of `stream`: how backends implement [`Kvi::watch`](crate::Kvi::watch).

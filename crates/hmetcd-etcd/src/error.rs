@@ -7,7 +7,8 @@ use etcd_client::Error as EtcdError;
 use hmetcd_core::Error;
 use tonic::Code;
 
-/// A request to etcd, named the way error messages show it: `get "a/b"`.
+/// A request to etcd, named the way error messages show it: `get "a/b"` (a key longer than
+/// 100 characters is cut, with its length: see [`Error::clipped_key`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Request<'a> {
     /// What was asked (`get`, `put`, `lease grant`, ...).
@@ -31,7 +32,7 @@ impl fmt::Display for Request<'_> {
         if self.key.is_empty() {
             f.write_str(self.what)
         } else {
-            write!(f, "{} {:?}", self.what, self.key)
+            write!(f, "{} {}", self.what, Error::clipped_key(self.key))
         }
     }
 }
@@ -162,6 +163,20 @@ mod tests {
 
     fn status(code: Code, message: &str) -> EtcdError {
         EtcdError::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn requests_cut_long_keys() {
+        assert_eq!(Request::new("get", "a/b").to_string(), "get \"a/b\"");
+        let key = "k".repeat(2 << 20);
+        let shown = Request::new("put", &key).to_string();
+        assert!(shown.len() < 200, "{} bytes", shown.len());
+        assert!(shown.ends_with("… (2097152 bytes)"), "{shown}");
+        let err = context().map(
+            Request::new("put", &key),
+            status(Code::InvalidArgument, "etcdserver: request is too large"),
+        );
+        assert!(err.to_string().len() < 300, "{err}");
     }
 
     #[test]

@@ -44,6 +44,7 @@ mod error;
 mod lock;
 mod members;
 mod pool;
+mod range;
 mod retry;
 mod session;
 mod watch;
@@ -55,7 +56,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Client, Compare, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{Client, Compare, Txn, TxnOp};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
     CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Options,
@@ -425,30 +426,9 @@ impl Kvi for EtcdKvs {
         };
         let mut range_end = end.into_bytes();
         range_end.push(0);
-        let options = GetOptions::new()
-            .with_range(range_end)
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let answer = shared
-            .kv_request(Request::new("get range from", key_start), async |kv| {
-                kv.get(start, Some(options)).await
-            })
-            .await?;
-        let mut found = Vec::with_capacity(answer.kvs().len());
-        for pair in answer.kvs() {
-            let Some(key) = shared.shown_key(pair.key())? else {
-                continue;
-            };
-            found.push(KeyValue {
-                key: key.to_owned(),
-                value: shared.text(key, pair.value())?,
-            });
-        }
-        // etcd answers in key order (we ask it to); this keeps the promise if a server ever
-        // did not, for the price of one pass over the answer.
-        if !found.is_sorted_by(|a, b| a.key <= b.key) {
-            found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        }
-        Ok(found)
+        shared
+            .read_range(key_start, start.as_bytes(), &range_end)
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -10,7 +10,9 @@ const FIRST_PAUSE: Duration = Duration::from_millis(100);
 /// The longest pause between two attempts.
 const LONGEST_PAUSE: Duration = Duration::from_secs(2);
 
-/// Exponential backoff: 100 ms, 200 ms, ... up to 2 s.
+/// Exponential backoff with jitter: the n-th pause is drawn uniformly from [b/2, b] for
+/// b = 100 ms, 200 ms, ... up to 2 s ("equal jitter"), so that many clients that lost etcd
+/// at the same moment (a restart) do not all retry in lockstep.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
@@ -23,9 +25,11 @@ impl Backoff {
 
     /// The pause before the next attempt.
     pub(crate) fn next_pause(&mut self) -> Duration {
-        let pause = self.next;
+        let bound = self.next;
         self.next = (self.next * 2).min(LONGEST_PAUSE);
-        pause
+        let half = bound / 2;
+        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        half + Duration::from_nanos(fastrand::u64(0..=nanos))
     }
 
     pub(crate) fn reset(&mut self) {
@@ -57,5 +61,45 @@ pub(crate) async fn pause_unless_shut_down(
     tokio::select! {
         () = shut_down(shutdown) => false,
         () = tokio::time::sleep(pause) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_grow_within_their_bounds_and_vary() {
+        let mut pauses = Vec::new();
+        for _ in 0..50 {
+            let mut backoff = Backoff::new();
+            let mut bound = FIRST_PAUSE;
+            for _ in 0..8 {
+                let pause = backoff.next_pause();
+                assert!(
+                    pause >= bound / 2 && pause <= bound,
+                    "{pause:?} outside [{:?}, {bound:?}]",
+                    bound / 2
+                );
+                bound = (bound * 2).min(LONGEST_PAUSE);
+                pauses.push(pause);
+            }
+        }
+        let first = pauses[0];
+        assert!(
+            pauses.iter().step_by(8).any(|pause| *pause != first),
+            "50 first pauses all {first:?}: no jitter"
+        );
+    }
+
+    #[test]
+    fn reset_starts_over() {
+        let mut backoff = Backoff::new();
+        for _ in 0..10 {
+            backoff.next_pause();
+        }
+        assert!(backoff.next_pause() >= LONGEST_PAUSE / 2);
+        backoff.reset();
+        assert!(backoff.next_pause() <= FIRST_PAUSE);
     }
 }

@@ -18,7 +18,44 @@
 //!   etcd refuses for want of permission gets one token refresh and a new stream
 //!   (*Connecting* at once), since etcd checks the token the stream was opened with.
 //! - **Waiting**: no etcd stream, backing off before *Connecting* again; every watcher keeps
-//!   its next revision, so the new stream resumes each one without loss or repetition.
+//!   its next revision, so the new stream resumes each one without loss or repetition. The
+//!   backoff (jittered, 100 ms up to 2 s) starts over only once a watch delivers events or
+//!   progress, not when a create succeeds: a stream that opens and breaks at once (say on a
+//!   response it cannot take) must not be reopened ten times a second.
+//!
+//! ## The next revision, and compaction
+//!
+//! Each watcher keeps `next`, the first revision it has not delivered; a new stream creates
+//! its watch from there. `next` moves past every delivered event, and past the revision of a
+//! **progress notification**: every watch is created `with_progress_notify()`, and etcd sends
+//! such a notification (a response for that watch with no events, neither created nor
+//! cancelled, compact revision 0) only while the watch is synced, that is when it has sent
+//! every event up to the header's revision. `next` never moves on the header of a created
+//! response or of an event response: a watch catching up sends its history in batches
+//! (etcd's `watchBatchMaxRevs`) whose header is the store's current revision while more
+//! events are still to come. Nor is the stream-wide `request_progress` (watch id -1) used:
+//! before etcd 3.5.8 and 3.4.24 it is answered even while some watchers of the stream are not
+//! synced (etcd issue 15220), so moving on its revision could skip events.
+//!
+//! When etcd refuses to (re)create a watch because `next` was compacted away, an event may
+//! have been lost, or not: a quiet key's watch would otherwise fail on every compaction that
+//! happens while the stream is down. So before reporting [`Error::Compacted`]:
+//!
+//! - a single-key watch reads the key (one get). If the key exists and its `mod_revision` is
+//!   below `next`, it has not changed since the last delivered event: the watch is created
+//!   again from the read's revision + 1 and goes on. If the key was changed meanwhile, or is
+//!   missing, it reports `Compacted`: a missing key may have been put and deleted inside the
+//!   compacted gap, which history no longer shows. (The watcher also tracks whether the key
+//!   exists as far as it knows, from the registration's read and from the events since; it
+//!   only resumes when that says "present".)
+//! - a prefix watch reports `Compacted`: nothing short of the compacted history proves that
+//!   no key under it changed, unless progress notifications had already moved `next` past the
+//!   compaction (then etcd does not refuse the watch at all).
+//!
+//! ## Keys and values that are not UTF-8
+//!
+//! An event whose key or value is not UTF-8 (written by another client) reaches the stream as
+//! one `Err(Error::InvalidUtf8)` item naming the key; the stream goes on with the next event.
 //!
 //! In every state the task ends when the handle is closed or dropped (`shutdown`), which ends
 //! every watcher's stream. The task holds no reference to the handle.
@@ -40,6 +77,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::error::{ErrorContext, Request};
+use crate::pool::MAX_RESPONSE_BYTES;
 use crate::retry::{shut_down, AbortOnDrop, Backoff};
 use crate::Shared;
 
@@ -96,6 +134,8 @@ enum Command {
         start: i64,
         events: mpsc::UnboundedSender<Result<WatchEvent>>,
         confirmed: oneshot::Sender<Result<()>>,
+        /// Whether the key existed at `start - 1` (unused for a prefix watch).
+        present: bool,
     },
     /// The watcher's stream was dropped (or its registration abandoned).
     Cancel(WatcherId),
@@ -123,11 +163,13 @@ impl Shared {
         } else {
             target.stored.as_str()
         };
+        // The count also tells whether the key exists, the watcher's first known state.
         let now = self
             .kv_request(request, async |kv| {
                 kv.get(key, Some(GetOptions::new().with_count_only())).await
             })
             .await?;
+        let present = now.count() > 0;
         let revision = now
             .header()
             .map(|header| header.revision())
@@ -155,6 +197,7 @@ impl Shared {
                 start,
                 events,
                 confirmed,
+                present,
             })
             .map_err(|_| Error::Closed)?;
         // From here on, dropping the stream (also on an error below) cancels the watch.
@@ -231,6 +274,9 @@ struct Watcher {
     etcd_id: Option<i64>,
     /// Creations refused in a row; an expired token gets one refresh.
     refusals: u32,
+    /// Whether the watched key exists at `next - 1`, as far as the watcher knows (unused for
+    /// a prefix watch).
+    known_present: bool,
 }
 
 impl Watcher {
@@ -245,9 +291,11 @@ impl Watcher {
     /// The create request of its etcd watch, from its next revision.
     fn create_request(&mut self, id: WatcherId) -> (String, WatchOptions) {
         self.start = self.next;
+        // Progress notifications move `next` on for a quiet watch; see the module docs.
         let mut options = WatchOptions::new()
             .with_start_revision(self.next)
-            .with_watch_id(id);
+            .with_watch_id(id)
+            .with_progress_notify();
         if self.target.is_prefix {
             options = options.with_prefix();
         }
@@ -310,7 +358,7 @@ impl Multiplexer {
                 Wake::Response(Ok(Some(response))) if response.created() => {
                     self.on_created(&response).await;
                 }
-                Wake::Response(Ok(Some(response))) => self.on_update(&response),
+                Wake::Response(Ok(Some(response))) => self.on_update(&response).await,
                 Wake::Response(Ok(None)) => self.disconnect("etcd ended the watch stream"),
                 Wake::Response(Err(err)) => self.disconnect(&err.to_string()),
                 Wake::Reconnect => self.connect().await,
@@ -326,6 +374,7 @@ impl Multiplexer {
                 start,
                 events,
                 confirmed,
+                present,
             } => {
                 let watcher = self.watchers.entry(id).or_insert(Watcher {
                     target,
@@ -335,6 +384,7 @@ impl Multiplexer {
                     start,
                     etcd_id: None,
                     refusals: 0,
+                    known_present: present,
                 });
                 match self.connection.as_mut() {
                     Some(connection) => connection.create(id, watcher),
@@ -395,11 +445,10 @@ impl Multiplexer {
             return;
         };
         if response.compact_revision() > 0 {
-            let err = watcher.compacted(response.compact_revision());
             if !response.canceled() {
                 connection.cancel(watch_id);
             }
-            self.fail(id, err);
+            self.on_compacted(id, response.compact_revision()).await;
             return;
         }
         if response.canceled() {
@@ -431,11 +480,10 @@ impl Multiplexer {
         if let Some(confirmed) = watcher.confirmed.take() {
             let _ = confirmed.send(Ok(()));
         }
-        self.backoff.reset();
     }
 
-    /// Events (or a cancellation) for a created watch.
-    fn on_update(&mut self, response: &WatchResponse) {
+    /// Events, a progress notification, or a cancellation for a created watch.
+    async fn on_update(&mut self, response: &WatchResponse) {
         let Some(connection) = self.connection.as_mut() else {
             return;
         };
@@ -448,18 +496,38 @@ impl Multiplexer {
             connection.cancel(watch_id);
             return;
         };
+        let is_progress = response.events().is_empty()
+            && !response.canceled()
+            && response.compact_revision() == 0;
+        if is_progress {
+            // etcd sends these to synced watches only: every change up to the header's
+            // revision has been sent (see the module docs).
+            if let Some(header) = response.header() {
+                watcher.next = watcher.next.max(header.revision() + 1);
+            }
+            self.backoff.reset();
+            return;
+        }
+        if !response.events().is_empty() {
+            self.backoff.reset();
+        }
         for event in response.events() {
-            let converted = match convert(&self.prefix, event) {
-                Ok(Some(converted)) => converted,
-                Ok(None) => continue,
-                Err(err) => return self.fail(id, err),
+            let Some(kv) = event.kv() else {
+                continue;
             };
+            let revision = kv.mod_revision();
             // Never repeat: a re-created watch starts after the last delivered revision.
-            if converted.revision() < watcher.start {
+            if revision < watcher.start {
                 continue;
             }
-            let revision = converted.revision();
-            if watcher.events.send(Ok(converted)).is_err() {
+            let item = match convert(&self.prefix, event) {
+                Ok(Some(converted)) => Ok(converted),
+                Ok(None) => continue,
+                // One item for this event; the next events follow (see the module docs).
+                Err(err) => Err(err),
+            };
+            watcher.known_present = event.event_type() == EventType::Put;
+            if watcher.events.send(item).is_err() {
                 self.remove(id);
                 return;
             }
@@ -468,18 +536,76 @@ impl Multiplexer {
             watcher.next = watcher.next.max(revision + 1);
         }
         if response.compact_revision() > 0 {
-            // etcd has cancelled the watch already.
-            connection.routes.remove(&watch_id);
+            // etcd has stopped the watch, but keeps its id taken on this stream until it is
+            // cancelled: a watch created again under that id would be refused as a duplicate.
+            connection.cancel(watch_id);
             watcher.etcd_id = None;
-            let err = watcher.compacted(response.compact_revision());
-            self.fail(id, err);
+            self.on_compacted(id, response.compact_revision()).await;
         } else if response.canceled() {
             let reason = format!(
-                "etcd cancelled the watch of {:?}: {}",
-                watcher.target.shown,
+                "etcd cancelled the watch of {}: {}",
+                Error::clipped_key(&watcher.target.shown),
                 response.cancel_reason()
             );
             self.disconnect(&reason);
+        }
+    }
+
+    /// etcd refused a watch (or cancelled one catching up) because its next revision is
+    /// compacted away: resume it if no event can have been lost, else fail it with
+    /// `Compacted`. See the module docs.
+    async fn on_compacted(&mut self, id: WatcherId, compact_revision: i64) {
+        let Some(watcher) = self.watchers.get(&id) else {
+            return;
+        };
+        if watcher.target.is_prefix || !watcher.known_present {
+            // A prefix, or a key last known absent: a put and a delete may hide in the gap.
+            let err = watcher.compacted(compact_revision);
+            return self.fail(id, err);
+        }
+        let (key, next) = (watcher.target.stored.clone(), watcher.next);
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let reading = tokio::time::timeout(self.errors.request_timeout, kv.get(key, None));
+        let read = tokio::select! {
+            // The next turn of the loop sees the shutdown and ends the task.
+            () = shut_down(&mut self.shutdown) => return,
+            read = reading => read,
+        };
+        let answer = match read {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "cannot read a watched key behind a compaction");
+                return self.disconnect("reading a watched key behind a compaction failed");
+            }
+            Err(_) => {
+                return self.disconnect("reading a watched key behind a compaction timed out")
+            }
+        };
+        let Some(watcher) = self.watchers.get_mut(&id) else {
+            return;
+        };
+        let unchanged = answer.kvs().first().map(|kv| kv.mod_revision() < next);
+        match (unchanged, answer.header()) {
+            (Some(true), Some(header)) => {
+                // Unchanged since before `next`: nothing was missed up to the read's revision.
+                watcher.next = watcher.next.max(header.revision() + 1);
+                tracing::debug!(
+                    key = %Error::clipped_key(&watcher.target.shown),
+                    compact_revision,
+                    next = watcher.next,
+                    "a watch behind a compaction missed nothing; resuming it"
+                );
+                if let Some(connection) = self.connection.as_mut() {
+                    connection.create(id, watcher);
+                }
+            }
+            _ => {
+                let err = watcher.compacted(compact_revision);
+                self.fail(id, err);
+            }
         }
     }
 
@@ -511,7 +637,10 @@ impl Multiplexer {
         let shown = watcher.target.shown.clone();
         let request = Request::new("watch", &shown);
         let (key, options) = watcher.create_request(first);
-        let mut watches = self.client.watch_client();
+        let mut watches = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let opening = tokio::time::timeout(
             self.errors.request_timeout,
             watches.watch(key, Some(options)),
@@ -656,15 +785,24 @@ fn refused(errors: &ErrorContext, target: &Target, reason: &str) -> Error {
     }
 }
 
-/// One etcd event as callers see it; `None` for a key outside the prefix.
+/// One etcd event as callers see it; `None` for a key outside the prefix. A key or value that
+/// is not UTF-8 is `Error::InvalidUtf8` naming the key (its invalid bytes shown as U+FFFD).
 fn convert(prefix: &KeyPrefix, event: &Event) -> Result<Option<WatchEvent>> {
     let Some(kv) = event.kv() else {
         return Ok(None);
     };
-    let stored = std::str::from_utf8(kv.key()).map_err(|source| Error::InvalidUtf8 {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        source,
-    })?;
+    let stored = match std::str::from_utf8(kv.key()) {
+        Ok(stored) => stored,
+        Err(source) => {
+            let Some(rest) = kv.key().strip_prefix(prefix.as_str().as_bytes()) else {
+                return Ok(None);
+            };
+            return Err(Error::InvalidUtf8 {
+                key: String::from_utf8_lossy(rest).into_owned(),
+                source,
+            });
+        }
+    };
     let Some(key) = prefix.strip(stored) else {
         return Ok(None);
     };

@@ -12,6 +12,7 @@ pub mod ranges;
 pub mod streams;
 pub mod temp_keys;
 pub mod watch;
+pub mod watch_end;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -119,6 +120,11 @@ pub fn all() -> Vec<Case> {
         case!(watch::dropped_watch_handle_keeps_running),
         case!(watch::close_stops_watchers),
         case!(watch::events_carry_increasing_revisions),
+        case!(watch_end::callbacks_cancelling_each_other_do_not_deadlock),
+        case!(watch_end::finish_reason_says_the_callback_returned_false),
+        case!(watch_end::finish_reason_says_the_key_was_deleted),
+        case!(watch_end::finish_reason_says_the_handle_was_closed),
+        case!(watch_end::finish_reason_says_the_callback_panicked),
         case!(streams::watch_stream_yields_every_change_in_order),
         case!(streams::watch_stream_misses_nothing_made_after_it_returns),
         case!(streams::watch_prefix_yields_every_change_under_the_prefix),
