@@ -658,7 +658,8 @@ impl Shared {
         let Some(target) = self.stored_target(key) else {
             return Ok(false);
         };
-        let mut stream = match self.watch_from(target, revision).await {
+        // The key existed at the revision before `revision`: it was read there.
+        let mut stream = match self.watch_from(target, revision, true).await {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::debug!(error = %err, lock = request.key, "waiting for the lock: cannot watch the key ahead");

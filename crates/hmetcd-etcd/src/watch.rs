@@ -178,12 +178,18 @@ impl Shared {
                 reason: "etcd answered without a response header".to_owned(),
                 source: None,
             })?;
-        self.watch_from(target, revision + 1).await
+        self.watch_from(target, revision + 1, present).await
     }
 
     /// Registers a watch for every change from revision `start` on and returns its stream
-    /// once etcd has confirmed the watch.
-    pub(crate) async fn watch_from(&self, target: Target, start: i64) -> Result<WatchStream> {
+    /// once etcd has confirmed the watch. `present` says whether the key existed just before
+    /// `start` (see the module docs on compaction).
+    pub(crate) async fn watch_from(
+        &self,
+        target: Target,
+        start: i64,
+        present: bool,
+    ) -> Result<WatchStream> {
         let shown = target.shown.clone();
         let request = Request::new("watch", &shown);
         let commands = self.watch_commands();
