@@ -1,0 +1,1365 @@
+//! Losing a lease, and what must hold then: reproductions of the lease-loss defects of the
+//! etcd backend (contract, Part 2, "Losing a lock, and fencing"; design note SESSION.md).
+//!
+//! Named `lease_loss::<backend>::<what it proves>`. The etcd tests run against a private etcd
+//! that the harness starts (container or child process, as `HMETCD_ETCD_MODE` says). A lease
+//! is lost on purpose by revoking it from outside (`lease_revoke` on a raw etcd client; the
+//! lease is found on a key the handle wrote: its temp key or its lock key), or by cutting one
+//! handle's connection with a TCP proxy (`integration_tests::faults::proxy`) for longer than
+//! `lease_ttl`. Tests run one at a time unless `--test-threads` says otherwise, because they
+//! measure timings and one compares etcd's whole lease listing. Every measured figure is
+//! printed to stderr.
+//!
+//! The last test runs 4 `lock_worker` processes (the example of `hmetcd`, in its `--fenced`
+//! mode) doing fenced increments while a chaos loop revokes the lock holder's lease and cuts
+//! one worker off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchOptions};
+use futures::StreamExt;
+use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
+use hmetcd_etcd::EtcdKvs;
+use integration_tests::backends::{self, EtcdOpener, MemOpener};
+use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
+use integration_tests::faults::proxy::FaultProxy;
+use integration_tests::run_limited;
+use integration_tests::TestStore;
+use libtest_mimic::{Arguments, Failed, Trial};
+
+/// The lease TTL of most tests here: short, so that a lost lease shows quickly.
+const LEASE_TTL: Duration = Duration::from_secs(3);
+/// What the contract allows beyond `lease_ttl` for a handle to be whole again after a loss.
+const RECOVERY_SLACK: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        // The tests measure timings, and one compares etcd's whole lease listing.
+        args.test_threads = Some(1);
+    }
+    let mem = TestStore::new(Arc::new(MemOpener::new()));
+    let mut trials = vec![Trial::test(
+        "lease_loss::mem::lock_name_that_prefixes_other_keys",
+        move || {
+            run_limited(
+                2,
+                Duration::from_secs(30),
+                lock_name_that_prefixes_other_keys(mem),
+            )
+        },
+    )];
+    let mut server = None;
+    match backends::etcd_requested() {
+        Err(why) => {
+            eprintln!("lease_loss: {why}");
+            return ExitCode::FAILURE;
+        }
+        Ok(false) => eprintln!("lease_loss: {}", backends::MEM_ONLY_NOTICE),
+        Ok(true) => match EtcdServer::start_owned() {
+            Ok(started) => {
+                trials.extend(etcd_trials(&started));
+                server = Some(started);
+            }
+            Err(why) => trials.push(Trial::test("lease_loss::etcd::server", move || {
+                Err(Failed::from(why))
+            })),
+        },
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(server) = server.as_mut() {
+        server.shutdown();
+    }
+    conclusion.exit_code()
+}
+
+type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
+    let backend = format!("etcd-{}", server.version());
+    let endpoints = server.endpoints().to_owned();
+    let store = || TestStore::new(Arc::new(EtcdOpener::on(server)));
+    let trial = |name: &str, limit: u64, test: fn(String, TestStore) -> TestFuture| {
+        let (endpoints, store) = (endpoints.clone(), store());
+        Trial::test(format!("lease_loss::{backend}::{name}"), move || {
+            run_limited(2, Duration::from_secs(limit), test(endpoints, store))
+        })
+    };
+    vec![
+        trial(
+            "one_lease_loss_with_3000_temp_keys_recovers_within_ttl_plus_2s",
+            60,
+            |e, s| Box::pin(many_temp_keys_recover(e, s)),
+        ),
+        trial(
+            "given_up_timed_lock_during_an_outage_leaves_no_waiter_key",
+            60,
+            |e, s| Box::pin(given_up_attempt(e, s, GiveUp::Timed)),
+        ),
+        trial(
+            "cancelled_lock_during_an_outage_leaves_no_waiter_key",
+            60,
+            |e, s| Box::pin(given_up_attempt(e, s, GiveUp::Cancelled)),
+        ),
+        trial(
+            "given_up_named_lock_during_an_outage_leaves_no_waiter_key",
+            60,
+            |e, s| Box::pin(given_up_attempt(e, s, GiveUp::NamedGuard)),
+        ),
+        trial(
+            "temp_key_restore_never_overwrites_another_clients_data",
+            60,
+            |e, s| Box::pin(restore_never_overwrites(e, s)),
+        ),
+        trial("lock_name_that_prefixes_other_keys", 30, |_, s| {
+            Box::pin(lock_name_that_prefixes_other_keys(s))
+        }),
+        trial(
+            "is_held_is_conservative_after_external_revoke",
+            60,
+            |e, s| Box::pin(is_held_conservative(e, s)),
+        ),
+        trial(
+            "temp_key_or_lock_racing_close_never_outlives_close",
+            60,
+            |e, s| Box::pin(racing_close(e, s)),
+        ),
+        trial(
+            "fenced_increments_by_4_processes_under_lease_revokes_and_a_cut",
+            180,
+            |e, s| Box::pin(fenced_stress(e, s)),
+        ),
+    ]
+}
+
+fn secs(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+fn ok<T>(outcome: Result<T, String>) -> T {
+    outcome.unwrap_or_else(|why| panic!("{why}"))
+}
+
+async fn raw(endpoints: &str) -> etcd_client::Client {
+    ok(raw_client(endpoints).await)
+}
+
+/// Every key under `prefix` (stored form): (key, lease), oldest first.
+async fn prefix_keys(raw: &mut etcd_client::Client, prefix: &str) -> Vec<(String, i64)> {
+    let options = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend);
+    let answer = raw
+        .get(prefix, Some(options))
+        .await
+        .unwrap_or_else(|err| panic!("raw get of {prefix:?}: {err}"));
+    answer
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+        .collect()
+}
+
+/// The lease `key` (stored form) is bound to; `None` when the key is missing.
+async fn lease_of(raw: &mut etcd_client::Client, key: &str) -> Option<i64> {
+    let answer = raw
+        .get(key, None)
+        .await
+        .unwrap_or_else(|err| panic!("raw get of {key:?}: {err}"));
+    answer.kvs().first().map(|kv| kv.lease())
+}
+
+/// Revokes `lease` as another client (an operator, a test) would.
+async fn revoke(raw: &mut etcd_client::Client, lease: i64) {
+    raw.lease_revoke(lease)
+        .await
+        .unwrap_or_else(|err| panic!("raw revoke of lease {lease:x}: {err}"));
+}
+
+/// Whether etcd still has the lease and it has time left.
+async fn lease_alive(raw: &mut etcd_client::Client, lease: i64) -> bool {
+    match raw.lease_time_to_live(lease, None).await {
+        Ok(answer) => answer.ttl() > 0,
+        Err(_) => false,
+    }
+}
+
+/// Every lease etcd has now.
+async fn all_leases(raw: &mut etcd_client::Client) -> BTreeSet<i64> {
+    raw.leases()
+        .await
+        .unwrap_or_else(|err| panic!("raw lease listing: {err}"))
+        .leases()
+        .iter()
+        .map(|lease| lease.id())
+        .collect()
+}
+
+/// Waits until `prefix` has `count` keys; panics after 10 s.
+async fn wait_keys(
+    raw: &mut etcd_client::Client,
+    prefix: &str,
+    count: usize,
+) -> Vec<(String, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = prefix_keys(raw, prefix).await;
+        if keys.len() == count {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} keys under {prefix:?}, found {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn lock_timeout(timeout: Duration) -> LockOptions {
+    LockOptions::new().timeout(timeout)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. One lease loss with 3,000 temp keys
+
+/// How the handle came back after a lease loss.
+#[derive(Debug, Default)]
+struct Recovery {
+    /// When every temp key was back, once each, all on one live new lease.
+    keys_back: Option<Duration>,
+    /// That lease.
+    lease: Option<i64>,
+    /// What the raw listing showed last: keys found, and how many per lease.
+    last_seen: String,
+    /// When `dist_timed_lock` and `lock_with` on another name had both succeeded.
+    locks_ok: Option<Duration>,
+    /// Errors of the locking calls, with how often each was seen.
+    lock_errors: BTreeMap<String, usize>,
+}
+
+impl Recovery {
+    fn note_error(&mut self, what: &str, err: &Error) {
+        *self
+            .lock_errors
+            .entry(format!("{what}: {err}"))
+            .or_default() += 1;
+    }
+
+    fn errors(&self) -> String {
+        if self.lock_errors.is_empty() {
+            return "none".to_owned();
+        }
+        self.lock_errors
+            .iter()
+            .map(|(err, count)| format!("{count}× {err}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Errors of a lock call that name another key's temp-key restore.
+    fn restore_errors(&self) -> Vec<&String> {
+        self.lock_errors
+            .keys()
+            .filter(|err| err.contains("put temp key") || err.contains("lease not found"))
+            .collect()
+    }
+
+    /// The new lease if the handle was whole again within `bound`, every temp key back and
+    /// no lock call failing with a restore's error; otherwise everything that went wrong.
+    fn verdict(&self, what: &str, bound: Duration) -> Result<i64, String> {
+        let mut failures = Vec::new();
+        match self.keys_back {
+            Some(after) if after <= bound => {}
+            Some(after) => failures.push(format!("temp keys back only after {}", secs(after))),
+            None => failures.push("temp keys never all back on one live lease".to_owned()),
+        }
+        match self.locks_ok {
+            Some(after) if after <= bound => {}
+            Some(after) => failures.push(format!("locks taken only after {}", secs(after))),
+            None => failures.push("dist_timed_lock or lock_with failed".to_owned()),
+        }
+        let restore_errors = self.restore_errors();
+        if !restore_errors.is_empty() {
+            failures.push(format!(
+                "lock calls failed with a temp key's restore: {restore_errors:?}"
+            ));
+        }
+        match self.lease {
+            Some(lease) if failures.is_empty() => Ok(lease),
+            _ => Err(format!(
+                "{what}: not whole again within lease_ttl + 2 s = {}: {}; last listing: {}; lock errors: {}",
+                secs(bound),
+                failures.join("; "),
+                self.last_seen,
+                self.errors()
+            )),
+        }
+    }
+}
+
+/// After a lease loss at `since`: polls etcd until every key of `expected` is there, and only
+/// those under `dir`, all on one live lease that is none of `old` (giving up after `give_up`),
+/// while probing `lock_with` on another name; then takes the handle's lock and a named lock.
+async fn recover(
+    a: &EtcdKvs,
+    raw: &mut etcd_client::Client,
+    dir: &str,
+    expected: &BTreeSet<String>,
+    old: &BTreeSet<i64>,
+    since: Instant,
+    give_up: Duration,
+) -> Recovery {
+    let mut recovery = Recovery::default();
+    let probing = AtomicBool::new(true);
+    let probe_errors = Mutex::new(BTreeMap::<String, usize>::new());
+    let probe = async {
+        let mut round = 0u64;
+        while probing.load(Ordering::SeqCst) {
+            round += 1;
+            match a
+                .lock_with(
+                    &format!("probe-{round}"),
+                    lock_timeout(Duration::from_millis(500)),
+                )
+                .await
+            {
+                Ok(guard) => {
+                    let _ = guard.unlock().await;
+                }
+                Err(err) => {
+                    if let Ok(mut errors) = probe_errors.lock() {
+                        *errors.entry(format!("lock_with: {err}")).or_default() += 1;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let poll = async {
+        loop {
+            let keys = prefix_keys(raw, dir).await;
+            let mut per_lease: BTreeMap<i64, usize> = BTreeMap::new();
+            for (_, lease) in &keys {
+                *per_lease.entry(*lease).or_default() += 1;
+            }
+            recovery.last_seen = format!(
+                "{} keys; per lease: {}",
+                keys.len(),
+                per_lease
+                    .iter()
+                    .map(|(lease, count)| format!("{lease:x}: {count}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let names: BTreeSet<String> = keys.iter().map(|(key, _)| key.clone()).collect();
+            if names == *expected && per_lease.len() == 1 {
+                let lease = keys[0].1;
+                if lease != 0 && !old.contains(&lease) && lease_alive(raw, lease).await {
+                    recovery.keys_back = Some(since.elapsed());
+                    recovery.lease = Some(lease);
+                    break;
+                }
+            }
+            if since.elapsed() > give_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        probing.store(false, Ordering::SeqCst);
+    };
+    tokio::join!(probe, poll);
+    recovery.lock_errors = probe_errors.into_inner().unwrap_or_default();
+    // (b) The handle's lock and a named lock on another name.
+    let limit = if recovery.keys_back.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(2)
+    };
+    let dist = a.dist_timed_lock(limit).await;
+    if let Err(err) = &dist {
+        recovery.note_error("dist_timed_lock", err);
+    }
+    let named = a.lock_with("other", lock_timeout(limit)).await;
+    match named {
+        Ok(guard) => {
+            if dist.is_ok() {
+                recovery.locks_ok = Some(since.elapsed());
+            }
+            let _ = guard.unlock().await;
+        }
+        Err(err) => recovery.note_error("lock_with(\"other\")", &err),
+    }
+    if dist.is_ok() {
+        let _ = a.dist_unlock().await;
+    }
+    recovery
+}
+
+async fn many_temp_keys_recover(endpoints: String, store: TestStore) {
+    const KEYS: usize = 3000;
+    let bound = LEASE_TTL + RECOVERY_SLACK;
+    let a = EtcdKvs::connect(
+        &endpoints,
+        &store.options(&format!(
+            "lease_ttl={}s,request_timeout=1s",
+            LEASE_TTL.as_secs()
+        )),
+    )
+    .await
+    .expect("open A");
+    let mut raw = raw(&endpoints).await;
+    let names: Vec<String> = (0..KEYS).map(|i| format!("tk/{i:04}")).collect();
+    let began = Instant::now();
+    let handle = &a;
+    let made: Vec<hmetcd_core::Result<()>> = futures::stream::iter(names.clone())
+        .map(|key| async move { handle.temp_key(&key).await })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for outcome in made {
+        outcome.expect("temp_key");
+    }
+    let made_in = began.elapsed();
+    let dir = format!("{}tk/", store.prefix());
+    let expected: BTreeSet<String> = names
+        .iter()
+        .map(|key| format!("{}{key}", store.prefix()))
+        .collect();
+    let keys = prefix_keys(&mut raw, &dir).await;
+    let leases: BTreeSet<i64> = keys.iter().map(|(_, lease)| *lease).collect();
+    assert_eq!(keys.len(), KEYS, "temp keys written");
+    assert_eq!(leases.len(), 1, "all temp keys on one lease: {leases:?}");
+    let first_lease = keys[0].1;
+
+    // Phase 1: one loss.
+    let mut old = BTreeSet::from([first_lease]);
+    revoke(&mut raw, first_lease).await;
+    let revoked = Instant::now();
+    let give_up = bound + Duration::from_secs(6);
+    let first = recover(&a, &mut raw, &dir, &expected, &old, revoked, give_up).await;
+    eprintln!(
+        "lease_loss: {KEYS} temp keys (written in {}), lease revoked: keys back after {}, dist_timed_lock and lock_with done after {} (bound {}); last listing: {}; lock errors: {}",
+        secs(made_in),
+        first.keys_back.map_or("never".to_owned(), secs),
+        first.locks_ok.map_or("never".to_owned(), secs),
+        secs(bound),
+        first.last_seen,
+        first.errors()
+    );
+    let lease = ok(first.verdict("one lease loss", bound));
+
+    // Phase 2: the lease is lost, and lost again while the keys are being put back.
+    old.insert(lease);
+    let mut events = raw
+        .watch(dir.as_str(), Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap_or_else(|err| panic!("raw watch of {dir:?}: {err}"));
+    revoke(&mut raw, lease).await;
+    let second_revoked = Instant::now();
+    let restoring = tokio::time::timeout(bound, async {
+        loop {
+            let answer = events
+                .message()
+                .await
+                .unwrap_or_else(|err| panic!("raw watch: {err}"))
+                .unwrap_or_else(|| panic!("raw watch ended"));
+            let new_lease = answer
+                .events()
+                .iter()
+                .filter(|event| event.event_type() == EventType::Put)
+                .filter_map(|event| event.kv())
+                .map(|kv| kv.lease())
+                .find(|lease| *lease != 0 && !old.contains(lease));
+            if let Some(new_lease) = new_lease {
+                break new_lease;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "second loss: no temp key came back within {} of the revoke",
+            secs(bound)
+        )
+    });
+    let first_back = second_revoked.elapsed();
+    revoke(&mut raw, restoring).await;
+    let third_revoked = Instant::now();
+    old.insert(restoring);
+    let again = recover(&a, &mut raw, &dir, &expected, &old, third_revoked, give_up).await;
+    eprintln!(
+        "lease_loss: lease revoked again, and once more {} later when the first key was back on the new lease: keys back after {}, locks after {} (from the last revoke; bound {}); last listing: {}; lock errors: {}",
+        secs(first_back),
+        again.keys_back.map_or("never".to_owned(), secs),
+        again.locks_ok.map_or("never".to_owned(), secs),
+        secs(bound),
+        again.last_seen,
+        again.errors()
+    );
+    ok(again.verdict("lost again during the restore", bound));
+    a.close().await.expect("close A");
+    assert!(
+        prefix_keys(&mut raw, &dir).await.is_empty(),
+        "temp keys outlived close"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A given-up lock attempt during an outage
+
+/// How A gives up its attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GiveUp {
+    /// `dist_timed_lock(2 s)`.
+    Timed,
+    /// `dist_lock()` under `tokio::time::timeout(2 s)`: the future is dropped.
+    Cancelled,
+    /// `lock_with(name, timeout 2 s)`.
+    NamedGuard,
+}
+
+async fn given_up_attempt(endpoints: String, store: TestStore, how: GiveUp) {
+    let attempt_for = Duration::from_secs(2);
+    let cut_at = Duration::from_secs(1);
+    let drop_at = Duration::from_secs(3);
+    let resume_at = Duration::from_millis(3500);
+    let name = match how {
+        GiveUp::NamedGuard => "named".to_owned(),
+        GiveUp::Timed | GiveUp::Cancelled => store.lock_name().to_owned(),
+    };
+    let dir = format!("{}{name}/", store.prefix());
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    // A lease that outlives the cut: the waiter key must go because A gave up, not with A's lease.
+    let a = EtcdKvs::connect(
+        proxy.endpoint(),
+        &store.options("lease_ttl=6s,request_timeout=500ms"),
+    )
+    .await
+    .expect("open A behind the proxy");
+    let b = EtcdKvs::connect(
+        &endpoints,
+        &store.options("lease_ttl=6s,request_timeout=2s"),
+    )
+    .await
+    .expect("open B");
+    let mut raw = raw(&endpoints).await;
+
+    let b_guard = match how {
+        GiveUp::NamedGuard => Some(b.lock(&name).await.expect("B takes the named lock")),
+        GiveUp::Timed | GiveUp::Cancelled => {
+            b.dist_lock().await.expect("B takes the lock");
+            None
+        }
+    };
+    wait_keys(&mut raw, &dir, 1).await;
+    let began = Instant::now();
+    let attempt = async {
+        let outcome = match how {
+            GiveUp::Timed => a.dist_timed_lock(attempt_for).await,
+            GiveUp::Cancelled => tokio::time::timeout(attempt_for, a.dist_lock())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::LockTimeout {
+                        lock: "(cancelled by the caller)".to_owned(),
+                        timeout: attempt_for,
+                    })
+                }),
+            GiveUp::NamedGuard => a
+                .lock_with(&name, lock_timeout(attempt_for))
+                .await
+                .map(drop),
+        };
+        (outcome, began.elapsed())
+    };
+    let mut staging_raw = raw.clone();
+    let staging = async {
+        let keys = wait_keys(&mut staging_raw, &dir, 2).await;
+        tokio::time::sleep(cut_at.saturating_sub(began.elapsed())).await;
+        // The link goes silent, then its connections drop: whatever A sent meanwhile (its
+        // attempt to remove the waiter key included) is lost, as in a real partition.
+        proxy.freeze();
+        tokio::time::sleep(drop_at.saturating_sub(began.elapsed())).await;
+        proxy.cut();
+        tokio::time::sleep(resume_at.saturating_sub(began.elapsed())).await;
+        proxy.resume();
+        keys
+    };
+    let ((outcome, gave_up_after), keys) = tokio::join!(attempt, staging);
+    let resumed = Instant::now();
+    assert!(
+        matches!(outcome, Err(Error::LockTimeout { .. })),
+        "A's attempt while B holds the lock: {outcome:?}"
+    );
+    let (waiter_key, a_lease) = keys[1].clone();
+
+    // A's lease outlived the cut, so only giving up can have removed its waiter key.
+    let waiter_gone_after = loop {
+        let keys = prefix_keys(&mut raw, &dir).await;
+        if !keys.iter().any(|(key, _)| *key == waiter_key) {
+            break Some(resumed.elapsed());
+        }
+        if resumed.elapsed() > Duration::from_secs(3) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let a_lease_alive = lease_alive(&mut raw, a_lease).await;
+
+    match b_guard {
+        Some(guard) => guard.unlock().await.expect("B unlocks"),
+        None => b.dist_unlock().await.expect("B unlocks"),
+    }
+    let c = EtcdKvs::connect(
+        &endpoints,
+        &store.options("lease_ttl=6s,request_timeout=2s"),
+    )
+    .await
+    .expect("open C");
+    let c_began = Instant::now();
+    let c_outcome = match how {
+        GiveUp::NamedGuard => c
+            .lock_with(&name, lock_timeout(Duration::from_secs(5)))
+            .await
+            .map(drop),
+        GiveUp::Timed | GiveUp::Cancelled => c.dist_timed_lock(Duration::from_secs(5)).await,
+    };
+    let c_took = c_began.elapsed();
+    let left = prefix_keys(&mut raw, &dir).await;
+    eprintln!(
+        "lease_loss: {how:?} attempt gave up after {} during an outage (link silent from {}, connections dropped at {}, back at {} after it began); A's waiter key {}; A's lease alive after the outage: {a_lease_alive}; C's lock after B's unlock: {} after {}; lock keys then: {left:?}",
+        secs(gave_up_after),
+        secs(cut_at),
+        secs(drop_at),
+        secs(resume_at),
+        waiter_gone_after.map_or("still there 3 s after the outage ended".to_owned(), |after| format!(
+            "gone {} after the outage ended",
+            secs(after)
+        )),
+        match &c_outcome {
+            Ok(()) => "Ok".to_owned(),
+            Err(err) => err.to_string(),
+        },
+        secs(c_took)
+    );
+    assert!(
+        a_lease_alive,
+        "A's lease expired during the cut: the test no longer shows what it should"
+    );
+    assert!(
+        waiter_gone_after.is_some() && c_outcome.is_ok(),
+        "A gave up its attempt ({how:?}) during an outage, yet its waiter key {waiter_key:?} {} and C's lock after B's unlock: {c_outcome:?} after {}",
+        if waiter_gone_after.is_some() { "went" } else { "was still there 3 s after the outage" },
+        secs(c_took)
+    );
+    c.close().await.expect("close C");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A temp key's restore never overwrites another client's data
+
+async fn restore_never_overwrites(endpoints: String, store: TestStore) {
+    let a = EtcdKvs::connect(
+        &endpoints,
+        &store.options(&format!(
+            "lease_ttl={}s,request_timeout=1s",
+            LEASE_TTL.as_secs()
+        )),
+    )
+    .await
+    .expect("open A");
+    let b = store.open().await;
+    let mut raw = raw(&endpoints).await;
+    a.temp_key("m").await.expect("A's temp key m");
+    a.temp_key("n").await.expect("A's temp key n");
+    b.store("m", "B-data").await.expect("B overwrites m");
+    let (m_key, n_key) = (
+        format!("{}m", store.prefix()),
+        format!("{}n", store.prefix()),
+    );
+    assert_eq!(
+        lease_of(&mut raw, &m_key).await,
+        Some(0),
+        "B's m has no lease"
+    );
+    let lease = lease_of(&mut raw, &n_key)
+        .await
+        .expect("A's temp key n is there");
+    revoke(&mut raw, lease).await;
+    let revoked = Instant::now();
+    let back_after = loop {
+        if let Some(now) = lease_of(&mut raw, &n_key).await {
+            if now != 0 && now != lease {
+                break revoked.elapsed();
+            }
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(15),
+            "A's temp key n not back on a new lease 15 s after the revoke"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let m_after_restore = b.get("m").await.expect("get m");
+    let m_lease = lease_of(&mut raw, &m_key).await;
+    a.close().await.expect("close A");
+    let m_after_close = b.get("m").await.expect("get m");
+    eprintln!(
+        "lease_loss: A's temp key n back {} after its lease was revoked; m (B's since) then: {m_after_restore:?} (lease {m_lease:?}), after A's close: {m_after_close:?}",
+        secs(back_after)
+    );
+    assert_eq!(
+        m_after_restore.as_deref(),
+        Some("B-data"),
+        "A's temp-key restore overwrote B's data at m"
+    );
+    assert_eq!(
+        m_after_close.as_deref(),
+        Some("B-data"),
+        "A's close removed B's data at m"
+    );
+    b.close().await.expect("close B");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Lock names that prefix other keys (both backends)
+
+async fn lock_name_that_prefixes_other_keys(store: TestStore) {
+    let a = store.open().await;
+    let b = store.open().await;
+    let mut failures = Vec::new();
+
+    let held = a.lock("jobs/7").await.expect("A takes jobs/7");
+    let began = Instant::now();
+    match b
+        .lock_with("jobs", lock_timeout(Duration::from_secs(2)))
+        .await
+    {
+        Ok(guard) => guard.unlock().await.expect("B unlocks jobs"),
+        Err(err) => failures.push(format!(
+            "B's lock \"jobs\" while A holds \"jobs/7\": {err} after {}",
+            secs(began.elapsed())
+        )),
+    }
+    let beside_lock = began.elapsed();
+    held.unlock().await.expect("A unlocks jobs/7");
+
+    a.store("jobs/config", "x")
+        .await
+        .expect("store jobs/config");
+    let began = Instant::now();
+    match b
+        .lock_with("jobs", lock_timeout(Duration::from_secs(2)))
+        .await
+    {
+        Ok(guard) => guard.unlock().await.expect("B unlocks jobs"),
+        Err(err) => failures.push(format!(
+            "B's lock \"jobs\" beside the plain key \"jobs/config\": {err} after {}",
+            secs(began.elapsed())
+        )),
+    }
+    let beside_key = began.elapsed();
+    eprintln!(
+        "lease_loss: {}: lock \"jobs\" beside the held lock \"jobs/7\" took {}, beside the plain key \"jobs/config\" {}",
+        store.backend(),
+        secs(beside_lock),
+        secs(beside_key)
+    );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. is_held() is conservative, and lost() fires, after an external revoke
+
+async fn is_held_conservative(endpoints: String, store: TestStore) {
+    let ttl = Duration::from_secs(6);
+    let options = store.options("lease_ttl=6s,request_timeout=1s");
+    let a = EtcdKvs::connect(&endpoints, &options)
+        .await
+        .expect("open A");
+    let b = Arc::new(
+        EtcdKvs::connect(&endpoints, &options)
+            .await
+            .expect("open B"),
+    );
+    let mut raw = raw(&endpoints).await;
+    let g_dir = format!("{}g/", store.prefix());
+    let dist_dir = format!("{}{}/", store.prefix(), store.lock_name());
+
+    a.dist_lock().await.expect("A takes the handle's lock");
+    let a_guard = Arc::new(a.lock("g").await.expect("A takes g"));
+    let a_token = a_guard.fencing_token();
+    let a_lease = wait_keys(&mut raw, &g_dir, 1).await[0].1;
+
+    let b_holds = Arc::new(AtomicBool::new(false));
+    let b_named = tokio::spawn({
+        let (b, b_holds) = (b.clone(), b_holds.clone());
+        async move {
+            let guard = b
+                .lock_with("g", lock_timeout(Duration::from_secs(10)))
+                .await;
+            if guard.is_ok() {
+                b_holds.store(true, Ordering::SeqCst);
+            }
+            (guard, Instant::now())
+        }
+    });
+    let b_dist = tokio::spawn({
+        let b = b.clone();
+        async move { b.dist_timed_lock(Duration::from_secs(10)).await }
+    });
+    wait_keys(&mut raw, &g_dir, 2).await;
+    wait_keys(&mut raw, &dist_dir, 2).await;
+
+    // Watches A's guard from before the revoke: any instant at which B holds g and A's guard
+    // says it is held is a violation.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = tokio::spawn({
+        let (a_guard, b_holds, stop) = (a_guard.clone(), b_holds.clone(), stop.clone());
+        async move {
+            let mut polls = 0u64;
+            let mut violations = 0u64;
+            let mut first_violation: Option<Instant> = None;
+            let mut last_violation: Option<Instant> = None;
+            let mut first_false: Option<Instant> = None;
+            while !stop.load(Ordering::SeqCst) {
+                let b_has_it = b_holds.load(Ordering::SeqCst);
+                let held = a_guard.is_held();
+                polls += 1;
+                if b_has_it && held {
+                    violations += 1;
+                    first_violation.get_or_insert_with(Instant::now);
+                    last_violation = Some(Instant::now());
+                }
+                if !held {
+                    first_false.get_or_insert_with(Instant::now);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (
+                polls,
+                violations,
+                first_violation,
+                last_violation,
+                first_false,
+            )
+        }
+    });
+    let lost = a_guard.lost();
+    let lost_task = tokio::spawn(async move {
+        let reason = tokio::time::timeout(ttl + RECOVERY_SLACK + Duration::from_secs(1), lost)
+            .await
+            .ok();
+        (reason, Instant::now())
+    });
+
+    revoke(&mut raw, a_lease).await;
+    let revoked = Instant::now();
+    let (b_guard, b_at) = b_named.await.expect("B's task");
+    let b_guard = b_guard.expect("B takes g after A's lease was revoked");
+    b_dist
+        .await
+        .expect("B's task")
+        .expect("B takes the handle's lock after A's lease was revoked");
+    // Nothing asks A anything for 3 s (a call could tell it the lease is gone): its guard
+    // must know by itself. Then "holds" means holds now: A's lock went with its lease, and B
+    // holds it.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(b_at.elapsed())).await;
+    let a_again = Instant::now();
+    let a_attempt = a.dist_timed_lock(Duration::from_secs(1)).await;
+    let a_attempt_took = a_again.elapsed();
+
+    let (reason, lost_at) = lost_task.await.expect("the lost() task");
+    stop.store(true, Ordering::SeqCst);
+    let (polls, violations, first_violation, last_violation, first_false) =
+        poller.await.expect("the poller");
+    let after_b = |at: Option<Instant>| {
+        at.map_or("never".to_owned(), |at| {
+            if at >= b_at {
+                format!("{} ms after B held g", (at - b_at).as_millis())
+            } else {
+                format!("{} ms before B held g", (b_at - at).as_millis())
+            }
+        })
+    };
+    eprintln!(
+        "lease_loss: A's lease revoked; B held g {} ms after; A's is_held() first false {}; {violations} of {polls} polls said A holds g while B held it (first {}, last {}); A's lost(): {reason:?} {} after the revoke; A's dist_timed_lock(1 s) while B holds the lock: {a_attempt:?} after {} ms; fencing tokens A {a_token}, B {}",
+        (b_at - revoked).as_millis(),
+        after_b(first_false),
+        after_b(first_violation),
+        after_b(last_violation),
+        if reason.is_some() { secs(lost_at - revoked) } else { "(never) ".to_owned() + &secs(lost_at - revoked) },
+        a_attempt_took.as_millis(),
+        b_guard.fencing_token()
+    );
+    let mut failures = Vec::new();
+    if violations > 0 {
+        failures.push(format!(
+            "A's guard said is_held() == true while B held g: {violations} polls, from {} to {}",
+            after_b(first_violation),
+            after_b(last_violation)
+        ));
+    }
+    if reason != Some(LostReason::SessionLost) {
+        failures.push(format!(
+            "A's lost() gave {reason:?} within {} of the revoke, not SessionLost",
+            secs(ttl + RECOVERY_SLACK)
+        ));
+    } else if lost_at - revoked > ttl + RECOVERY_SLACK {
+        failures.push(format!(
+            "A's lost() resolved only {} after the revoke",
+            secs(lost_at - revoked)
+        ));
+    }
+    if !matches!(a_attempt, Err(Error::LockTimeout { .. })) {
+        failures.push(format!(
+            "A's dist_timed_lock(1 s) while B holds the lock: {a_attempt:?}"
+        ));
+    }
+    if b_guard.fencing_token() <= a_token {
+        failures.push(format!(
+            "B's fencing token {} is not above A's {a_token}",
+            b_guard.fencing_token()
+        ));
+    }
+    drop(b_guard);
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. temp_key / lock_with racing close()
+
+async fn racing_close(endpoints: String, store: TestStore) {
+    const ROUNDS: usize = 20;
+    const CALLS: usize = 50;
+    let mut raw = raw(&endpoints).await;
+    let mut leaked = Vec::new();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let began = Instant::now();
+    for round in 0..ROUNDS {
+        let before = all_leases(&mut raw).await;
+        // A long lease: one taken after close lives on long enough to be seen.
+        let h = Arc::new(
+            EtcdKvs::connect(
+                &endpoints,
+                &store.options("lease_ttl=10s,request_timeout=1s"),
+            )
+            .await
+            .expect("open H"),
+        );
+        // Many calls at once, so that some are past their closed-check when close() starts
+        // and reach etcd after its revoke.
+        let mut temps = Vec::new();
+        for call in 0..CALLS {
+            let h = h.clone();
+            temps.push(tokio::spawn(async move {
+                h.temp_key(&format!("r{round}/{call}")).await
+            }));
+        }
+        let mut locks = Vec::new();
+        for call in 0..CALLS / 10 {
+            let h = h.clone();
+            locks.push(tokio::spawn(async move {
+                h.lock_with(
+                    &format!("l{round}/{call}"),
+                    lock_timeout(Duration::from_secs(2)),
+                )
+                .await
+                .map(drop)
+            }));
+        }
+        tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=2000))).await;
+        let closed = h.close().await;
+        let mut calls = vec![("close", closed.map_err(|err| err.to_string()))];
+        for temp in temps {
+            calls.push((
+                "temp_key",
+                temp.await
+                    .expect("temp_key task")
+                    .map_err(|err| err.to_string()),
+            ));
+        }
+        for lock in locks {
+            calls.push((
+                "lock_with",
+                lock.await
+                    .expect("lock_with task")
+                    .map_err(|err| err.to_string()),
+            ));
+        }
+        for (what, outcome) in calls {
+            let shown = match outcome {
+                Ok(()) => format!("{what}: Ok"),
+                Err(err) => format!("{what}: {}", err.split(':').next().unwrap_or_default()),
+            };
+            *outcomes.entry(shown).or_default() += 1;
+        }
+        drop(h);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = all_leases(&mut raw).await;
+        let new_leases: Vec<i64> = after.difference(&before).copied().collect();
+        let mut keys: Vec<(String, i64)> =
+            prefix_keys(&mut raw, &format!("{}r{round}/", store.prefix())).await;
+        keys.extend(prefix_keys(&mut raw, &format!("{}l{round}/", store.prefix())).await);
+        keys.retain(|(_, lease)| *lease != 0);
+        if !new_leases.is_empty() || !keys.is_empty() {
+            leaked.push(format!(
+                "round {round}: leases alive 1 s after close: {:?}, {} keys with a lease (first: {:?})",
+                new_leases
+                    .iter()
+                    .map(|lease| format!("{lease:x}"))
+                    .collect::<Vec<_>>(),
+                keys.len(),
+                keys.first()
+            ));
+        }
+    }
+    eprintln!(
+        "lease_loss: {ROUNDS} rounds of temp_key and lock_with racing close in {}: {} rounds left a lease or key behind; outcomes: {outcomes:?}",
+        secs(began.elapsed()),
+        leaked.len()
+    );
+    assert!(
+        leaked.is_empty(),
+        "a lease or key outlived close(): {}",
+        leaked.join("; ")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Fenced increments by 4 processes under lease revokes and a cut
+
+/// One line of a fenced `lock_worker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WorkerLine {
+    Commit {
+        iteration: u64,
+        token: i64,
+        counter: u64,
+        late: bool,
+    },
+    Refused {
+        stage: String,
+    },
+    Lost {
+        how: String,
+    },
+    Error {
+        stage: String,
+        err: String,
+    },
+    Done,
+    Other,
+}
+
+fn parse_fenced_line(line: &str) -> WorkerLine {
+    let mut words = line.split(' ');
+    let _who = words.next();
+    let kind = words.next().unwrap_or_default();
+    let rest: Vec<&str> = words.collect();
+    let field = |name: &str| {
+        rest.iter()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_default()
+    };
+    match kind {
+        "commit" => match (
+            field("iter").parse(),
+            field("token").parse(),
+            field("counter").parse(),
+        ) {
+            (Ok(iteration), Ok(token), Ok(counter)) => WorkerLine::Commit {
+                iteration,
+                token,
+                counter,
+                late: !field("confirmed").is_empty(),
+            },
+            _ => WorkerLine::Other,
+        },
+        "refused" => WorkerLine::Refused {
+            stage: field("stage").to_owned(),
+        },
+        "lost" => WorkerLine::Lost {
+            how: field("how").to_owned(),
+        },
+        "error" => WorkerLine::Error {
+            stage: field("stage").to_owned(),
+            err: line
+                .split_once(" err=")
+                .map(|(_, err)| err.to_owned())
+                .unwrap_or_default(),
+        },
+        "done" => WorkerLine::Done,
+        _ => WorkerLine::Other,
+    }
+}
+
+/// What the test has seen of the workers so far.
+#[derive(Debug, Default)]
+struct Tally {
+    commits: u64,
+    refused: BTreeMap<String, u64>,
+    lost: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    done: usize,
+}
+
+async fn fenced_stress(endpoints: String, store: TestStore) {
+    const WORKERS: usize = 4;
+    const ROUNDS: u64 = 250;
+    const LOCK: &str = "work";
+    let limit = Duration::from_secs(170);
+    let began = Instant::now();
+    let worker = ok(lock_worker_binary());
+    let options = store.options(&format!(
+        "lease_ttl={}s,request_timeout=1s",
+        LEASE_TTL.as_secs()
+    ));
+    let mut proxies = Vec::new();
+    let mut children = Vec::new();
+    for index in 0..WORKERS {
+        let proxy = Arc::new(ok(FaultProxy::start(&endpoints).await));
+        let name = format!("w{index}");
+        let args: Vec<String> = [
+            "--endpoint",
+            proxy.endpoint(),
+            "--options",
+            &options,
+            "--name",
+            &name,
+            "--counter",
+            "counter",
+            "--iterations",
+            &ROUNDS.to_string(),
+            // Work long enough in each hold that a revoke often lands in the middle of one.
+            "--max-sleep-ms",
+            "10",
+            "--fenced",
+            LOCK,
+            "--fence-key",
+            "fence",
+        ]
+        .iter()
+        .map(|arg| (*arg).to_owned())
+        .collect();
+        children.push(ok(ChildProcess::spawn(&name, &worker, &args)));
+        proxies.push(proxy);
+    }
+    for (index, child) in children.iter_mut().enumerate() {
+        ok(child
+            .expect_line(&format!("w{index} ready"), Duration::from_secs(30))
+            .await);
+    }
+    let started = Instant::now();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let readers: Vec<_> = children
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut child)| {
+            let tally = tally.clone();
+            tokio::spawn(async move {
+                let mut lines = Vec::new();
+                let ended = loop {
+                    let left = limit.saturating_sub(began.elapsed());
+                    match child.next_line(left).await {
+                        Ok(Some(line)) => {
+                            if let Ok(mut tally) = tally.lock() {
+                                match parse_fenced_line(&line) {
+                                    WorkerLine::Commit { .. } => tally.commits += 1,
+                                    WorkerLine::Refused { stage } => {
+                                        *tally.refused.entry(stage).or_default() += 1
+                                    }
+                                    WorkerLine::Lost { how } => {
+                                        *tally.lost.entry(how).or_default() += 1
+                                    }
+                                    WorkerLine::Error { stage, err } => {
+                                        *tally
+                                            .errors
+                                            .entry(format!("{stage}: {err}"))
+                                            .or_default() += 1
+                                    }
+                                    WorkerLine::Done => tally.done += 1,
+                                    WorkerLine::Other => {}
+                                }
+                            }
+                            lines.push(line);
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(why) => break Err(why),
+                    }
+                };
+                let status = match ended {
+                    Ok(()) => child.finish(Duration::from_secs(5)).await.map(drop),
+                    Err(why) => Err(why),
+                };
+                (index, lines, status)
+            })
+        })
+        .collect();
+
+    // Chaos: revoke the holder's lease every 2–4 s; once, cut one worker off for 5 s.
+    let mut raw = raw(&endpoints).await;
+    let lock_dir = format!("{}{LOCK}/", store.prefix());
+    let mut revokes = 0u64;
+    let mut cut: Option<(usize, Duration)> = None;
+    let mut cut_task = None;
+    let finished = |tally: &Mutex<Tally>| tally.lock().map(|tally| tally.done).unwrap_or(0);
+    while finished(&tally) < WORKERS && began.elapsed() < limit {
+        let pause = Duration::from_millis(fastrand::u64(2000..=4000));
+        let until = Instant::now() + pause;
+        while Instant::now() < until && finished(&tally) < WORKERS && began.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if finished(&tally) >= WORKERS {
+            break;
+        }
+        if let Some((_, lease)) = prefix_keys(&mut raw, &lock_dir).await.first().cloned() {
+            if raw.lease_revoke(lease).await.is_ok() {
+                revokes += 1;
+            }
+        }
+        if cut.is_none() && started.elapsed() >= Duration::from_secs(8) {
+            let index = fastrand::usize(0..WORKERS);
+            let proxy = proxies[index].clone();
+            cut = Some((index, started.elapsed()));
+            cut_task = Some(tokio::spawn(async move {
+                proxy.cut();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                proxy.resume();
+            }));
+        }
+    }
+    if let Some(task) = cut_task {
+        let _ = task.await;
+    }
+    let mut outputs = Vec::new();
+    for reader in readers {
+        outputs.push(reader.await.expect("a worker's reader"));
+    }
+    let elapsed = started.elapsed();
+    let tally = tally
+        .lock()
+        .map(|tally| format!("{tally:?}"))
+        .unwrap_or_default();
+
+    // The audit.
+    let mut failures = Vec::new();
+    let mut commits: Vec<(u64, i64, String, u64)> = Vec::new();
+    let mut late = 0u64;
+    for (index, lines, status) in &outputs {
+        if let Err(why) = status {
+            let tail: Vec<&String> = lines.iter().rev().take(5).collect();
+            failures.push(format!(
+                "w{index}: {why}; last lines (newest first): {tail:?}"
+            ));
+        }
+        let mut iterations = Vec::new();
+        for line in lines {
+            if let WorkerLine::Commit {
+                iteration,
+                token,
+                counter,
+                late: confirmed_late,
+            } = parse_fenced_line(line)
+            {
+                iterations.push(iteration);
+                commits.push((counter, token, format!("w{index}"), iteration));
+                late += u64::from(confirmed_late);
+            }
+        }
+        let expected: Vec<u64> = (1..=ROUNDS).collect();
+        if status.is_ok() && iterations != expected {
+            failures.push(format!(
+                "w{index} committed iterations {} of {ROUNDS}, not 1..={ROUNDS} once each",
+                iterations.len()
+            ));
+        }
+    }
+    commits.sort_unstable();
+    let counters: Vec<u64> = commits.iter().map(|commit| commit.0).collect();
+    let total = WORKERS as u64 * ROUNDS;
+    let mut seen = BTreeMap::<u64, u64>::new();
+    for counter in &counters {
+        *seen.entry(*counter).or_default() += 1;
+    }
+    let doubled: Vec<u64> = seen
+        .iter()
+        .filter(|(_, times)| **times > 1)
+        .map(|(counter, _)| *counter)
+        .collect();
+    let highest = counters.last().copied().unwrap_or(0);
+    let missing: Vec<u64> = (1..=highest).filter(|n| !seen.contains_key(n)).collect();
+    if !doubled.is_empty() || !missing.is_empty() {
+        failures.push(format!(
+            "counter values committed twice: {doubled:?}; missing: {missing:?}"
+        ));
+    }
+    let backwards = commits
+        .windows(2)
+        .filter(|pair| pair[1].1 < pair[0].1)
+        .count();
+    if backwards > 0 {
+        failures.push(format!(
+            "{backwards} commits carry a lower fencing token than the commit before them"
+        ));
+    }
+    let stored = raw
+        .get(format!("{}counter", store.prefix()), None)
+        .await
+        .ok()
+        .and_then(|answer| {
+            answer
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        })
+        .unwrap_or_default();
+    let (stored_count, stored_list) = stored.split_once(' ').unwrap_or((&stored, ""));
+    let applied: Vec<&str> = stored_list.split(',').filter(|e| !e.is_empty()).collect();
+    let distinct: BTreeSet<&str> = applied.iter().copied().collect();
+    let logged: Vec<String> = commits
+        .iter()
+        .map(|(_, _, who, iteration)| format!("{who}:{iteration}"))
+        .collect();
+    if stored_count != total.to_string() || applied.len() as u64 != total {
+        failures.push(format!(
+            "final counter {stored_count:?} with {} increments listed, not {total}",
+            applied.len()
+        ));
+    }
+    if distinct.len() != applied.len() {
+        failures.push(format!(
+            "{} increments applied twice",
+            applied.len() - distinct.len()
+        ));
+    }
+    if applied != logged.iter().map(String::as_str).collect::<Vec<_>>() {
+        failures.push(
+            "the increments applied (the counter's list) differ from the commits the workers logged"
+                .to_owned(),
+        );
+    }
+    if commits.len() as u64 != total {
+        failures.push(format!("{} commits logged, not {total}", commits.len()));
+    }
+    eprintln!(
+        "lease_loss: {WORKERS} fenced lock_worker processes × {ROUNDS} increments in {} ({} holder leases revoked; {}): {} commits ({late} confirmed after an ambiguous answer), final counter {stored_count}; tally {tally}",
+        secs(elapsed),
+        revokes,
+        cut.map_or("no cut".to_owned(), |(index, at)| format!(
+            "w{index} cut off for 5 s at {}",
+            secs(at)
+        )),
+        commits.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+}
