@@ -38,6 +38,11 @@ const LEASE_TTL: Duration = Duration::from_secs(3);
 const RECOVERY_SLACK: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
+    // RUST_LOG=hmetcd_etcd=debug shows what the handles did.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut args = Arguments::from_args();
     if args.test_threads.is_none() {
         // The tests measure timings, and one compares etcd's whole lease listing.

@@ -19,8 +19,9 @@
 //! keys back on the new one: nothing of ours is left on a lease we no longer keep alive.
 //!
 //! The restore runs beside the keep-alive of the new lease (never in its way), in transactions
-//! of up to [`RESTORE_BATCH`] keys, each key put back only if it is absent: a key that someone
-//! else wrote since is theirs, and the handle stops treating it as a temp key.
+//! of up to [`RESTORE_BATCH`] keys (fewer where the server says a transaction is too big), each
+//! key put back only if it is absent: a key that someone else wrote since is theirs, and the
+//! handle stops treating it as a temp key.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,8 +43,10 @@ use crate::{lease_hex, Shared};
 /// The value of every temp key, as in the Go package.
 const TEMP_VALUE: &str = "1";
 
-/// Keys put back per transaction: etcd's default `max-txn-ops` is 128.
-const RESTORE_BATCH: usize = 128;
+/// Keys put back per transaction. Each is a nested transaction of one operation, and etcd
+/// allows a nested transaction only the operations its parent leaves of `max-txn-ops` (128 by
+/// default): 64 keys fit with room to spare. A server with a smaller limit halves it.
+const RESTORE_BATCH: usize = 64;
 
 /// Bytes of keys per restore transaction, well under etcd's 1.5 MiB request limit.
 const RESTORE_BATCH_BYTES: usize = 512 * 1024;
@@ -546,24 +549,49 @@ async fn restore_session(shared: Arc<Shared>, old: Option<i64>, lease: i64, gene
 async fn restore_temp_keys(shared: &Shared, lease: i64) -> Result<usize> {
     let keys: Vec<String> = shared.session.temp_keys().iter().cloned().collect();
     let mut restored = 0;
-    let mut batch: Vec<String> = Vec::new();
-    let mut bytes = 0;
-    for key in keys {
-        bytes += key.len();
-        batch.push(key);
-        if batch.len() == RESTORE_BATCH || bytes >= RESTORE_BATCH_BYTES {
-            restored += restore_batch(shared, lease, &batch).await?;
-            batch.clear();
-            bytes = 0;
+    let mut size = RESTORE_BATCH;
+    let mut rest = keys.as_slice();
+    while !rest.is_empty() {
+        // Up to `size` keys and about RESTORE_BATCH_BYTES of them, at least one.
+        let mut take = 0;
+        let mut bytes = 0;
+        while take < rest.len().min(size) && (take == 0 || bytes < RESTORE_BATCH_BYTES) {
+            bytes += rest[take].len();
+            take += 1;
         }
-    }
-    if !batch.is_empty() {
-        restored += restore_batch(shared, lease, &batch).await?;
+        let (batch, after) = rest.split_at(take);
+        match restore_batch(shared, lease, batch).await? {
+            Some(count) => {
+                restored += count;
+                rest = after;
+            }
+            None if size > 1 => {
+                size = (take / 2).max(1);
+                tracing::debug!(
+                    size,
+                    "etcd finds the restore transaction too big; making it smaller"
+                );
+            }
+            None => {
+                return Err(Error::Backend {
+                    operation: "put temp keys back".to_owned(),
+                    reason: "etcd refuses a transaction of a single key".to_owned(),
+                    source: None,
+                })
+            }
+        }
     }
     Ok(restored)
 }
 
-async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<usize> {
+/// Whether etcd refused a transaction for its size (`max-txn-ops`, the request size limit).
+fn is_too_big(err: &etcd_client::Error) -> bool {
+    let text = err.to_string();
+    text.contains("too many operations in txn request") || text.contains("request is too large")
+}
+
+/// Puts one batch back; how many keys it put, or `None` when etcd finds the batch too big.
+async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<Option<usize>> {
     let request = Request::keyless("put temp keys back");
     let options = PutOptions::new().with_lease(lease);
     let ops: Vec<TxnOp> = keys
@@ -587,6 +615,7 @@ async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<u
             shared.session.report_lost(lease);
             return Err(shared.errors.map(request, err));
         }
+        Err(err) if is_too_big(&err) => return Ok(None),
         Err(err) => return Err(shared.errors.map(request, err)),
     };
     let revision = answer.header().map_or(0, |header| header.revision());
@@ -629,5 +658,5 @@ async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<u
             .kv_request(request, async |kv| kv.txn(txn).await)
             .await?;
     }
-    Ok(restored)
+    Ok(Some(restored))
 }
