@@ -27,7 +27,7 @@
 //! handle keeps the name's local mutex: it never queues again behind its own stale key.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,8 @@ struct Hold {
     /// The key while held; `None` once released or lost.
     key: Mutex<Option<HeldKey>>,
     lost: LostSignal,
+    /// The monitor saw the key deleted (and is finding out by whom).
+    key_gone: AtomicBool,
     /// The task that notices a loss.
     monitor: Mutex<Option<AbortHandle>>,
 }
@@ -120,6 +122,7 @@ impl Hold {
     /// lease of its generation confirmed recently enough that etcd cannot have expired it.
     fn is_held(&self, shared: &Shared) -> bool {
         locked(&self.key).is_some()
+            && !self.key_gone.load(Ordering::SeqCst)
             && self.lost.reason().is_none()
             && !*shared.shutdown.borrow()
             && shared.session.holds(self.generation)
@@ -360,6 +363,7 @@ impl Shared {
             revision,
             key: Mutex::new(Some(held)),
             lost: LostSignal::new(),
+            key_gone: AtomicBool::new(false),
             monitor: Mutex::new(None),
         });
         locked(&self.lock.holds).insert(hold.id, Arc::clone(&hold));
@@ -789,6 +793,8 @@ async fn key_deleted(shared: &Shared, hold: &Hold) -> LostReason {
                 .await,
             Ok(true)
         ) {
+            // Not held from this moment: the next waiter may have the lock already.
+            hold.key_gone.store(true, Ordering::SeqCst);
             return shared.why_deleted(hold).await;
         }
         // The watch broke: look whether the key is still ours, then watch again from there.
@@ -802,6 +808,7 @@ async fn key_deleted(shared: &Shared, hold: &Hold) -> LostReason {
                     .first()
                     .is_some_and(|found| found.create_revision() == hold.revision);
                 if !ours {
+                    hold.key_gone.store(true, Ordering::SeqCst);
                     return shared.why_deleted(hold).await;
                 }
                 // Still ours at this revision: only a later event counts (the one the broken

@@ -74,10 +74,16 @@ impl EtcdContainer {
             reap_leftovers().await;
         }
         let host_port = free_port()?;
-        let container = image
+        let mut request = image
             .with_entrypoint(ETCD_PATH)
             .with_exposed_port(CLIENT_PORT.tcp())
-            .with_mapped_port(host_port, CLIENT_PORT.tcp())
+            .with_mapped_port(host_port, CLIENT_PORT.tcp());
+        // etcd reads every flag from an ETCD_* variable too: a test that sets one (a progress
+        // notification interval, say) gets it in the container as in a child process.
+        for (name, value) in std::env::vars().filter(|(name, _)| name.starts_with("ETCD_")) {
+            request = request.with_env_var(name, value);
+        }
+        let container = request
             .with_cmd([
                 "--name=hmetcd-test",
                 "--data-dir=/var/lib/etcd",
