@@ -24,13 +24,14 @@ use futures::StreamExt;
 use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
 use hmetcd_etcd::EtcdKvs;
 use hmetcd_mem::MemKvs;
-use integration_tests::backends::{self, EtcdOpener};
+use integration_tests::backends::EtcdOpener;
 use integration_tests::etcd_server::{raw_client, EtcdPauser, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
+use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
 use integration_tests::run_limited;
 use integration_tests::TestStore;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Trial;
 
 /// The lease TTL of every etcd fault test: short, so that expiry is quick.
 const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -43,100 +44,58 @@ const EARLIEST_EXPIRY: Duration = Duration::from_secs(2);
 const EXPIRY_SLACK: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        // The tests measure timings; running them side by side would blur the figures.
-        args.test_threads = Some(1);
-    }
-    let mut trials = vec![Trial::test(
+    let trials = vec![Trial::test(
         "faults::mem::lock_excludes_8_handles_over_2000_increments",
         || run_limited(2, Duration::from_secs(60), mem_lock_excludes_8_handles()),
     )];
-    let mut server = None;
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("faults: {why}");
-            return ExitCode::FAILURE;
-        }
-        Ok(false) => eprintln!("faults: {}", backends::MEM_ONLY_NOTICE),
-        Ok(true) => match EtcdServer::start_owned() {
-            Ok(started) => {
-                trials.extend(etcd_trials(&started));
-                server = Some(started);
-            }
-            Err(why) => trials.push(Trial::test("faults::etcd::server", move || {
-                Err(Failed::from(why))
-            })),
-        },
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Some(server) = server.as_mut() {
-        server.shutdown();
-    }
-    conclusion.exit_code()
+    run_fault_binary("faults", trials, etcd_trials)
 }
 
 fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
-    let backend = format!("etcd-{}", server.version());
-    let endpoints = server.endpoints().to_owned();
-    let store = || TestStore::new(Arc::new(EtcdOpener::on(server)));
-    let trial = |name: &str, limit: u64, test: fn(String, TestStore) -> TestFuture| {
-        let (endpoints, store) = (endpoints.clone(), store());
-        Trial::test(format!("faults::{backend}::{name}"), move || {
-            run_limited(2, Duration::from_secs(limit), test(endpoints, store))
-        })
-    };
-    let mut trials = vec![
-        trial(
+    let mut trials = EtcdTrials::new("faults", server);
+    trials
+        .add(
             "lock_excludes_4_processes_over_1000_increments",
             120,
             |e, s| Box::pin(lock_excludes_4_processes(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "lock_holder_crash_takeover_after_lease_expiry",
             60,
             |e, s| Box::pin(lock_holder_crash_takeover(e, s)),
-        ),
-        trial("temp_key_owner_crash_removes_only_its_keys", 60, |e, s| {
+        )
+        .add("temp_key_owner_crash_removes_only_its_keys", 60, |e, s| {
             Box::pin(temp_key_owner_crash(e, s))
-        }),
-        trial(
+        })
+        .add(
             "outage_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches",
             60,
             |e, s| Box::pin(short_outage(e, s, Outage::Frozen)),
-        ),
-        trial(
+        )
+        .add(
             "network_cut_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches",
             60,
             |e, s| Box::pin(short_outage(e, s, Outage::Cut)),
-        ),
-        trial(
+        )
+        .add(
             "outage_longer_than_lease_ttl_loses_lock_and_restores_temp_keys",
             60,
             |e, s| Box::pin(long_outage(e, s)),
-        ),
-    ];
-    let (paused_endpoints, paused_store, pauser) = (endpoints.clone(), store(), server.pauser());
-    trials.push(Trial::test(
-        format!("faults::{backend}::etcd_paused_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches"),
-        move || {
-            run_limited(
-                2,
-                Duration::from_secs(60),
-                etcd_paused(paused_endpoints, paused_store, pauser),
-            )
-        },
-    ));
-    // Last: compaction concerns the whole store.
-    trials.push(trial(
-        "watch_behind_compaction_reports_compacted",
+        );
+    let endpoints = server.endpoints().to_owned();
+    let store = TestStore::new(Arc::new(EtcdOpener::on(server)));
+    let pauser = server.pauser();
+    trials.add_future(
+        "etcd_paused_shorter_than_lease_ttl_fails_fast_then_keeps_lock_keys_and_watches",
         60,
-        |e, s| Box::pin(watch_behind_compaction(e, s)),
-    ));
-    trials
+        move || Box::pin(etcd_paused(endpoints, store, pauser)),
+    );
+    // Last: compaction concerns the whole store.
+    trials.add("watch_behind_compaction_reports_compacted", 60, |e, s| {
+        Box::pin(watch_behind_compaction(e, s))
+    });
+    trials.into_trials()
 }
-
-type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 fn unix_nanos() -> u128 {
     SystemTime::now()

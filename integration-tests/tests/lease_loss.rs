@@ -24,13 +24,14 @@ use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchOptions};
 use futures::StreamExt;
 use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
 use hmetcd_etcd::EtcdKvs;
-use integration_tests::backends::{self, EtcdOpener, MemOpener};
+use integration_tests::backends::MemOpener;
 use integration_tests::etcd_server::{raw_client, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
+use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
 use integration_tests::run_limited;
 use integration_tests::TestStore;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Trial;
 
 /// The lease TTL of most tests here: short, so that a lost lease shows quickly.
 const LEASE_TTL: Duration = Duration::from_secs(3);
@@ -43,13 +44,8 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .try_init();
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        // The tests measure timings, and one compares etcd's whole lease listing.
-        args.test_threads = Some(1);
-    }
     let mem = TestStore::new(Arc::new(MemOpener::new()));
-    let mut trials = vec![Trial::test(
+    let trials = vec![Trial::test(
         "lease_loss::mem::lock_name_that_prefixes_other_keys",
         move || {
             run_limited(
@@ -59,87 +55,56 @@ fn main() -> ExitCode {
             )
         },
     )];
-    let mut server = None;
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("lease_loss: {why}");
-            return ExitCode::FAILURE;
-        }
-        Ok(false) => eprintln!("lease_loss: {}", backends::MEM_ONLY_NOTICE),
-        Ok(true) => match EtcdServer::start_owned() {
-            Ok(started) => {
-                trials.extend(etcd_trials(&started));
-                server = Some(started);
-            }
-            Err(why) => trials.push(Trial::test("lease_loss::etcd::server", move || {
-                Err(Failed::from(why))
-            })),
-        },
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Some(server) = server.as_mut() {
-        server.shutdown();
-    }
-    conclusion.exit_code()
+    run_fault_binary("lease_loss", trials, etcd_trials)
 }
 
-type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
-    let backend = format!("etcd-{}", server.version());
-    let endpoints = server.endpoints().to_owned();
-    let store = || TestStore::new(Arc::new(EtcdOpener::on(server)));
-    let trial = |name: &str, limit: u64, test: fn(String, TestStore) -> TestFuture| {
-        let (endpoints, store) = (endpoints.clone(), store());
-        Trial::test(format!("lease_loss::{backend}::{name}"), move || {
-            run_limited(2, Duration::from_secs(limit), test(endpoints, store))
-        })
-    };
-    vec![
-        trial(
+    let mut trials = EtcdTrials::new("lease_loss", server);
+    trials
+        .add(
             "one_lease_loss_with_3000_temp_keys_recovers_within_ttl_plus_2s",
             60,
             |e, s| Box::pin(many_temp_keys_recover(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "given_up_timed_lock_during_an_outage_leaves_no_waiter_key",
             60,
             |e, s| Box::pin(given_up_attempt(e, s, GiveUp::Timed)),
-        ),
-        trial(
+        )
+        .add(
             "cancelled_lock_during_an_outage_leaves_no_waiter_key",
             60,
             |e, s| Box::pin(given_up_attempt(e, s, GiveUp::Cancelled)),
-        ),
-        trial(
+        )
+        .add(
             "given_up_named_lock_during_an_outage_leaves_no_waiter_key",
             60,
             |e, s| Box::pin(given_up_attempt(e, s, GiveUp::NamedGuard)),
-        ),
-        trial(
+        )
+        .add(
             "temp_key_restore_never_overwrites_another_clients_data",
             60,
             |e, s| Box::pin(restore_never_overwrites(e, s)),
-        ),
-        trial("lock_name_that_prefixes_other_keys", 30, |_, s| {
+        )
+        .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
-        }),
-        trial(
+        })
+        .add(
             "is_held_is_conservative_after_external_revoke",
             60,
             |e, s| Box::pin(is_held_conservative(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "temp_key_or_lock_racing_close_never_outlives_close",
             60,
             |e, s| Box::pin(racing_close(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "fenced_increments_by_4_processes_under_lease_revokes_and_a_cut",
             180,
             |e, s| Box::pin(fenced_stress(e, s)),
-        ),
-    ]
+        );
+    trials.into_trials()
 }
 
 fn secs(duration: Duration) -> String {

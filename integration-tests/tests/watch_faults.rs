@@ -22,12 +22,11 @@ use futures::StreamExt;
 use hmetcd_core::watch::WatchEnd;
 use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
 use hmetcd_etcd::EtcdKvs;
-use integration_tests::backends::{self, EtcdOpener};
 use integration_tests::etcd_server::{raw_client, EtcdServer};
 use integration_tests::faults::proxy::FaultProxy;
-use integration_tests::run_limited;
+use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
 use integration_tests::TestStore;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Trial;
 
 /// The request timeout of the handles whose connection the tests cut.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
@@ -39,101 +38,63 @@ const MIB: usize = 1 << 20;
 const PROGRESS_INTERVAL: &str = "1s";
 
 fn main() -> ExitCode {
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        // Some tests compact the whole store, and all of them measure timings.
-        args.test_threads = Some(1);
-    }
     // Read by a child-process etcd as --experimental-watch-progress-notify-interval (etcd
     // takes every flag from an ETCD_* variable too); set before any thread is started.
     std::env::set_var(
         "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
         PROGRESS_INTERVAL,
     );
-    let mut trials = Vec::new();
-    let mut server = None;
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("watch_faults: {why}");
-            return ExitCode::FAILURE;
-        }
-        Ok(false) => eprintln!("watch_faults: {}", backends::MEM_ONLY_NOTICE),
-        Ok(true) => match EtcdServer::start_owned() {
-            Ok(started) => {
-                trials.extend(etcd_trials(&started));
-                server = Some(started);
-            }
-            Err(why) => trials.push(Trial::test("watch_faults::etcd::server", move || {
-                Err(Failed::from(why))
-            })),
-        },
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Some(server) = server.as_mut() {
-        server.shutdown();
-    }
-    conclusion.exit_code()
+    run_fault_binary("watch_faults", Vec::new(), etcd_trials)
 }
 
-type TestFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
-    let backend = format!("etcd-{}", server.version());
-    let endpoints = server.endpoints().to_owned();
-    let trial = |name: &str, limit: u64, test: fn(String, TestStore) -> TestFuture| {
-        let endpoints = endpoints.clone();
-        let store = TestStore::new(Arc::new(EtcdOpener::on(server)));
-        Trial::test(format!("watch_faults::{backend}::{name}"), move || {
-            run_limited(2, Duration::from_secs(limit), test(endpoints, store))
-        })
-    };
-    let mut trials = vec![
-        trial(
+    let mut trials = EtcdTrials::new("watch_faults", server);
+    trials
+        .add(
             "quiet_key_watch_resumes_after_reconnect_past_compaction",
             40,
             |e, s| Box::pin(quiet_key_resumes(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "absent_key_watch_behind_compaction_reports_compacted_and_why",
             40,
             |e, s| Box::pin(absent_key_compacted(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "prefix_watch_behind_compaction_reports_compacted",
             40,
             |e, s| Box::pin(prefix_compacted(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "watch_prefix_catches_up_6_mib_after_reconnect",
             45,
             |e, s| Box::pin(large_catch_up(e, s)),
-        ),
-        trial("get_range_reads_5_mib", 40, |e, s| {
+        )
+        .add("get_range_reads_5_mib", 40, |e, s| {
             Box::pin(large_range(e, s))
-        }),
-        trial("small_get_range_takes_one_request", 40, |e, s| {
+        })
+        .add("small_get_range_takes_one_request", 40, |e, s| {
             Box::pin(small_range_speed(e, s))
-        }),
-        trial("paged_get_range_is_one_snapshot", 50, |e, s| {
+        })
+        .add("paged_get_range_is_one_snapshot", 50, |e, s| {
             Box::pin(paged_range_snapshot(e, s))
-        }),
-        trial(
+        })
+        .add(
             "non_utf8_in_prefix_watch_is_an_err_item_then_events_go_on",
             30,
             |e, s| Box::pin(non_utf8_watch(e, s)),
-        ),
-        trial(
+        )
+        .add(
             "store_of_a_2_mib_key_fails_with_a_short_message",
             30,
             |e, s| Box::pin(huge_key_message(e, s)),
-        ),
-    ];
-    trials.push(trial(
-        "prefix_watch_kept_current_by_progress_survives_compaction",
-        40,
-        |e, s| Box::pin(prefix_kept_current(e, s)),
-    ));
-    trials
+        )
+        .add(
+            "prefix_watch_kept_current_by_progress_survives_compaction",
+            40,
+            |e, s| Box::pin(prefix_kept_current(e, s)),
+        );
+    trials.into_trials()
 }
 
 fn ok<T>(outcome: Result<T, String>) -> T {

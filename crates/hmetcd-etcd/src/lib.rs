@@ -3,15 +3,21 @@
 //!
 //! - Opening connects at once and fails with `Error::Unavailable` when no endpoint answers
 //!   within `connect_timeout`; every single request is bounded by `request_timeout`.
-//! - Each handle owns one lease (`lease_ttl`) for its temporary keys and its lock session,
-//!   kept alive in the background and taken anew (with the temp keys put back) if it is lost.
+//! - Each handle owns one lease (`lease_ttl`) for its temporary keys and its lock session. One
+//!   background task owns it: it keeps it alive, counts it lost when etcd says so or when no
+//!   keep-alive was confirmed within the TTL (measured from when the last confirmed one was
+//!   sent), then takes a new lease and puts the temp keys back, each only where it is absent.
+//!   Locks taken under a lost lease are lost: `is_held()` turns false, `lost()` resolves.
 //! - The distributed lock is etcd's own lock layout (`<prefix><lock_name>/<lease id in hex>`,
 //!   as Go's `concurrency.Mutex` writes it), so Go services using the same lock name and this
 //!   library exclude each other. The `prefix` option applies to the lock name as well; with
 //!   no prefix the keys are exactly Go's.
 //! - Named locks (`lock`, `lock_with`) use the same layout under their own names; a handle's own
 //!   participants for one name (its guards, and `dist_lock` for `lock_name`) queue locally first,
-//!   since the handle has one lease and so one waiter key per name.
+//!   since the handle has one lease and so one waiter key per name. Only keys
+//!   `<name>/<lease hex>` are participants. A guard's fencing token is its key's create
+//!   revision; a guard whose key someone deletes is lost (`LostReason::KeyDeleted`). The keys of
+//!   attempts that gave up or were cancelled are deleted in the background until etcd confirms.
 //! - Watches are registered before `watch_stream`/`watch_prefix` return, deliver every event in
 //!   revision order, and resume after an etcd restart from the last delivered revision. All
 //!   watches of a handle share one etcd watch stream (a gRPC stream on the handle's connection,
