@@ -135,6 +135,16 @@ pub enum Error {
         source: std::str::Utf8Error,
     },
 
+    /// A leader-only call ([`Leadership::proclaim`](crate::Leadership::proclaim)) after the
+    /// leadership was lost.
+    #[error("not the leader of election {}: {reason}", clipped(.election))]
+    NotLeader {
+        /// The election's name.
+        election: String,
+        /// Why: how the leadership was lost.
+        reason: String,
+    },
+
     /// The request needs something this build or backend does not have.
     #[error("{what} is not supported: {reason}")]
     NotSupported {

@@ -13,6 +13,33 @@ pub fn check_key(argument: &'static str, key: &str) -> Result<()> {
     }
 }
 
+/// Whether `key` is a participant key of the lock or election `name`: exactly
+/// `<name>/<lease id in lowercase hex>`, one segment, as Go's `fmt.Sprintf("%x", id)` writes
+/// an `int64` lease id (a negative one with a leading `-`). `<name>/config`, or the keys of a
+/// lock named `<name>/7`, are not.
+///
+/// ```
+/// use hmetcd_core::keys::is_participant_key;
+///
+/// assert!(is_participant_key("jobs", "jobs/694d7a1b2c3d4e5f"));
+/// assert!(!is_participant_key("jobs", "jobs/config"));
+/// assert!(!is_participant_key("jobs", "jobs/7/694d7a1b2c3d4e5f"));
+/// ```
+pub fn is_participant_key(name: &str, key: &str) -> bool {
+    key.strip_prefix(name)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|suffix| is_lease_suffix(suffix.as_bytes()))
+}
+
+/// Whether `suffix` (what follows `<name>/`) is a lease id as participant keys write it.
+pub fn is_lease_suffix(suffix: &[u8]) -> bool {
+    let digits = suffix.strip_prefix(b"-").unwrap_or(suffix);
+    !digits.is_empty()
+        && digits
+            .iter()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte))
+}
+
 /// The `prefix` option: puts it in front of every key and takes it off again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyPrefix(String);

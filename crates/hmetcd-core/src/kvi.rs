@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::{
-    CompareOp, KeyChange, KeyValue, LockGuard, LockOptions, Result, WatchCallback, WatchEvent,
-    WatchHandle, WatchStream,
+    CompareOp, KeyChange, KeyValue, LeaderStream, Leadership, LockGuard, LockOptions, Result,
+    WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 
 /// A handle on a key-value store: etcd, or the in-memory store.
@@ -135,6 +135,51 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// # }
     /// ```
     async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard>;
+
+    /// Campaigns in the election `name` with `value`, waiting as long as it takes (first come,
+    /// first served), and hands back the [`Leadership`] once this candidate leads; dropping it
+    /// resigns.
+    ///
+    /// The layout is etcd's election layout (`<name>/<lease id in hex>` = value, bound to the
+    /// handle's lease; the leader is the candidate created first), so Go's
+    /// `concurrency.Election` and `etcdctl elect` take part in the same queue. `name` is
+    /// checked like a key and lives under the handle's `prefix`. [`close`](Kvi::close)
+    /// resigns; a crashed leader is replaced within `lease_ttl`. One handle may campaign in
+    /// several elections; within one, its candidacies queue in the handle first, as its locks do.
+    ///
+    /// ```
+    /// # use hmetcd_core::Kvi;
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let leadership = kv.campaign("scheduler", "10.0.0.7:8080").await?;
+    /// tokio::select! {
+    ///     reason = leadership.lost() => tracing::warn!(%reason, "no longer the leader"),
+    ///     () = lead() => {}
+    /// }
+    /// # Ok(())
+    /// # }
+    /// # async fn lead() {}
+    /// ```
+    async fn campaign(&self, name: &str, value: &str) -> Result<Leadership>;
+
+    /// Like [`campaign`](Kvi::campaign), with a timeout (give up with
+    /// [`Error::LockTimeout`](crate::Error::LockTimeout) naming the election, leaving no trace)
+    /// and a maximum term (`max_hold`), as `options` say.
+    async fn campaign_with(
+        &self,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<Leadership>;
+
+    /// The current leader of the election `name`: its key (`<name>/<lease id in hex>`, without
+    /// the handle's prefix) and value; `None` when nobody campaigns.
+    async fn leader(&self, name: &str) -> Result<Option<KeyValue>>;
+
+    /// The leaders of the election `name`: the current one (or `None`) first, then every
+    /// change — a new leader, a proclaimed value, `None` when the last candidate left — never
+    /// the same twice in a row. Registered before this returns, so no change made after the
+    /// call is missed.
+    async fn observe(&self, name: &str) -> Result<LeaderStream>;
 }
 
 /// The future every `Kvi` method returns (what `#[async_trait]` makes of an `async fn`).
@@ -225,6 +270,22 @@ macro_rules! forward_kvi {
             fn lock_with<'s, 'n, 'f>(&'s self, name: &'n str, options: LockOptions) -> KviFuture<'f, LockGuard>
             where 's: 'f, 'n: 'f, Self: 'f {
                 (**self).lock_with(name, options)
+            }
+            fn campaign<'s, 'n, 'v, 'f>(&'s self, name: &'n str, value: &'v str) -> KviFuture<'f, Leadership>
+            where 's: 'f, 'n: 'f, 'v: 'f, Self: 'f {
+                (**self).campaign(name, value)
+            }
+            fn campaign_with<'s, 'n, 'v, 'f>(&'s self, name: &'n str, value: &'v str, options: LockOptions) -> KviFuture<'f, Leadership>
+            where 's: 'f, 'n: 'f, 'v: 'f, Self: 'f {
+                (**self).campaign_with(name, value, options)
+            }
+            fn leader<'s, 'n, 'f>(&'s self, name: &'n str) -> KviFuture<'f, Option<KeyValue>>
+            where 's: 'f, 'n: 'f, Self: 'f {
+                (**self).leader(name)
+            }
+            fn observe<'s, 'n, 'f>(&'s self, name: &'n str) -> KviFuture<'f, LeaderStream>
+            where 's: 'f, 'n: 'f, Self: 'f {
+                (**self).observe(name)
             }
         }
     )*};

@@ -13,6 +13,7 @@
 //! # Ok::<(), hmetcd_core::Error>(())
 //! ```
 
+mod election;
 mod endpoint;
 mod error;
 pub mod keys;
@@ -22,6 +23,7 @@ mod options;
 mod types;
 pub mod watch;
 
+pub use election::{leader_stream, Candidacy, Candidate, LeaderStream, Leadership};
 pub use endpoint::{Endpoint, EtcdUrl, Scheme};
 pub use error::{BoxError, Error, Result};
 pub use kvi::Kvi;

@@ -46,6 +46,7 @@
 //! ```
 
 mod connect;
+mod election;
 mod error;
 mod lock;
 mod members;
@@ -65,8 +66,8 @@ use async_trait::async_trait;
 use etcd_client::{Client, Compare, Txn, TxnOp};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
-    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, Options,
-    Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
+    LockGuard, LockOptions, Options, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 
 use crate::error::{ErrorContext, Request};
@@ -576,6 +577,27 @@ impl Kvi for EtcdKvs {
 
     async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
         self.shared.lock_named(name, options).await
+    }
+
+    async fn campaign(&self, name: &str, value: &str) -> Result<Leadership> {
+        self.shared.campaign(name, value, LockOptions::new()).await
+    }
+
+    async fn campaign_with(
+        &self,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<Leadership> {
+        self.shared.campaign(name, value, options).await
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<KeyValue>> {
+        self.shared.leader(name).await
+    }
+
+    async fn observe(&self, name: &str) -> Result<LeaderStream> {
+        self.shared.observe(name).await
     }
 }
 

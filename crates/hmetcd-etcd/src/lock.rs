@@ -36,7 +36,7 @@ use etcd_client::{
 };
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use hmetcd_core::keys::check_key;
+use hmetcd_core::keys::{check_key, is_lease_suffix};
 use hmetcd_core::{
     Error, LockGuard, LockOptions, LockRelease, LostReason, LostSignal, Result, WatchEvent,
 };
@@ -84,18 +84,18 @@ struct HeldKey {
 }
 
 /// One held lock: the handle's lock or a guard's.
-struct Hold {
+pub(crate) struct Hold {
     id: u64,
     /// The name as the caller wrote it.
-    name: String,
+    pub(crate) name: String,
     /// The lease the key is bound to, and its generation in the session.
-    lease: i64,
+    pub(crate) lease: i64,
     generation: u64,
     /// The key's create revision: the fencing token.
-    revision: i64,
+    pub(crate) revision: i64,
     /// The key while held; `None` once released or lost.
     key: Mutex<Option<HeldKey>>,
-    lost: LostSignal,
+    pub(crate) lost: LostSignal,
     /// The monitor saw the key deleted (and is finding out by whom).
     key_gone: AtomicBool,
     /// The task that notices a loss.
@@ -107,6 +107,11 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hold {
+    /// The stored key, while held.
+    pub(crate) fn stored_key(&self) -> Option<String> {
+        locked(&self.key).as_ref().map(|held| held.key.clone())
+    }
+
     /// Takes the key out (the lock is no longer held as far as this hold is concerned) and
     /// stops the monitor. `None` if it was already released or lost.
     fn take(&self) -> Option<HeldKey> {
@@ -213,16 +218,6 @@ pub(crate) fn deadline_after(timeout: Option<Duration>) -> Deadline {
     timeout.and_then(|timeout| Instant::now().checked_add(timeout).map(|at| (at, timeout)))
 }
 
-/// Whether `suffix` (what follows `<name>/`) is a lease id as lock keys write it: lowercase
-/// hex, as Go's `fmt.Sprintf("%x", id)` prints an `int64`.
-fn is_lease_suffix(suffix: &[u8]) -> bool {
-    let digits = suffix.strip_prefix(b"-").unwrap_or(suffix);
-    !digits.is_empty()
-        && digits
-            .iter()
-            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte))
-}
-
 impl Shared {
     fn lock_name(&self) -> &str {
         &self.options.lock_name
@@ -256,7 +251,7 @@ impl Shared {
                 self.drop_held(held);
             }
         }
-        let hold = self.acquire_key(name, deadline, None).await?;
+        let hold = self.acquire_key(name, "", deadline, None).await?;
         *self.lock.held() = Some(hold);
         Ok(())
     }
@@ -299,26 +294,8 @@ impl Shared {
         name: &str,
         options: LockOptions,
     ) -> Result<LockGuard> {
-        self.ensure_open()?;
-        check_key("name", name)?;
-        let deadline = deadline_after(options.get_timeout());
-        if let Some(max_hold) = options.get_max_hold() {
-            if tokio::runtime::Handle::try_current().is_err() {
-                return Err(Error::NotSupported {
-                    what: format!("max_hold ({max_hold:?}) on the lock {name:?}"),
-                    reason: "the timer needs a Tokio runtime; call lock_with from within one"
-                        .to_owned(),
-                });
-            }
-        }
-        let hold = self
-            .acquire_key(name, deadline, options.get_max_hold())
-            .await?;
-        let fencing_token = hold.revision;
-        let release = EtcdLockRelease {
-            shared: Arc::clone(self),
-            hold,
-        };
+        let release = self.take_named(name, "", options).await?;
+        let fencing_token = release.hold.revision;
         Ok(LockGuard::from_backend(
             name,
             fencing_token,
@@ -326,12 +303,40 @@ impl Shared {
         ))
     }
 
+    /// A named lock (or election candidacy) with `value` on its key, as `options` say.
+    pub(crate) async fn take_named(
+        self: &Arc<Self>,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<EtcdLockRelease> {
+        self.ensure_open()?;
+        check_key("name", name)?;
+        let deadline = deadline_after(options.get_timeout());
+        if let Some(max_hold) = options.get_max_hold() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(Error::NotSupported {
+                    what: format!("max_hold ({max_hold:?}) on {name:?}"),
+                    reason: "the timer needs a Tokio runtime; call from within one".to_owned(),
+                });
+            }
+        }
+        let hold = self
+            .acquire_key(name, value, deadline, options.get_max_hold())
+            .await?;
+        Ok(EtcdLockRelease {
+            shared: Arc::clone(self),
+            hold,
+        })
+    }
+
     /// Takes the lock `name` for one of the handle's participants: first the name's local
     /// mutex, then a place in etcd's queue. Gives up at `deadline` without a trace. The hold
     /// is watched from then on, and released after `max_hold` if given.
-    async fn acquire_key(
+    pub(crate) async fn acquire_key(
         self: &Arc<Self>,
         name: &str,
+        value: &str,
         deadline: Deadline,
         max_hold: Option<Duration>,
     ) -> Result<Arc<Hold>> {
@@ -345,7 +350,10 @@ impl Shared {
         })
         .await;
         let acquired = match taken {
-            Ok(local) => self.queue_until_acquired(name, local, deadline).await,
+            Ok(local) => {
+                self.queue_until_acquired(name, value, local, deadline)
+                    .await
+            }
             Err(err) => Err(err),
         };
         let (held, lease, generation, revision) = match acquired {
@@ -389,6 +397,7 @@ impl Shared {
     async fn queue_until_acquired(
         self: &Arc<Self>,
         name: &str,
+        value: &str,
         local: OwnedMutexGuard<()>,
         deadline: Deadline,
     ) -> Result<(HeldKey, i64, u64, i64)> {
@@ -414,7 +423,7 @@ impl Shared {
             // A lease lost while we wait takes our key with it: queue again on the next one.
             let attempt = async {
                 tokio::select! {
-                    attempt = self.queue_and_wait(&dir, &key, lease, request) => attempt,
+                    attempt = self.queue_and_wait(&dir, &key, value, lease, request) => attempt,
                     _ = session_ended(self, generation) => Ok(Attempt::LeaseLost),
                 }
             };
@@ -487,16 +496,14 @@ impl Shared {
         &self,
         dir: &str,
         key: &str,
+        value: &str,
         lease: i64,
         request: Request<'_>,
     ) -> Result<Attempt> {
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                "",
-                Some(PutOptions::new().with_lease(lease)),
-            )])
+            .and_then([put.clone()])
             .or_else([TxnOp::get(key, None)]);
         let queued = match self
             .kv_bounded(request, async |kv| kv.txn(txn).await)
@@ -519,11 +526,27 @@ impl Shared {
                 .op_responses()
                 .into_iter()
                 .find_map(|read| match read {
-                    TxnOpResponse::Get(read) => read.kvs().first().map(|kv| kv.create_revision()),
+                    TxnOpResponse::Get(read) => read
+                        .kvs()
+                        .first()
+                        .map(|kv| (kv.create_revision(), kv.value() == value.as_bytes())),
                     _ => None,
                 });
             match found {
-                Some(revision) => revision,
+                // A candidate's value is its own, as Go's Campaign proclaims it.
+                Some((revision, false)) => {
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+                        .and_then([put]);
+                    let updated = self
+                        .kv_request(request, async |kv| kv.txn(txn).await)
+                        .await?;
+                    if !updated.succeeded() {
+                        return Ok(Attempt::KeyLost);
+                    }
+                    revision
+                }
+                Some((revision, true)) => revision,
                 None => return Ok(Attempt::KeyLost),
             }
         };
@@ -827,10 +850,10 @@ async fn key_deleted(shared: &Shared, hold: &Hold) -> LostReason {
     }
 }
 
-/// The etcd side of a [`LockGuard`].
-struct EtcdLockRelease {
-    shared: Arc<Shared>,
-    hold: Arc<Hold>,
+/// The etcd side of a [`LockGuard`] (and of a `Leadership`, see `election.rs`).
+pub(crate) struct EtcdLockRelease {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) hold: Arc<Hold>,
 }
 
 impl LockRelease for EtcdLockRelease {
@@ -943,22 +966,5 @@ impl Drop for WaiterKey {
             return;
         }
         spawn_delete(Arc::clone(&self.shared), held);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_lease_ids_are_lock_participants() {
-        assert!(is_lease_suffix(b"694d7a1b2c3d4e5f"));
-        assert!(is_lease_suffix(b"ff"));
-        assert!(is_lease_suffix(b"-ff"));
-        assert!(!is_lease_suffix(b""));
-        assert!(!is_lease_suffix(b"-"));
-        assert!(!is_lease_suffix(b"config"));
-        assert!(!is_lease_suffix(b"7/694d7a1b2c3d4e5f"));
-        assert!(!is_lease_suffix(b"FF"));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hmetcd_core::{Error, LockRelease, LostReason, LostSignal, Result};
+use hmetcd_core::{Candidacy, Error, LockRelease, LostReason, LostSignal, Result};
 use tokio::task::AbortHandle;
 
 use crate::participants::Held;
@@ -58,6 +58,8 @@ fn take(slot: &Slot) -> Option<Held> {
 /// One guard's hold on its lock.
 pub(crate) struct MemLockRelease {
     id: u64,
+    /// The lock's (or election's) name, as the caller wrote it.
+    name: String,
     slot: Slot,
     lost: LostSignal,
     guards: Weak<Guards>,
@@ -120,6 +122,7 @@ impl MemLockRelease {
         });
         Ok(MemLockRelease {
             id,
+            name: name.to_owned(),
             slot,
             lost,
             guards: Arc::downgrade(guards),
@@ -140,6 +143,29 @@ fn release(id: u64, slot: &Slot, guards: &Weak<Guards>) {
     drop(take(slot));
     if let Some(guards) = guards.upgrade() {
         guards.forget(id);
+    }
+}
+
+impl Candidacy for MemLockRelease {
+    fn proclaim(&self, value: &str) -> BoxFuture<'static, Result<()>> {
+        let proclaimed = self
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|held| held.proclaim(value));
+        let outcome = if proclaimed {
+            Ok(())
+        } else {
+            Err(Error::NotLeader {
+                election: self.name.clone(),
+                reason: match self.lost.reason() {
+                    Some(reason) => reason.to_string(),
+                    None => "the leadership ended".to_owned(),
+                },
+            })
+        };
+        Box::pin(async move { outcome })
     }
 }
 

@@ -46,8 +46,9 @@ use guards::{Guards, MemLockRelease};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, LostReason, Options,
-    Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    leader_stream, Candidate, CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
+    LockGuard, LockOptions, LostReason, Options, Result, WatchCallback, WatchEvent, WatchHandle,
+    WatchStream,
 };
 use participants::{Held, Participants};
 use store::{LeaseId, Store, Target};
@@ -196,7 +197,7 @@ impl MemKvs {
             // A lost hold's key is gone already: dropping it releases nothing.
             self.release_lock();
             // The handle's lock is the named lock `lock_name`, queued like every guard.
-            let Some(held) = self.participants.acquire(&self.stored_lock_name).await else {
+            let Some(held) = self.participants.acquire(&self.stored_lock_name, "").await else {
                 return false;
             };
             *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(held);
@@ -242,6 +243,36 @@ impl MemKvs {
     }
 
     async fn lock_named(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
+        let (release, fencing_token) = self.take_named(name, "", options).await?;
+        Ok(LockGuard::from_backend(
+            name,
+            fencing_token,
+            Box::new(release),
+        ))
+    }
+
+    async fn campaign_named(
+        &self,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<Leadership> {
+        let (release, fencing_token) = self.take_named(name, value, options).await?;
+        Ok(Leadership::from_backend(
+            name,
+            value,
+            fencing_token,
+            Box::new(release),
+        ))
+    }
+
+    /// A named lock (or election candidacy) with `value` on its key, and its fencing token.
+    async fn take_named(
+        &self,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<(MemLockRelease, i64)> {
         self.check_open()?;
         check_key("name", name)?;
         // Under the prefix like every other key; `lock_name` itself is the handle's lock.
@@ -250,7 +281,7 @@ impl MemKvs {
         // Dropping the wait leaves both queues and deletes the waiter's key: no trace is left.
         let wait = async {
             tokio::select! {
-                held = self.participants.acquire(&stored_name) => held,
+                held = self.participants.acquire(&stored_name, value) => held,
                 _ = closing.wait_for(|closed| *closed) => None,
             }
         };
@@ -275,18 +306,27 @@ impl MemKvs {
             self.store.next_id(),
             held,
             options.get_max_hold(),
-        );
-        let release = release?;
+        )?;
         // A close that raced with this call may have missed the new guard.
         if self.closed.load(Ordering::Acquire) {
             release.release_now();
             return Err(Error::Closed);
         }
-        Ok(LockGuard::from_backend(
-            name,
-            fencing_token,
-            Box::new(release),
-        ))
+        Ok((release, fencing_token))
+    }
+
+    /// The candidates of the election `name`, leader first, and a watch of its keys from
+    /// right after that read.
+    fn candidates(&self, name: &str) -> Result<(Vec<Candidate>, WatchStream)> {
+        self.check_open()?;
+        check_key("name", name)?;
+        let dir = format!("{}/", self.prefix.apply(name));
+        let (candidates, stream) =
+            self.store
+                .candidates_and_watch(&dir, self.prefix.as_str().len(), self.lease);
+        // A close that raced with this call may have missed it; dropping the stream unregisters it.
+        self.check_open()?;
+        Ok((candidates, Box::pin(stream)))
     }
 
     fn watch_target(&self, target: Target) -> Result<WatchStream> {
@@ -451,6 +491,32 @@ impl Kvi for MemKvs {
 
     async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
         self.lock_named(name, options).await
+    }
+
+    async fn campaign(&self, name: &str, value: &str) -> Result<Leadership> {
+        self.campaign_named(name, value, LockOptions::new()).await
+    }
+
+    async fn campaign_with(
+        &self,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<Leadership> {
+        self.campaign_named(name, value, options).await
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<KeyValue>> {
+        let (candidates, _) = self.candidates(name)?;
+        Ok(candidates
+            .into_iter()
+            .next()
+            .map(|first| KeyValue::new(first.key, first.value)))
+    }
+
+    async fn observe(&self, name: &str) -> Result<LeaderStream> {
+        let (candidates, events) = self.candidates(name)?;
+        Ok(leader_stream(name, candidates, events))
     }
 }
 

@@ -57,7 +57,7 @@ impl Participants {
     /// Waits for the lock `stored_name` (prefix included). Dropping the wait leaves no trace:
     /// the participant leaves both queues and its key is deleted. `None` if the handle's lease
     /// was revoked meanwhile (the handle is closing).
-    pub(crate) async fn acquire(self: &Arc<Self>, stored_name: &str) -> Option<Held> {
+    pub(crate) async fn acquire(self: &Arc<Self>, stored_name: &str, value: &str) -> Option<Held> {
         let mut pending = Pending {
             participants: Arc::clone(self),
             stored_name: stored_name.to_owned(),
@@ -76,7 +76,9 @@ impl Participants {
                 Some(guard) => guard,
                 None => Arc::clone(&local).lock_owned().await,
             };
-            let place = self.store.enqueue(stored_name, &key, self.lease, guard);
+            let place = self
+                .store
+                .enqueue(stored_name, &key, value, self.lease, guard);
             pending.place = Some(Arc::clone(&place));
             match place.turn().await {
                 Status::Holding => {
@@ -150,6 +152,12 @@ impl Held {
     /// Fires when the hold ends other than by this holder's release.
     pub(crate) fn lost(&self) -> &LostSignal {
         self.place.lost()
+    }
+
+    /// Puts `value` on the holder's key while it still holds the lock (a leader proclaiming);
+    /// `false` once it lost it.
+    pub(crate) fn proclaim(&self, value: &str) -> bool {
+        self.participants.store.proclaim(&self.place, value)
     }
 }
 

@@ -13,7 +13,8 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use hashbrown::HashMap;
-use hmetcd_core::{CompareOp, KeyValue, LostReason, LostSignal, Result, WatchEvent};
+use hmetcd_core::keys::is_lease_suffix;
+use hmetcd_core::{Candidate, CompareOp, KeyValue, LostReason, LostSignal, Result, WatchEvent};
 use tokio::sync::{mpsc, OwnedMutexGuard};
 
 /// Identifies the handle (and so the lease) that owns a temp key.
@@ -99,15 +100,10 @@ impl Place {
     }
 }
 
-/// Whether `id` is a lock key's last segment: lowercase hex, as etcd's lease ids are written.
-fn is_lock_id(id: &str) -> bool {
-    !id.is_empty() && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// The lock name of a lock key `<name>/<lowercase hex>`, or `None` for any other key.
 fn lock_name_of(key: &str) -> Option<&str> {
     let (name, id) = key.rsplit_once('/')?;
-    is_lock_id(id).then_some(name)
+    is_lease_suffix(id.as_bytes()).then_some(name)
 }
 
 /// The keys of one lock that a participant of this store waits for or holds.
@@ -297,6 +293,7 @@ impl Store {
         &self,
         name: &str,
         key: &str,
+        value: &str,
         lease: LeaseId,
         local: OwnedMutexGuard<()>,
     ) -> Arc<Place> {
@@ -308,9 +305,16 @@ impl Store {
         }
         let revision = match state.values.get(key) {
             // As on etcd, whose waiter puts its key only if it is missing: a key already
-            // there keeps its value, its lease and its place in the queue.
+            // there keeps its lease and its place in the queue; a candidate's value is its
+            // own, as Go's Campaign proclaims it.
+            Some(entry) if entry.value != value => {
+                let revision = entry.create_revision;
+                let lease = entry.lease;
+                let _ = state.put(key, value, lease);
+                revision
+            }
             Some(entry) => entry.create_revision,
-            None => state.put(key, "", Some(lease)),
+            None => state.put(key, value, Some(lease)),
         };
         let place = Arc::new(Place {
             key: key.to_owned(),
@@ -436,9 +440,65 @@ impl Store {
         }
     }
 
+    /// Puts `value` on the key of `place` if it still holds its lock with that key (a
+    /// candidate proclaiming): `false` once the hold is lost.
+    pub(crate) fn proclaim(&self, place: &Place, value: &str) -> bool {
+        let mut state = self.write();
+        let lease = match state.values.get(&place.key) {
+            Some(entry)
+                if entry.create_revision == place.revision && place.status() == Status::Holding =>
+            {
+                entry.lease
+            }
+            _ => return false,
+        };
+        let _ = state.put(&place.key, value, lease);
+        true
+    }
+
+    /// The participants of the lock or election whose keys start with `dir` (`<name>/`, stored
+    /// form), as key (less `strip` bytes), value and create revision, oldest first; and a
+    /// watch of `dir` that sees every write after that read.
+    pub(crate) fn candidates_and_watch(
+        self: &Arc<Self>,
+        dir: &str,
+        strip: usize,
+        owner: LeaseId,
+    ) -> (Vec<Candidate>, MemWatchStream) {
+        let mut state = self.write();
+        let mut candidates: Vec<Candidate> = state
+            .order
+            .range::<str, _>((std::ops::Bound::Included(dir), std::ops::Bound::Unbounded))
+            .take_while(|key| key.starts_with(dir))
+            .filter(|key| lock_name_of(key).is_some_and(|name| name.len() + 1 == dir.len()))
+            .filter_map(|key| {
+                let entry = state.values.get(key)?;
+                Some(Candidate {
+                    key: key.get(strip..).unwrap_or_default().to_owned(),
+                    value: entry.value.clone(),
+                    create_revision: entry.create_revision,
+                })
+            })
+            .collect();
+        candidates.sort_by_key(|candidate| candidate.create_revision);
+        let stream = self.register(&mut state, Target::Prefix(dir.to_owned()), strip, owner);
+        (candidates, stream)
+    }
+
     /// Registers a watcher; it sees every write made after this returns.
     pub(crate) fn watch(
         self: &Arc<Self>,
+        target: Target,
+        strip: usize,
+        owner: LeaseId,
+    ) -> MemWatchStream {
+        let mut state = self.write();
+        self.register(&mut state, target, strip, owner)
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        state: &mut State,
         target: Target,
         strip: usize,
         owner: LeaseId,
@@ -451,7 +511,6 @@ impl Store {
             strip,
             tx,
         };
-        let mut state = self.write();
         match &target {
             Target::Key(key) => state
                 .watchers
@@ -584,6 +643,11 @@ mod tests {
     fn only_name_slash_lowercase_hex_is_a_lock_key() {
         assert_eq!(lock_name_of("jobs/1f"), Some("jobs"));
         assert_eq!(lock_name_of("p/jobs/7/694d"), Some("p/jobs/7"));
+        assert_eq!(
+            lock_name_of("jobs/-1f"),
+            Some("jobs"),
+            "Go's %x of a negative id"
+        );
         for key in [
             "jobs/config",
             "jobs/1F",

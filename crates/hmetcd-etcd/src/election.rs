@@ -1,0 +1,159 @@
+//! Elections: etcd's election layout (Go's `concurrency.Election`, `etcdctl elect`) on the
+//! lock machinery of `lock.rs`.
+//!
+//! A candidate is a lock participant whose key `<name>/<lease id in hex>` holds its value;
+//! it leads when it holds the lock, that is when its key has the lowest create revision of
+//! the election's keys. So a leadership is a lock hold (with its monitor, fencing token and
+//! `lost()`) that can also change its value: `proclaim` puts the new value on the same key in
+//! a transaction on the key's create revision, so it fails once the key is gone.
+
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
+use futures::future::BoxFuture;
+use hmetcd_core::keys::{check_key, is_participant_key};
+use hmetcd_core::{
+    leader_stream, Candidacy, Candidate, Error, KeyValue, LeaderStream, Leadership, LockOptions,
+    Result,
+};
+
+use crate::error::{is_lease_not_found, Request};
+use crate::lock::EtcdLockRelease;
+use crate::watch::Target;
+use crate::Shared;
+
+/// Candidates read per request.
+const CANDIDATES_PAGE: i64 = 64;
+
+impl Shared {
+    /// `campaign` and `campaign_with`.
+    pub(crate) async fn campaign(
+        self: &Arc<Self>,
+        name: &str,
+        value: &str,
+        options: LockOptions,
+    ) -> Result<Leadership> {
+        let release = self.take_named(name, value, options).await?;
+        let fencing_token = release.hold.revision;
+        Ok(Leadership::from_backend(
+            name,
+            value,
+            fencing_token,
+            Box::new(release),
+        ))
+    }
+
+    /// `leader`: the candidate created first.
+    pub(crate) async fn leader(&self, name: &str) -> Result<Option<KeyValue>> {
+        self.ensure_open()?;
+        check_key("name", name)?;
+        let (candidates, _) = self.candidates(name, true).await?;
+        Ok(candidates
+            .into_iter()
+            .next()
+            .map(|first| KeyValue::new(first.key, first.value)))
+    }
+
+    /// `observe`: the candidates read at one revision, then every change after it.
+    pub(crate) async fn observe(&self, name: &str) -> Result<LeaderStream> {
+        self.ensure_open()?;
+        check_key("name", name)?;
+        let (candidates, revision) = self.candidates(name, false).await?;
+        let target = Target::prefix(&format!("{name}/"), &self.prefix);
+        let events = self.watch_from(target, revision + 1, false).await?;
+        Ok(leader_stream(name, candidates, events))
+    }
+
+    /// The candidates of the election `name` in the order they lead, read at one revision
+    /// (returned too); only the first with `first_only`.
+    async fn candidates(&self, name: &str, first_only: bool) -> Result<(Vec<Candidate>, i64)> {
+        let dir = format!("{}/", self.prefix.apply(name));
+        let request = Request::new("read candidates of", name);
+        let mut found = Vec::new();
+        let mut revision = 0;
+        let mut after = 0;
+        loop {
+            let mut options = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_min_create_revision(after + 1)
+                .with_limit(CANDIDATES_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let page = self
+                .kv_request(request, async |kv| {
+                    kv.get(dir.as_str(), Some(options)).await
+                })
+                .await?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |header| header.revision());
+            }
+            for kv in page.kvs() {
+                after = after.max(kv.create_revision());
+                let Some(key) = self.shown_key(kv.key())? else {
+                    continue;
+                };
+                if !is_participant_key(name, key) {
+                    continue;
+                }
+                found.push(Candidate {
+                    key: key.to_owned(),
+                    value: self.text(key, kv.value())?,
+                    create_revision: kv.create_revision(),
+                });
+                if first_only {
+                    return Ok((found, revision));
+                }
+            }
+            if !page.more() || page.kvs().is_empty() {
+                return Ok((found, revision));
+            }
+        }
+    }
+}
+
+impl Candidacy for EtcdLockRelease {
+    fn proclaim(&self, value: &str) -> BoxFuture<'static, Result<()>> {
+        let shared = Arc::clone(&self.shared);
+        let hold = Arc::clone(&self.hold);
+        let value = value.to_owned();
+        Box::pin(async move {
+            let not_leader = |reason: &str| Error::NotLeader {
+                election: hold.name.clone(),
+                reason: reason.to_owned(),
+            };
+            if let Some(reason) = hold.lost.reason() {
+                return Err(not_leader(&reason.to_string()));
+            }
+            let Some(key) = hold.stored_key() else {
+                return Err(not_leader("the leadership ended"));
+            };
+            // Only while this candidate's key is still the one it created: the leader's.
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    hold.revision,
+                )])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(hold.lease)),
+                )]);
+            let request = Request::new("proclaim in", &hold.name);
+            match shared
+                .kv_bounded(request, async |kv| kv.txn(txn).await)
+                .await?
+            {
+                Ok(answer) if answer.succeeded() => Ok(()),
+                Ok(_) => Err(not_leader("its key is gone")),
+                Err(err) if is_lease_not_found(&err) => {
+                    shared.session.report_lost(hold.lease);
+                    Err(not_leader("its lease is gone"))
+                }
+                Err(err) => Err(shared.errors.map(request, err)),
+            }
+        })
+    }
+}
