@@ -4,8 +4,9 @@
 //!
 //! Measured here, where criterion's per-iteration model does not fit: sequential operations
 //! (interleaved A/B blocks, so drift biases neither side), throughput with 1, 16 and 64 tasks on
-//! one handle, watch and lock handoff latency (median and p99), `open()` and the resident memory
-//! of one handle with 1,000 watchers. Writes `results.md` and `throughput.csv` to
+//! one handle, watch and lock handoff latency (median and p99), leader handover and `observe`
+//! latency (against etcd's own election service), `open()` and the resident memory of one
+//! handle with 1,000 watchers. Writes `results.md` and `throughput.csv` to
 //! `HMETCD_BENCH_OUT` (default `docs/bench` in the workspace); `scripts/bench.sh` runs it and
 //! draws the chart.
 //!
@@ -21,6 +22,7 @@ use etcd_client::{
     Client, Compare, ConnectOptions, EventType, GetOptions, KvClient, LockOptions, PutOptions,
     SortOrder, SortTarget, Txn, TxnOp,
 };
+use futures::StreamExt;
 use hmetcd_core::{CompareOp, KeyChange, Kvi};
 use hmetcd_mem::MemKvs;
 use integration_tests::etcd_server::EtcdServer;
@@ -33,6 +35,8 @@ const KEYS: usize = 10_000;
 const RANGE_LEN: usize = 100;
 const LOCK_NAME: &str = "bench-lock";
 const RAW_LOCK_NAME: &str = "bench/raw-lock";
+const ELECTION_NAME: &str = "bench-election";
+const RAW_ELECTION_NAME: &str = "bench/raw-election";
 const WATCHERS: usize = 1_000;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
@@ -41,6 +45,8 @@ const SEQUENTIAL_SLOWDOWN_TARGET: f64 = 1.05;
 const THROUGHPUT_RATIO_TARGET: f64 = 0.95;
 const WATCH_MEDIAN_TARGET: Duration = Duration::from_millis(1);
 const LOCK_MEDIAN_TARGET: Duration = Duration::from_millis(2);
+const HANDOVER_MEDIAN_TARGET: Duration = Duration::from_millis(2);
+const OBSERVE_MEDIAN_TARGET: Duration = Duration::from_millis(1);
 const RSS_TARGET_KB: u64 = 20 * 1024;
 
 fn main() {
@@ -114,7 +120,7 @@ impl Settings {
         }
     }
 
-    /// Whether to run `part`: memory, sequential, open, throughput, watch or lock.
+    /// Whether to run `part`: memory, sequential, open, throughput, watch, lock or election.
     fn runs(&self, part: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|only| only == part)
     }
@@ -205,6 +211,29 @@ async fn run(server: &EtcdServer, settings: &Settings, report: &mut Report) {
         )
         .await;
         report.latency_table(&hm, &rw, &mm, LOCK_MEDIAN_TARGET);
+    }
+
+    if settings.runs("election") {
+        report.section(
+            "Leader handover latency: resign by the leader to campaign returning in the next candidate",
+        );
+        let (hm, rw, mm) = handover_latency(
+            (&kv, &watcher),
+            (&raw, &raw_watcher),
+            (&mem, &mem_watcher),
+            settings,
+        )
+        .await;
+        report.latency_table(&hm, &rw, &mm, HANDOVER_MEDIAN_TARGET);
+        report.section("Observe latency: proclaim by the leader to the value seen by an observer");
+        let (hm, rw, mm) = observe_latency(
+            (&kv, &watcher),
+            (&raw, &raw_watcher),
+            (&mem, &mem_watcher),
+            settings,
+        )
+        .await;
+        report.latency_table(&hm, &rw, &mm, OBSERVE_MEDIAN_TARGET);
     }
 
     for handle in [&kv, &watcher, &mem, &mem_watcher] {
@@ -805,6 +834,230 @@ async fn lock_latency(
     for (client, lease) in raw_clients.iter().zip(raw_leases) {
         client.lease_client().revoke(lease).await.ok();
     }
+    (hm_times, raw_times, mem_times)
+}
+
+/// The leader resigns while the other handle's campaign waits; the time from the resign call
+/// to the waiting campaign returning. Roles swap each time. Raw etcd-client uses etcd's
+/// election service (`Campaign`, `Resign`).
+async fn handover_latency(
+    hm: Pair<'_, Arc<dyn Kvi>>,
+    raw: Pair<'_, Client>,
+    mem: Pair<'_, Arc<dyn Kvi>>,
+    settings: &Settings,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    let election_prefix = format!("{PREFIX}{ELECTION_NAME}/");
+    let raw_prefix = format!("{RAW_ELECTION_NAME}/");
+    let mut observer = raw.0.kv_client();
+    let per_block = settings.block / 10;
+    let (mut hm_times, mut raw_times, mut mem_times) = (Vec::new(), Vec::new(), Vec::new());
+    let raw_leases = [
+        must(raw.0.lease_client().grant(300, None).await, "lease grant").id(),
+        must(raw.1.lease_client().grant(300, None).await, "lease grant").id(),
+    ];
+    let raw_clients = [raw.0.clone(), raw.1.clone()];
+    let hm_handles = [Arc::clone(hm.0), Arc::clone(hm.1)];
+    let mem_handles = [Arc::clone(mem.0), Arc::clone(mem.1)];
+    let mut hm_leader = must(hm_handles[0].campaign(ELECTION_NAME, "0").await, "campaign");
+    let mut mem_leader = must(
+        mem_handles[0].campaign(ELECTION_NAME, "0").await,
+        "mem campaign",
+    );
+    let mut raw_leader = must(
+        raw_clients[0]
+            .election_client()
+            .campaign(RAW_ELECTION_NAME, "0", raw_leases[0])
+            .await,
+        "raw campaign",
+    )
+    .leader()
+    .cloned();
+    let (mut hm_holder, mut raw_holder, mut mem_holder) = (0, 0, 0);
+
+    for round in 0..settings.rounds * 2 + 1 {
+        let measured = round > 0;
+        for side in [round % 2, 1 - round % 2] {
+            for _ in 0..per_block {
+                let took = if side == 0 {
+                    let candidate = Arc::clone(&hm_handles[1 - hm_holder]);
+                    let waiting = tokio::spawn(async move {
+                        let leadership =
+                            must(candidate.campaign(ELECTION_NAME, "v").await, "campaign");
+                        (Instant::now(), leadership)
+                    });
+                    queued(&mut observer, &election_prefix).await;
+                    let began = Instant::now();
+                    must(hm_leader.resign().await, "resign");
+                    hm_holder = 1 - hm_holder;
+                    let (led, leadership) = must(waiting.await, "campaign task");
+                    hm_leader = leadership;
+                    led - began
+                } else {
+                    let mut candidate = raw_clients[1 - raw_holder].election_client();
+                    let lease = raw_leases[1 - raw_holder];
+                    let waiting = tokio::spawn(async move {
+                        let led = must(
+                            candidate.campaign(RAW_ELECTION_NAME, "v", lease).await,
+                            "raw campaign",
+                        );
+                        (Instant::now(), led.leader().cloned())
+                    });
+                    queued(&mut observer, &raw_prefix).await;
+                    let began = Instant::now();
+                    let resign = raw_leader
+                        .take()
+                        .map(|leader| etcd_client::ResignOptions::new().with_leader(leader));
+                    must(
+                        raw_clients[raw_holder]
+                            .election_client()
+                            .resign(resign)
+                            .await,
+                        "raw resign",
+                    );
+                    raw_holder = 1 - raw_holder;
+                    let (led, leader) = must(waiting.await, "raw campaign task");
+                    raw_leader = leader;
+                    led - began
+                };
+                if measured {
+                    let times = if side == 0 {
+                        &mut hm_times
+                    } else {
+                        &mut raw_times
+                    };
+                    times.push(took);
+                }
+            }
+        }
+        for _ in 0..per_block {
+            let candidate = Arc::clone(&mem_handles[1 - mem_holder]);
+            let waiting = tokio::spawn(async move {
+                let leadership = must(candidate.campaign(ELECTION_NAME, "v").await, "mem campaign");
+                (Instant::now(), leadership)
+            });
+            // The candidate queues within microseconds in memory: a short pause is ample.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let began = Instant::now();
+            must(mem_leader.resign().await, "mem resign");
+            mem_holder = 1 - mem_holder;
+            let (led, leadership) = must(waiting.await, "mem campaign task");
+            mem_leader = leadership;
+            if measured {
+                mem_times.push(led - began);
+            }
+        }
+    }
+    must(hm_leader.resign().await, "resign");
+    must(mem_leader.resign().await, "mem resign");
+    for (client, lease) in raw_clients.iter().zip(raw_leases) {
+        client.lease_client().revoke(lease).await.ok();
+    }
+    (hm_times, raw_times, mem_times)
+}
+
+/// The leader proclaims a new value; the time until an observer on another handle yields it.
+/// Raw etcd-client uses etcd's election service (`Proclaim`, `Observe`).
+async fn observe_latency(
+    hm: Pair<'_, Arc<dyn Kvi>>,
+    raw: Pair<'_, Client>,
+    mem: Pair<'_, Arc<dyn Kvi>>,
+    settings: &Settings,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    let per_block = settings.block / 5;
+    let mut hm_leader = must(hm.0.campaign(ELECTION_NAME, "start").await, "campaign");
+    let mut mem_leader = must(mem.0.campaign(ELECTION_NAME, "start").await, "mem campaign");
+    let raw_lease = must(raw.0.lease_client().grant(300, None).await, "lease grant").id();
+    let raw_leader = must(
+        raw.0
+            .election_client()
+            .campaign(RAW_ELECTION_NAME, "start", raw_lease)
+            .await,
+        "raw campaign",
+    )
+    .leader()
+    .cloned();
+    let mut hm_observer = must(hm.1.observe(ELECTION_NAME).await, "observe");
+    let mut mem_observer = must(mem.1.observe(ELECTION_NAME).await, "mem observe");
+    let mut raw_observer = must(
+        raw.1.election_client().observe(RAW_ELECTION_NAME).await,
+        "raw observe",
+    );
+    // Each stream's first item is the current leader.
+    must(
+        hm_observer.next().await.transpose(),
+        "observe: first leader",
+    );
+    must(
+        mem_observer.next().await.transpose(),
+        "mem observe: first leader",
+    );
+    must(raw_observer.message().await, "raw observe: first leader");
+    let mut raw_election = raw.0.election_client();
+    let (mut hm_times, mut raw_times, mut mem_times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n = 0u64;
+    for round in 0..settings.rounds * 2 + 1 {
+        let measured = round > 0;
+        for side in [round % 2, 1 - round % 2] {
+            for _ in 0..per_block {
+                n += 1;
+                let value = n.to_string();
+                let began = Instant::now();
+                if side == 0 {
+                    must(hm_leader.proclaim(&value).await, "proclaim");
+                    loop {
+                        let seen = must(hm_observer.next().await.transpose(), "observe");
+                        if seen.flatten().is_some_and(|leader| leader.value == value) {
+                            break;
+                        }
+                    }
+                } else {
+                    let options = raw_leader
+                        .clone()
+                        .map(|leader| etcd_client::ProclaimOptions::new().with_leader(leader));
+                    must(
+                        raw_election.proclaim(value.as_str(), options).await,
+                        "raw proclaim",
+                    );
+                    loop {
+                        let seen = must(raw_observer.message().await, "raw observe");
+                        if seen
+                            .as_ref()
+                            .and_then(|answer| answer.kv())
+                            .is_some_and(|kv| kv.value() == value.as_bytes())
+                        {
+                            break;
+                        }
+                    }
+                }
+                if measured {
+                    let times = if side == 0 {
+                        &mut hm_times
+                    } else {
+                        &mut raw_times
+                    };
+                    times.push(began.elapsed());
+                }
+            }
+        }
+        for _ in 0..per_block {
+            n += 1;
+            let value = n.to_string();
+            let began = Instant::now();
+            must(mem_leader.proclaim(&value).await, "mem proclaim");
+            loop {
+                let seen = must(mem_observer.next().await.transpose(), "mem observe");
+                if seen.flatten().is_some_and(|leader| leader.value == value) {
+                    break;
+                }
+            }
+            if measured {
+                mem_times.push(began.elapsed());
+            }
+        }
+    }
+    must(hm_leader.resign().await, "resign");
+    must(mem_leader.resign().await, "mem resign");
+    raw.0.lease_client().revoke(raw_lease).await.ok();
     (hm_times, raw_times, mem_times)
 }
 
