@@ -546,17 +546,24 @@ impl Kvi for EtcdKvs {
         // Once the owner has stopped nothing grants a lease again: the one revoked here is the
         // last, and keys put on it by calls racing this close go with it.
         self.stop_session_owner().await;
-        shared.session.close();
-        // Revoking the lease removes the temp keys and the lock key at once.
-        let lease = shared.session.current_lease();
-        let mut leases = shared.client.lease_client();
-        let request = Request::keyless("lease revoke");
-        match shared.bounded(request, leases.revoke(lease)).await? {
-            Ok(_) => Ok(()),
-            // Already gone (expired while etcd was unreachable): nothing left to remove.
-            Err(err) if error::is_lease_not_found(&err) => Ok(()),
-            Err(err) => Err(shared.errors.map(request, err)),
+        // Revoking the lease removes the temp keys and the lock keys at once; so does revoking
+        // a lost lease that etcd may still keep.
+        let mut outcome = Ok(());
+        for lease in shared.session.close() {
+            let mut leases = shared.client.lease_client();
+            let request = Request::keyless("lease revoke");
+            let revoked = match shared.bounded(request, leases.revoke(lease)).await {
+                Ok(Ok(_)) => Ok(()),
+                // Already gone (expired while etcd was unreachable): nothing left to remove.
+                Ok(Err(err)) if error::is_lease_not_found(&err) => Ok(()),
+                Ok(Err(err)) => Err(shared.errors.map(request, err)),
+                Err(timeout) => Err(timeout),
+            };
+            if outcome.is_ok() {
+                outcome = revoked;
+            }
         }
+        outcome
     }
 
     async fn watch_stream(&self, key: &str) -> Result<WatchStream> {

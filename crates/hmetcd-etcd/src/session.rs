@@ -94,6 +94,9 @@ pub(crate) struct Session {
     /// Leases that a request found gone, for the owner.
     reports: mpsc::UnboundedSender<i64>,
     reports_inbox: Mutex<Option<mpsc::UnboundedReceiver<i64>>>,
+    /// Leases counted lost without etcd saying so, not yet revoked: etcd may still keep them,
+    /// and our keys on them. Revoked before the temp keys are put back, and by `close()`.
+    unconfirmed: Mutex<Vec<i64>>,
     /// Stored keys (prefix applied) of the handle's temp keys.
     temp_keys: Mutex<BTreeSet<String>>,
     /// Whether `temp_keys` has any; every plain write asks, most handles have none.
@@ -119,6 +122,7 @@ impl Session {
             }),
             reports,
             reports_inbox: Mutex::new(Some(inbox)),
+            unconfirmed: Mutex::new(Vec::new()),
             temp_keys: Mutex::new(BTreeSet::new()),
             has_temp_keys: AtomicBool::new(false),
         }
@@ -154,9 +158,14 @@ impl Session {
         let _ = self.reports.send(lease);
     }
 
-    /// No lease will be taken again: said by `close()` once the owner has stopped.
-    pub(crate) fn close(&self) {
+    /// No lease will be taken again: said by `close()` once the owner has stopped. Returns
+    /// every lease that may still hold keys of the handle, for `close()` to revoke: the current
+    /// one and those lost without etcd saying so.
+    pub(crate) fn close(&self) -> Vec<i64> {
         self.state.send_modify(|state| state.phase = Phase::Closed);
+        let mut leases = std::mem::take(&mut *locked(&self.unconfirmed));
+        leases.push(self.current_lease());
+        leases
     }
 
     fn publish(&self, change: impl FnOnce(&mut SessionState)) {
@@ -321,10 +330,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 phase: Phase::Restoring,
             };
         });
-        let old = (end == LeaseEnd::Unconfirmed).then_some(lease);
+        if end == LeaseEnd::Unconfirmed {
+            locked(&session.unconfirmed).push(lease);
+        }
         restore = Some(AbortOnDrop(tokio::spawn(restore_session(
             Arc::clone(&shared),
-            old,
             new_lease,
             generation + 1,
         ))));
@@ -500,26 +510,33 @@ async fn renew_until_broken(
     }
 }
 
-/// After a new lease: revokes the old one if etcd may still keep it, then puts every temp
-/// key back on the new one, and marks the session live. Retries until done; the owner aborts
-/// it if the new lease is lost meanwhile.
-async fn restore_session(shared: Arc<Shared>, old: Option<i64>, lease: i64, generation: u64) {
+/// After a new lease: revokes the leases etcd may still keep, then puts every temp key back
+/// on the new one, and marks the session live. Retries until done; the owner aborts it if the
+/// new lease is lost meanwhile.
+async fn restore_session(shared: Arc<Shared>, lease: i64, generation: u64) {
     let mut backoff = Backoff::new();
-    if let Some(old) = old {
-        // Our keys on it (temp keys, lock keys) go now rather than when etcd expires it.
-        let request = Request::keyless("lease revoke");
-        loop {
-            let mut leases = shared.client.lease_client();
-            match shared.bounded(request, leases.revoke(old)).await {
-                Ok(Ok(_)) => break,
-                Ok(Err(err)) if is_lease_not_found(&err) => break,
-                Ok(Err(err)) => {
-                    tracing::debug!(error = %err, lease = %lease_hex(old), "cannot revoke the lost lease yet; retrying")
-                }
-                Err(err) => {
-                    tracing::debug!(error = %err, lease = %lease_hex(old), "cannot revoke the lost lease yet; retrying")
-                }
+    // Our keys on them (temp keys, lock keys) go now rather than when etcd expires them.
+    let request = Request::keyless("lease revoke");
+    loop {
+        let Some(&old) = locked(&shared.session.unconfirmed).first() else {
+            break;
+        };
+        let mut leases = shared.client.lease_client();
+        let revoked = match shared.bounded(request, leases.revoke(old)).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(err)) if is_lease_not_found(&err) => true,
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, lease = %lease_hex(old), "cannot revoke a lost lease yet; retrying");
+                false
             }
+            Err(err) => {
+                tracing::debug!(error = %err, lease = %lease_hex(old), "cannot revoke a lost lease yet; retrying");
+                false
+            }
+        };
+        if revoked {
+            locked(&shared.session.unconfirmed).retain(|&unconfirmed| unconfirmed != old);
+        } else {
             tokio::time::sleep(backoff.next_pause()).await;
         }
     }
