@@ -809,3 +809,84 @@ pub async fn empty_name_is_invalid(store: TestStore) {
     }
     kv.close().await.unwrap();
 }
+
+/// After `close()`, every election call is `Closed`, an `observe` stream ends, and a
+/// campaign that was waiting gives up with `Closed` and leaves no candidate key.
+pub async fn election_calls_after_close_are_closed(store: TestStore) {
+    let kv: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let leader = store.open().await;
+    let leadership = lead(leader.as_ref(), NAME, "leader", "another handle").await;
+    let mut stream = kv.observe(NAME).await.unwrap();
+    next_leader(&mut stream, "the first item").await;
+    let waiting = queue(&kv, NAME, "waiting");
+    wait_for_candidates(leader.as_ref(), NAME, 2, "one leads, one waits").await;
+    kv.close().await.unwrap();
+    match within(PROMPTLY, "the waiting campaign after close()", waiting)
+        .await
+        .unwrap()
+    {
+        Err(Error::Closed) => {}
+        other => panic!("a campaign waiting through close() should be Closed, got {other:?}"),
+    }
+    match within(PROMPTLY, "observe after close()", stream.next()).await {
+        None | Some(Err(Error::Closed)) => {}
+        Some(other) => panic!("observe after close() should end, got {other:?}"),
+    }
+    wait_for_candidates(leader.as_ref(), NAME, 1, "close() took the waiter's key").await;
+    let calls = [
+        kv.campaign(NAME, "v").await.map(drop),
+        kv.campaign_with(NAME, "v", LockOptions::new().timeout(PROBE))
+            .await
+            .map(drop),
+        kv.leader(NAME).await.map(drop),
+        kv.observe(NAME).await.map(drop),
+    ];
+    for call in calls {
+        assert!(
+            matches!(call, Err(Error::Closed)),
+            "an election call after close(): {call:?}"
+        );
+    }
+    assert!(
+        leadership.is_leader(),
+        "another handle's close() ended a term"
+    );
+    drop(leadership);
+    leader.close().await.unwrap();
+}
+
+/// Plain keys under `<name>/` written before any candidate (more than one page of them on
+/// etcd) are not candidates: `leader()` and `observe` name the real leader, and a
+/// candidate leads at once beside them.
+pub async fn plain_keys_under_the_name_are_not_candidates(store: TestStore) {
+    let kv = store.open().await;
+    let writer = store.open().await;
+    for index in 0..70 {
+        writer
+            .store(&format!("{NAME}/config-{index:02}"), "plain")
+            .await
+            .unwrap();
+    }
+    writer
+        .store(&format!("{NAME}/7/ff"), "another election")
+        .await
+        .unwrap();
+    assert_eq!(leader_of(kv.as_ref(), NAME).await, None);
+    let mut stream = kv.observe(NAME).await.unwrap();
+    assert_eq!(next_leader(&mut stream, "nobody yet").await, None);
+    let leadership = lead(kv.as_ref(), NAME, "real", "the candidate").await;
+    let key = leader_key(writer.as_ref(), NAME, "real").await;
+    assert_eq!(
+        next_leader(&mut stream, "the candidate").await,
+        Some((key.clone(), "real".to_owned()))
+    );
+    let mut later = writer.observe(NAME).await.unwrap();
+    assert_eq!(
+        next_leader(&mut later, "a later observer").await,
+        Some((key, "real".to_owned()))
+    );
+    leadership.resign().await.unwrap();
+    assert_eq!(next_leader(&mut stream, "the candidate left").await, None);
+    kv.close().await.unwrap();
+    writer.close().await.unwrap();
+}

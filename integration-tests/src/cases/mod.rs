@@ -130,6 +130,8 @@ pub fn all() -> Vec<Case> {
         case!(election::an_election_and_a_lock_of_one_name_are_one_queue),
         case!(election::one_handle_leads_several_elections),
         case!(election::empty_name_is_invalid),
+        case!(election::election_calls_after_close_are_closed),
+        case!(election::plain_keys_under_the_name_are_not_candidates),
         case!(watch::watch_returns_the_next_put),
         case!(watch::watch_returns_a_delete),
         case!(watch::watch_sees_only_its_key),
