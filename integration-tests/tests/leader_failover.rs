@@ -6,6 +6,10 @@
 //! overlap in time) and that the next worker leads within `lease_ttl + 2 s` of the kill.
 //! Every measured handover time is printed to stderr.
 //!
+//! A second etcd test revokes a leader's lease from outside (what its expiry does): the term
+//! ends with `SessionLost`, the next candidate leads at once, and the handle campaigns again
+//! on a new lease.
+//!
 //! Named `leader_failover::<backend>::<what it proves>`; the memory test runs one worker on
 //! `mem:` through terms bounded by `max_hold`.
 
@@ -16,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
 use integration_tests::backends::EtcdOpener;
-use integration_tests::etcd_server::EtcdServer;
+use integration_tests::etcd_server::{raw_client, EtcdServer};
 use integration_tests::faults::process::{leader_binary, ChildProcess};
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
 use integration_tests::{run_limited, TestStore};
@@ -56,6 +61,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             let bin = leader_binary();
             Box::pin(async move { failover(ok(bin), endpoints, store).await })
         },
+    );
+    trials.add(
+        "a_revoked_lease_ends_the_term_with_session_lost_and_the_handle_campaigns_again",
+        60,
+        |e, s| Box::pin(revoked_lease(e, s)),
     );
     trials.into_trials()
 }
@@ -473,4 +483,98 @@ async fn failover(bin: PathBuf, endpoints: String, store: TestStore) {
             .join(", ")
     );
     observer.close().await.expect("close");
+}
+
+/// A leader's lease revoked from outside: its `lost()` says `SessionLost` within
+/// `lease_ttl + 2 s`, it no longer leads and cannot proclaim, a waiting candidate leads at
+/// once (etcd deleted the key with the lease), and the handle campaigns again on a new lease.
+async fn revoked_lease(endpoints: String, store: TestStore) {
+    let name = "leader/revoked";
+    let mut raw = ok(raw_client(&endpoints).await);
+    let leader = store.open_with("lease_ttl=3s").await.expect("open");
+    let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let mut leadership = leader.campaign(name, "first").await.expect("campaign");
+    let token = leadership.fencing_token();
+    let key = leader
+        .leader(name)
+        .await
+        .expect("leader()")
+        .expect("a leader")
+        .key;
+    let stored = format!("{}{key}", store.prefix());
+    let answer = raw.get(stored.as_str(), None).await.expect("raw get");
+    let lease = answer.kvs().first().expect("the leader's key").lease();
+    assert_ne!(lease, 0, "the leader's key has no lease");
+    let waiting = tokio::spawn({
+        let waiter = Arc::clone(&waiter);
+        async move {
+            let options = LockOptions::new().timeout(Duration::from_secs(30));
+            let leadership = waiter.campaign_with(name, "second", options).await?;
+            Ok::<_, Error>((leadership, tokio::time::Instant::now()))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the waiter led beside the leader");
+    let lost = leadership.lost();
+    raw.lease_revoke(lease).await.expect("raw lease_revoke");
+    let revoked = tokio::time::Instant::now();
+    let limit = LEASE_TTL + HANDOVER_SLACK;
+    let (next, led) = tokio::time::timeout(limit, waiting)
+        .await
+        .unwrap_or_else(|_| panic!("the waiter did not lead within {limit:?} of the revoke"))
+        .expect("the waiter's task")
+        .expect("the waiter's campaign");
+    let reason = tokio::time::timeout(limit, lost)
+        .await
+        .unwrap_or_else(|_| panic!("lost() did not resolve within {limit:?} of the revoke"));
+    let lost_after = revoked.elapsed();
+    eprintln!(
+        "leader_failover: lease revoked; the waiter led {:.2} s later; lost() said {reason:?} within {:.2} s",
+        (led - revoked).as_secs_f64(),
+        lost_after.as_secs_f64()
+    );
+    assert!(
+        led - revoked < HANDOVER_SLACK,
+        "the waiter led {:?} after the revoke",
+        led - revoked
+    );
+    assert_eq!(reason, LostReason::SessionLost);
+    assert!(!leadership.is_leader(), "a leader whose lease was revoked");
+    assert!(next.fencing_token() > token);
+    match leadership.proclaim("stale").await {
+        Err(Error::NotLeader { election, .. }) => assert_eq!(election, name),
+        other => panic!("proclaim after the revoke should be NotLeader, got {other:?}"),
+    }
+    let now = waiter
+        .leader(name)
+        .await
+        .expect("leader()")
+        .expect("a leader");
+    assert_eq!(now.value, "second", "a refused proclaim changed the leader");
+    assert_ne!(now.key, key);
+    leadership
+        .resign()
+        .await
+        .expect("resign of a lost leadership");
+    assert!(
+        next.is_leader(),
+        "the lost leadership's resign ended the next term"
+    );
+    let next_token = next.fencing_token();
+    next.resign().await.expect("resign");
+    let again = tokio::time::timeout(limit, leader.campaign(name, "again"))
+        .await
+        .unwrap_or_else(|_| panic!("the handle did not lead again within {limit:?}"))
+        .expect("campaign on the recovered handle");
+    assert!(again.is_leader() && again.fencing_token() > next_token);
+    let key_again = waiter
+        .leader(name)
+        .await
+        .expect("leader()")
+        .expect("a leader")
+        .key;
+    assert_ne!(key_again, key, "the handle campaigned on its revoked lease");
+    again.resign().await.expect("resign");
+    leader.close().await.expect("close");
+    waiter.close().await.expect("close");
 }
