@@ -1,24 +1,34 @@
 //! Tests that only make sense on a real etcd: a watch across a server restart, the lock
-//! layout shared with Go's `concurrency.Mutex`, and values other clients wrote as raw bytes.
+//! layout shared with Go's `concurrency.Mutex`, elections shared with `etcdctl elect` (Go's
+//! `concurrency.Election`), and values other clients wrote as raw bytes.
+//!
+//! The election tests run `etcdctl` (`HMETCD_ETCDCTL`, else the one next to
+//! `HMETCD_ETCD_BIN`, else `etcdctl` on `PATH`) as a child process against the test server,
+//! and are ignored without one.
 //!
 //! Named `etcd-<version>::<test>` like the conformance trials. The etcd comes from
 //! `integration_tests::etcd_server`; the restart test starts one of its own, so that the
 //! restart disturbs nothing else.
 
-use std::process::ExitCode;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
 };
 use futures::StreamExt;
-use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, DEFAULT_LOCK_NAME};
+use hmetcd_core::{Error, KeyChange, Kvi, Leadership, LockOptions, WatchEvent, DEFAULT_LOCK_NAME};
 use integration_tests::backends::{self, EtcdOpener};
 use integration_tests::etcd_server::{raw_client, EtcdServer};
 use integration_tests::run_limited;
 use integration_tests::{Opener, TestStore};
 use libtest_mimic::{Arguments, Failed, Trial};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::ChildStdout;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
@@ -47,6 +57,24 @@ fn main() -> ExitCode {
                 let opener = EtcdOpener::on(&server);
                 move || run_limited(2, Duration::from_secs(60), go_interop_lock_layout(opener))
             },
+        ),
+        etcdctl_trial(
+            &backend,
+            "etcdctl_elect_leads_and_a_campaign_leads_once_it_resigns",
+            &server,
+            |etcdctl, opener| Box::pin(etcdctl_leads_then_resigns(etcdctl, opener)),
+        ),
+        etcdctl_trial(
+            &backend,
+            "a_campaign_leads_once_a_killed_etcdctl_elect_s_lease_is_gone",
+            &server,
+            |etcdctl, opener| Box::pin(killed_etcdctl_leader(etcdctl, opener)),
+        ),
+        etcdctl_trial(
+            &backend,
+            "etcdctl_elect_listen_sees_our_leader_and_proclaims",
+            &server,
+            |etcdctl, opener| Box::pin(etcdctl_observes_our_leader(etcdctl, opener)),
         ),
         Trial::test(
             format!("{backend}::raw_bytes::invalid_utf8_names_the_key"),
@@ -381,5 +409,341 @@ async fn invalid_utf8_names_the_key(store: TestStore, endpoints: String) {
     assert!(err.to_string().contains("b-bad"), "{err}");
 
     assert_eq!(kv.get("a-fine").await.expect("get").as_deref(), Some("ok"));
+    kv.close().await.expect("close");
+}
+
+/// An election test against `etcdctl`: given its path and an opener on the server.
+type EtcdctlTest = fn(PathBuf, EtcdOpener) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The trial `<backend>::go_interop::<name>`, ignored when there is no `etcdctl`.
+fn etcdctl_trial(backend: &str, name: &str, server: &EtcdServer, test: EtcdctlTest) -> Trial {
+    let etcdctl = etcdctl_binary();
+    let opener = EtcdOpener::on(server);
+    let missing = etcdctl.is_none();
+    Trial::test(format!("{backend}::go_interop::{name}"), move || {
+        let etcdctl = etcdctl.ok_or_else(|| Failed::from("no etcdctl"))?;
+        run_limited(2, Duration::from_secs(60), test(etcdctl, opener))
+    })
+    .with_ignored_flag(missing)
+}
+
+/// `HMETCD_ETCDCTL`, else the `etcdctl` next to `HMETCD_ETCD_BIN`, else one on `PATH`.
+fn etcdctl_binary() -> Option<PathBuf> {
+    if let Some(given) = std::env::var_os("HMETCD_ETCDCTL").filter(|bin| !bin.is_empty()) {
+        return Some(PathBuf::from(given)).filter(|bin| bin.is_file());
+    }
+    let beside = std::env::var_os("HMETCD_ETCD_BIN")
+        .map(|etcd| PathBuf::from(etcd).with_file_name("etcdctl"))
+        .filter(|bin| bin.is_file());
+    beside.or_else(|| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("etcdctl"))
+                .find(|bin| bin.is_file())
+        })
+    })
+}
+
+/// A running `etcdctl elect`, killed when dropped; its stdout is read line by line.
+struct Elect {
+    child: tokio::process::Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Elect {
+    /// Starts `etcdctl elect <args>` against `endpoints`.
+    fn start(etcdctl: &Path, endpoints: &str, args: &[&str]) -> Elect {
+        let mut child = tokio::process::Command::new(etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoints}"))
+            .arg("elect")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {} elect: {err}", etcdctl.display()));
+        let stdout = child.stdout.take().expect("etcdctl's stdout");
+        Elect {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The next line etcdctl prints, within `limit`.
+    async fn next_line(&mut self, limit: Duration, what: &str) -> String {
+        match tokio::time::timeout(limit, self.lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => panic!("{what}: etcdctl elect ended its output"),
+            Ok(Err(err)) => panic!("{what}: reading etcdctl elect: {err}"),
+            Err(_) => panic!("{what}: etcdctl elect printed nothing within {limit:?}"),
+        }
+    }
+
+    /// The next leader etcdctl prints: its key line and its value line.
+    async fn next_leader(&mut self, limit: Duration, what: &str) -> (String, String) {
+        let key = self.next_line(limit, what).await;
+        let value = self.next_line(Duration::from_secs(2), what).await;
+        (key, value)
+    }
+
+    /// Asserts that etcdctl prints nothing for `quiet`.
+    async fn assert_quiet(&mut self, quiet: Duration, what: &str) {
+        if let Ok(line) = tokio::time::timeout(quiet, self.lines.next_line()).await {
+            panic!("{what}: etcdctl elect printed {line:?}");
+        }
+    }
+
+    /// Sends `signal` to etcdctl.
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = self
+            .child
+            .id()
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+            .expect("etcdctl's pid");
+        rustix::process::kill_process(pid, signal).expect("signalling etcdctl");
+    }
+
+    /// Waits up to five seconds for etcdctl to exit.
+    async fn exited(&mut self, what: &str) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: etcdctl elect did not exit"))
+            .expect("waiting for etcdctl")
+    }
+}
+
+/// An election name no other test uses (no prefix: the keys must be exactly etcd's).
+fn election_name() -> String {
+    let tag: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(10)
+        .collect();
+    format!("hmetcd-election-{tag}")
+}
+
+/// The leader this library reads: (key, value).
+async fn our_reading(kv: &dyn Kvi, name: &str) -> Option<(String, String)> {
+    kv.leader(name)
+        .await
+        .unwrap_or_else(|err| panic!("leader({name:?}): {err}"))
+        .map(|leader| (leader.key, leader.value))
+}
+
+/// Starts `etcdctl elect NAME v1` and waits until it leads; checks that this library's
+/// `leader` names its key and value and that a timed campaign gives up. Hands back etcdctl,
+/// its key, and a campaign of ours waiting behind it.
+async fn etcdctl_leads(
+    etcdctl: &Path,
+    opener: &EtcdOpener,
+    name: &str,
+    kv: &Arc<dyn Kvi>,
+) -> (
+    Elect,
+    String,
+    tokio::task::JoinHandle<hmetcd_core::Result<Leadership>>,
+) {
+    let mut go = Elect::start(etcdctl, opener.endpoints(), &[name, "v1"]);
+    let (go_key, value) = go
+        .next_leader(Duration::from_secs(10), "etcdctl leads")
+        .await;
+    assert_eq!(value, "v1", "etcdctl elect's value line");
+    assert!(
+        go_key.starts_with(&format!("{name}/")),
+        "etcdctl elect's key line {go_key:?}"
+    );
+    assert_eq!(
+        our_reading(kv.as_ref(), name).await,
+        Some((go_key.clone(), "v1".to_owned())),
+        "leader() while etcdctl leads"
+    );
+    let err = kv
+        .campaign_with(
+            name,
+            "ours",
+            LockOptions::new().timeout(Duration::from_millis(500)),
+        )
+        .await
+        .expect_err("a timed campaign while etcdctl leads");
+    assert!(
+        matches!(&err, Error::LockTimeout { lock, .. } if lock == name),
+        "{err}"
+    );
+    let campaign = tokio::spawn({
+        let kv = Arc::clone(kv);
+        let name = name.to_owned();
+        async move { kv.campaign(&name, "ours").await }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !campaign.is_finished(),
+        "our campaign led while etcdctl led"
+    );
+    (go, go_key, campaign)
+}
+
+/// Awaits `campaign` (within `limit` of `since`) and checks that we now lead, as
+/// `leader()` says, with a token above `go_key`'s create revision.
+async fn we_lead_after(
+    campaign: tokio::task::JoinHandle<hmetcd_core::Result<Leadership>>,
+    since: Instant,
+    limit: Duration,
+    kv: &dyn Kvi,
+    name: &str,
+    go_revision: i64,
+) -> Leadership {
+    let leadership = tokio::time::timeout(limit, campaign)
+        .await
+        .unwrap_or_else(|_| panic!("our campaign did not lead within {limit:?}"))
+        .expect("campaign task")
+        .expect("campaign");
+    eprintln!(
+        "our campaign led {:.2} s after etcdctl's term ended",
+        since.elapsed().as_secs_f64()
+    );
+    assert!(leadership.is_leader());
+    assert!(leadership.fencing_token() > go_revision);
+    let ours = our_reading(kv, name).await;
+    assert_eq!(ours.map(|(_, value)| value).as_deref(), Some("ours"));
+    leadership
+}
+
+/// The create revision of `key` (stored form), read with a raw client.
+async fn create_revision(raw: &mut etcd_client::Client, key: &str) -> (i64, i64) {
+    let answer = raw.get(key, None).await.expect("raw get");
+    let kv = answer
+        .kvs()
+        .first()
+        .unwrap_or_else(|| panic!("{key} is missing"));
+    (kv.create_revision(), kv.lease())
+}
+
+/// `etcdctl elect NAME v1` leads; a campaign of this library waits behind it and leads at
+/// once when etcdctl resigns (SIGTERM: etcdctl resigns and exits).
+async fn etcdctl_leads_then_resigns(etcdctl: PathBuf, opener: EtcdOpener) {
+    let name = election_name();
+    let mut raw = raw_client(opener.endpoints())
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
+    let kv: Arc<dyn Kvi> = Arc::from(opener.open("lease_ttl=2s").await.expect("open"));
+    let (mut go, go_key, campaign) = etcdctl_leads(&etcdctl, &opener, &name, &kv).await;
+    let (go_revision, _) = create_revision(&mut raw, &go_key).await;
+    go.signal(rustix::process::Signal::TERM);
+    let resigned = Instant::now();
+    let leadership = we_lead_after(
+        campaign,
+        resigned,
+        Duration::from_secs(5),
+        kv.as_ref(),
+        &name,
+        go_revision,
+    )
+    .await;
+    go.exited("etcdctl after SIGTERM").await;
+    assert!(
+        raw.get(go_key.as_str(), None)
+            .await
+            .expect("raw get")
+            .kvs()
+            .is_empty(),
+        "etcdctl's key outlived its resignation"
+    );
+    leadership.resign().await.expect("resign");
+    kv.close().await.expect("close");
+}
+
+/// `etcdctl elect NAME v1` leads and is killed with SIGKILL: its key stays until its session
+/// lease is gone, and a campaign of this library leads at once after that. etcdctl's session
+/// TTL is 60 s and `etcdctl elect` has no flag to shorten it, so the test revokes the lease
+/// from a raw client, which is what its expiry does.
+async fn killed_etcdctl_leader(etcdctl: PathBuf, opener: EtcdOpener) {
+    let name = election_name();
+    let mut raw = raw_client(opener.endpoints())
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
+    let kv: Arc<dyn Kvi> = Arc::from(opener.open("lease_ttl=2s").await.expect("open"));
+    let (mut go, go_key, campaign) = etcdctl_leads(&etcdctl, &opener, &name, &kv).await;
+    let (go_revision, go_lease) = create_revision(&mut raw, &go_key).await;
+    go.signal(rustix::process::Signal::KILL);
+    go.exited("etcdctl after SIGKILL").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !campaign.is_finished(),
+        "our campaign led while the killed etcdctl's key was alive"
+    );
+    assert_eq!(
+        our_reading(kv.as_ref(), &name)
+            .await
+            .map(|(key, _)| key)
+            .as_deref(),
+        Some(go_key.as_str()),
+        "the killed etcdctl still leads until its lease goes"
+    );
+    raw.lease_revoke(go_lease)
+        .await
+        .expect("raw lease_revoke of etcdctl's session");
+    let expired = Instant::now();
+    let leadership = we_lead_after(
+        campaign,
+        expired,
+        Duration::from_secs(5),
+        kv.as_ref(),
+        &name,
+        go_revision,
+    )
+    .await;
+    leadership.resign().await.expect("resign");
+    kv.close().await.expect("close");
+}
+
+/// A leader of this library is what `etcdctl elect -l NAME` prints (its key line and its
+/// value line), and so is each value it proclaims; an `etcdctl elect` candidate waits behind
+/// it and leads once it resigns.
+async fn etcdctl_observes_our_leader(etcdctl: PathBuf, opener: EtcdOpener) {
+    let name = election_name();
+    let kv = opener.open("lease_ttl=2s").await.expect("open");
+    let mut leadership = kv.campaign(&name, "v1").await.expect("campaign");
+    let (key, _) = our_reading(kv.as_ref(), &name)
+        .await
+        .expect("leader() while we lead");
+    let mut listener = Elect::start(&etcdctl, opener.endpoints(), &["-l", &name]);
+    assert_eq!(
+        listener
+            .next_leader(Duration::from_secs(10), "etcdctl elect -l, our leader")
+            .await,
+        (key.clone(), "v1".to_owned())
+    );
+    leadership.proclaim("v2").await.expect("proclaim");
+    assert_eq!(
+        listener
+            .next_leader(Duration::from_secs(5), "etcdctl elect -l, our proclaim")
+            .await,
+        (key.clone(), "v2".to_owned())
+    );
+    let mut go = Elect::start(&etcdctl, opener.endpoints(), &[&name, "go"]);
+    go.assert_quiet(Duration::from_secs(1), "etcdctl elect while we lead")
+        .await;
+    listener
+        .assert_quiet(Duration::from_millis(300), "a waiting etcdctl candidate")
+        .await;
+    leadership.resign().await.expect("resign");
+    let (go_key, value) = go
+        .next_leader(Duration::from_secs(5), "etcdctl elect after we resigned")
+        .await;
+    assert_eq!(value, "go");
+    assert_ne!(go_key, key);
+    assert_eq!(
+        listener
+            .next_leader(Duration::from_secs(5), "etcdctl elect -l, etcdctl's leader")
+            .await,
+        (go_key.clone(), "go".to_owned())
+    );
+    assert_eq!(
+        our_reading(kv.as_ref(), &name).await,
+        Some((go_key, "go".to_owned()))
+    );
+    go.signal(rustix::process::Signal::TERM);
+    go.exited("etcdctl after SIGTERM").await;
+    listener.signal(rustix::process::Signal::TERM);
     kv.close().await.expect("close");
 }

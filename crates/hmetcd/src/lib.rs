@@ -31,9 +31,9 @@
 pub use hmetcd_core::keys;
 pub use hmetcd_core::watch;
 pub use hmetcd_core::{
-    BoxError, CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LockGuard,
-    LockOptions, LockRelease, LostReason, LostSignal, Options, Password, Result, Scheme,
-    WatchCallback, WatchEvent, WatchHandle, WatchStream, DEFAULT_LOCK_NAME,
+    BoxError, CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LeaderStream,
+    Leadership, LockGuard, LockOptions, LockRelease, LostReason, LostSignal, Options, Password,
+    Result, Scheme, WatchCallback, WatchEvent, WatchHandle, WatchStream, DEFAULT_LOCK_NAME,
 };
 
 /// The etcd backend (cargo feature `etcd`).

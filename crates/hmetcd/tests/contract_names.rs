@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hmetcd::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, LockGuard, LockOptions, LostReason, Result,
-    WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership, LockGuard, LockOptions,
+    LostReason, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 
 fn error_names(err: &Error) -> &'static str {
@@ -25,6 +25,7 @@ fn error_names(err: &Error) -> &'static str {
         Error::InvalidUtf8 { .. } => "InvalidUtf8",
         Error::NotSupported { .. } => "NotSupported",
         Error::Backend { .. } => "Backend",
+        Error::NotLeader { .. } => "NotLeader",
         _ => "other",
     }
 }
@@ -114,14 +115,67 @@ async fn every_method(kv: &dyn Kvi) -> Result<()> {
     drop(kv.lock("jobs").await?);
     let err = kv.lock("").await.err();
     assert_eq!(err.as_ref().map(error_names), Some("InvalidKey"));
+    elections(kv).await?;
     let kept = kv.lock("kept").await?;
+    let led: Leadership = kv.campaign("kept-election", "v").await?;
     kv.close().await?;
     assert!(!kept.is_held());
     kept.unlock().await?;
+    assert!(!led.is_leader());
+    assert_eq!(led.lost().await, LostReason::Closed);
+    led.resign().await?;
     let err = kv.get("k").await.err();
     assert_eq!(err.as_ref().map(error_names), Some("Closed"));
     let err = kv.lock("jobs").await.err();
     assert_eq!(err.as_ref().map(error_names), Some("Closed"));
+    Ok(())
+}
+
+/// The contract's "Leader election" names.
+async fn elections(kv: &dyn Kvi) -> Result<()> {
+    let mut observed: LeaderStream = kv.observe("scheduler").await?;
+    assert_eq!(observed.next().await.transpose()?, Some(None));
+    let none: Option<KeyValue> = kv.leader("scheduler").await?;
+    assert_eq!(none, None);
+    let mut leadership: Leadership = kv.campaign("scheduler", "10.0.0.7:8080").await?;
+    assert_eq!(leadership.name(), "scheduler");
+    assert_eq!(leadership.value(), "10.0.0.7:8080");
+    assert!(leadership.is_leader());
+    let token: i64 = leadership.fencing_token();
+    assert!(token > 0);
+    let leader = kv.leader("scheduler").await?;
+    assert_eq!(
+        leader.as_ref().map(|kv| kv.value.as_str()),
+        Some("10.0.0.7:8080")
+    );
+    assert_eq!(observed.next().await.transpose()?, Some(leader));
+    leadership.proclaim("10.0.0.7:9090").await?;
+    assert_eq!(leadership.value(), "10.0.0.7:9090");
+    let proclaimed = observed.next().await.transpose()?.flatten();
+    assert_eq!(
+        proclaimed.map(|kv| kv.value).as_deref(),
+        Some("10.0.0.7:9090")
+    );
+    let lost: futures::future::BoxFuture<'static, LostReason> = leadership.lost();
+    drop(lost);
+    let err = kv
+        .campaign_with(
+            "scheduler",
+            "rival",
+            LockOptions::new().timeout(Duration::from_millis(10)),
+        )
+        .await
+        .err();
+    assert_eq!(err.as_ref().map(error_names), Some("LockTimeout"));
+    leadership.resign().await?;
+    assert_eq!(observed.next().await.transpose()?, Some(None));
+    let options = LockOptions::new().max_hold(Duration::from_millis(20));
+    let mut bounded = kv.campaign_with("scheduler", "bounded", options).await?;
+    assert!(bounded.fencing_token() > token);
+    assert_eq!(bounded.lost().await, LostReason::MaxHold);
+    let err = bounded.proclaim("too late").await.err();
+    assert_eq!(err.as_ref().map(error_names), Some("NotLeader"));
+    drop(bounded);
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Every conformance case, grouped by the contract's sections.
 
 pub mod conditional;
+pub mod election;
 pub mod fencing;
 pub mod go_data;
 pub mod keys;
@@ -109,6 +110,28 @@ pub fn all() -> Vec<Case> {
         case!(fencing::is_held_false_after_loss),
         case!(fencing::a_key_in_lock_key_form_queues_like_a_participant),
         case!(fencing::a_waiter_whose_key_was_deleted_queues_again),
+        case!(election::one_leader_at_a_time_across_handles),
+        case!(election::one_leader_at_a_time_across_handles_and_tasks),
+        case!(election::one_leader_at_a_time_among_tasks_of_one_handle),
+        case!(election::candidates_lead_first_come_first_served),
+        case!(election::observe_yields_the_current_leader_then_every_change),
+        case!(election::leader_names_the_key_without_the_prefix),
+        case!(election::timed_campaign_gives_up_without_a_trace),
+        case!(election::max_hold_ends_a_term),
+        case!(election::resign_hands_over_at_once),
+        case!(election::dropping_the_leadership_hands_over_at_once),
+        case!(election::close_hands_over_at_once),
+        case!(election::a_crashed_leaders_successor_leads_within_the_bound),
+        case!(election::proclaim_changes_the_value_in_place),
+        case!(election::fencing_token_strictly_increases_from_leader_to_leader),
+        case!(election::lost_resolves_max_hold),
+        case!(election::lost_resolves_closed_on_close),
+        case!(election::lost_resolves_key_deleted_when_another_handle_deletes_the_key),
+        case!(election::an_election_and_a_lock_of_one_name_are_one_queue),
+        case!(election::one_handle_leads_several_elections),
+        case!(election::empty_name_is_invalid),
+        case!(election::election_calls_after_close_are_closed),
+        case!(election::plain_keys_under_the_name_are_not_candidates),
         case!(watch::watch_returns_the_next_put),
         case!(watch::watch_returns_a_delete),
         case!(watch::watch_sees_only_its_key),

@@ -1,5 +1,5 @@
-//! Child processes for the fault tests: the `lock_worker` example and the `lease_holder`
-//! helper, killed when their guard is dropped.
+//! Child processes for the fault tests: the `lock_worker` and `leader` examples and the
+//! `lease_holder` helper, killed when their guard is dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-/// How long building the `lock_worker` example may take.
+/// How long building an example binary may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The `lock_worker` example of the `hmetcd` crate, built with the `etcd` feature into the
@@ -17,19 +17,29 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// prebuilt binary instead.
 pub fn lock_worker_binary() -> Result<PathBuf, String> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT.get_or_init(build_lock_worker).clone()
+    BUILT
+        .get_or_init(|| build_example("lock_worker", "HMETCD_LOCK_WORKER"))
+        .clone()
 }
 
-fn build_lock_worker() -> Result<PathBuf, String> {
-    if let Some(given) = std::env::var_os("HMETCD_LOCK_WORKER").filter(|bin| !bin.is_empty()) {
+/// The `leader` example of the `hmetcd` crate, built like [`lock_worker_binary`];
+/// `HMETCD_LEADER` names a prebuilt binary instead.
+pub fn leader_binary() -> Result<PathBuf, String> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_example("leader", "HMETCD_LEADER"))
+        .clone()
+}
+
+/// Builds the example `example` of `hmetcd` with the `etcd` feature, unless the variable
+/// `prebuilt` names a binary.
+fn build_example(example: &str, prebuilt: &str) -> Result<PathBuf, String> {
+    if let Some(given) = std::env::var_os(prebuilt).filter(|bin| !bin.is_empty()) {
         let given = PathBuf::from(given);
         return if given.is_file() {
             Ok(given)
         } else {
-            Err(format!(
-                "HMETCD_LOCK_WORKER={}: no such file",
-                given.display()
-            ))
+            Err(format!("{prebuilt}={}: no such file", given.display()))
         };
     }
     // The test runs as <target dir>/<profile dir>/deps/<test>-<hash>.
@@ -52,7 +62,7 @@ fn build_lock_worker() -> Result<PathBuf, String> {
     build
         .current_dir(&workspace)
         .args(["build", "--quiet", "-p", "hmetcd", "--features", "etcd"])
-        .args(["--example", "lock_worker", "--message-format=json"])
+        .args(["--example", example, "--message-format=json"])
         .arg("--profile")
         .arg(&profile)
         .arg("--target-dir")
@@ -61,7 +71,7 @@ fn build_lock_worker() -> Result<PathBuf, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let what = format!(
-        "building the lock_worker example ({} build -p hmetcd --features etcd --example lock_worker --profile {profile} --target-dir {})",
+        "building the {example} example ({} build -p hmetcd --features etcd --example {example} --profile {profile} --target-dir {})",
         Path::new(&cargo).display(),
         target_dir.display()
     );
@@ -85,18 +95,19 @@ fn build_lock_worker() -> Result<PathBuf, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
+    let name_field = format!("\"name\":\"{example}\"");
     let executable = stdout
         .lines()
         .filter(|line| line.contains("\"reason\":\"compiler-artifact\""))
-        .filter(|line| line.contains("\"name\":\"lock_worker\""))
+        .filter(|line| line.contains(&name_field))
         .find_map(|line| json_string_field(line, "executable"))
-        .ok_or_else(|| format!("{what}: cargo named no lock_worker executable"))?;
+        .ok_or_else(|| format!("{what}: cargo named no {example} executable"))?;
     let executable = PathBuf::from(executable);
     if executable.is_file() {
         Ok(executable)
     } else {
         Err(format!(
-            "{what}: the lock_worker binary {} is missing",
+            "{what}: the {example} binary {} is missing",
             executable.display()
         ))
     }
