@@ -4,7 +4,7 @@
 //!
 //! The election tests run `etcdctl` (`HMETCD_ETCDCTL`, else the one next to
 //! `HMETCD_ETCD_BIN`, else `etcdctl` on `PATH`) as a child process against the test server,
-//! and are ignored without one.
+//! and fail, saying why, without one.
 //!
 //! Named `etcd-<version>::<test>` like the conformance trials. The etcd comes from
 //! `integration_tests::etcd_server`; the restart test starts one of its own, so that the
@@ -77,6 +77,34 @@ fn main() -> ExitCode {
             |etcdctl, opener| Box::pin(etcdctl_observes_our_leader(etcdctl, opener)),
         ),
         Trial::test(
+            format!("{backend}::raw_txn::a_candidate_created_with_100_other_keys_in_one_transaction_leads"),
+            {
+                let store = TestStore::new(Arc::new(EtcdOpener::on(&server)));
+                let endpoints = endpoints.clone();
+                move || {
+                    run_limited(
+                        2,
+                        Duration::from_secs(30),
+                        candidate_among_keys_of_one_revision(store, endpoints),
+                    )
+                }
+            },
+        ),
+        Trial::test(
+            format!("{backend}::raw_txn::a_lock_key_created_with_40_other_keys_in_one_transaction_blocks"),
+            {
+                let store = TestStore::new(Arc::new(EtcdOpener::on(&server)));
+                let endpoints = endpoints.clone();
+                move || {
+                    run_limited(
+                        2,
+                        Duration::from_secs(30),
+                        lock_key_among_keys_of_one_revision(store, endpoints),
+                    )
+                }
+            },
+        ),
+        Trial::test(
             format!("{backend}::raw_bytes::invalid_utf8_names_the_key"),
             {
                 let store = TestStore::new(Arc::new(EtcdOpener::on(&server)));
@@ -93,6 +121,84 @@ fn main() -> ExitCode {
     let conclusion = libtest_mimic::run(&args, trials);
     server.shutdown();
     conclusion.exit_code()
+}
+
+/// Keys created by one transaction share a create revision: a candidate key among 100 other
+/// keys of one revision under the election's name is still found, by `leader` and `observe`,
+/// however etcd orders them within that revision and wherever a page of the read ends.
+async fn candidate_among_keys_of_one_revision(store: TestStore, endpoints: String) {
+    let kv = store.open().await;
+    let raw = raw_client(&endpoints)
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
+    let dir = format!("{}e/", store.prefix());
+    // Keys sorting before (more than a page of them) and after the candidate's, none of them
+    // a candidate.
+    let mut puts: Vec<TxnOp> = (0..70)
+        .map(|i| TxnOp::put(format!("{dir}0-plain-{i:03}"), "x", None))
+        .chain((0..30).map(|i| TxnOp::put(format!("{dir}fz-plain-{i:03}"), "x", None)))
+        .collect();
+    puts.push(TxnOp::put(format!("{dir}fa"), "the candidate", None));
+    let answer = raw
+        .kv_client()
+        .txn(Txn::new().and_then(puts))
+        .await
+        .unwrap_or_else(|err| panic!("raw txn: {err}"));
+    assert!(answer.succeeded());
+    let leader = kv.leader("e").await.unwrap();
+    assert_eq!(
+        leader.map(|leader| (leader.key, leader.value)),
+        Some(("e/fa".to_owned(), "the candidate".to_owned()))
+    );
+    let mut observed = kv.observe("e").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), observed.next())
+        .await
+        .unwrap_or_else(|_| panic!("observe yielded nothing"));
+    assert_eq!(
+        first
+            .and_then(Result::ok)
+            .flatten()
+            .map(|leader| leader.key),
+        Some("e/fa".to_owned())
+    );
+    kv.close().await.unwrap();
+}
+
+/// A lock key another client created in one transaction with 40 other keys under the lock's
+/// name (so they share its create revision, and more than a page of them sorts before it)
+/// holds the lock: our attempt waits, and gets the lock once that key is deleted.
+async fn lock_key_among_keys_of_one_revision(store: TestStore, endpoints: String) {
+    let kv = store.open().await;
+    let raw = raw_client(&endpoints)
+        .await
+        .unwrap_or_else(|why| panic!("{why}"));
+    let dir = format!("{}jobs/", store.prefix());
+    let foreign = format!("{dir}fa");
+    let puts: Vec<TxnOp> = (0..40)
+        .map(|i| TxnOp::put(format!("{dir}0-plain-{i:03}"), "x", None))
+        .chain([TxnOp::put(foreign.as_str(), "", None)])
+        .collect();
+    let answer = raw
+        .kv_client()
+        .txn(Txn::new().and_then(puts))
+        .await
+        .unwrap_or_else(|err| panic!("raw txn: {err}"));
+    assert!(answer.succeeded());
+    let attempt = kv
+        .lock_with("jobs", LockOptions::new().timeout(Duration::from_secs(2)))
+        .await;
+    assert!(
+        matches!(attempt, Err(Error::LockTimeout { .. })),
+        "took the lock while another client's lock key held it: {attempt:?}"
+    );
+    let waiting = kv.lock("jobs");
+    let (got, deleted) = futures::join!(waiting, async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        raw.kv_client().delete(foreign.as_str(), None).await
+    });
+    deleted.unwrap_or_else(|err| panic!("raw delete: {err}"));
+    drop(got.unwrap());
+    kv.close().await.unwrap();
 }
 
 /// Retries `store` until etcd answers again after a restart; a write whose answer was lost
@@ -415,16 +521,20 @@ async fn invalid_utf8_names_the_key(store: TestStore, endpoints: String) {
 /// An election test against `etcdctl`: given its path and an opener on the server.
 type EtcdctlTest = fn(PathBuf, EtcdOpener) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The trial `<backend>::go_interop::<name>`, ignored when there is no `etcdctl`.
+/// The trial `<backend>::go_interop::<name>`; it fails, saying why, when there is no
+/// `etcdctl`.
 fn etcdctl_trial(backend: &str, name: &str, server: &EtcdServer, test: EtcdctlTest) -> Trial {
     let etcdctl = etcdctl_binary();
     let opener = EtcdOpener::on(server);
-    let missing = etcdctl.is_none();
     Trial::test(format!("{backend}::go_interop::{name}"), move || {
-        let etcdctl = etcdctl.ok_or_else(|| Failed::from("no etcdctl"))?;
+        let etcdctl = etcdctl.ok_or_else(|| {
+            Failed::from(
+                "no etcdctl: set HMETCD_ETCDCTL, put one beside HMETCD_ETCD_BIN or on PATH \
+                 (scripts/install-etcd.sh installs Debian's)",
+            )
+        })?;
         run_limited(2, Duration::from_secs(60), test(etcdctl, opener))
     })
-    .with_ignored_flag(missing)
 }
 
 /// `HMETCD_ETCDCTL`, else the `etcdctl` next to `HMETCD_ETCD_BIN`, else one on `PATH`.

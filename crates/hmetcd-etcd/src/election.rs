@@ -7,6 +7,7 @@
 //! `lost()`) that can also change its value: `proclaim` puts the new value on the same key in
 //! a transaction on the key's create revision, so it fails once the key is gone.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
@@ -71,13 +72,17 @@ impl Shared {
         let request = Request::new("read candidates of", name);
         let mut found = Vec::new();
         let mut revision = 0;
-        let mut after = 0;
+        // Pages go by create revision, from `from` on (inclusive: keys created by one
+        // transaction share a revision and may straddle pages); `seen` skips the repeats.
+        let mut from = 0;
+        let mut seen = HashSet::new();
+        let mut limit = CANDIDATES_PAGE;
         loop {
             let mut options = GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Ascend)
-                .with_min_create_revision(after + 1)
-                .with_limit(CANDIDATES_PAGE);
+                .with_min_create_revision(from)
+                .with_limit(limit);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
@@ -89,8 +94,11 @@ impl Shared {
             if revision == 0 {
                 revision = page.header().map_or(0, |header| header.revision());
             }
+            let last = page.kvs().last().map(|kv| kv.create_revision());
             for kv in page.kvs() {
-                after = after.max(kv.create_revision());
+                if !seen.insert(kv.key().to_vec()) {
+                    continue;
+                }
                 let Some(key) = self.shown_key(kv.key())? else {
                     continue;
                 };
@@ -106,8 +114,15 @@ impl Shared {
                     return Ok((found, revision));
                 }
             }
-            if !page.more() || page.kvs().is_empty() {
+            let Some(last) = last.filter(|_| page.more()) else {
                 return Ok((found, revision));
+            };
+            if last == from {
+                // A whole page of one revision: read more of it at once.
+                limit = limit.saturating_mul(2);
+            } else {
+                from = last;
+                limit = CANDIDATES_PAGE;
             }
         }
     }

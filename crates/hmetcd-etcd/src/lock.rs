@@ -571,16 +571,23 @@ impl Shared {
         below: i64,
         request: Request<'_>,
     ) -> Result<(Option<(Vec<u8>, i64)>, Option<i64>, i64)> {
+        // Pages go by create revision, down from `below` (inclusive: keys created by one
+        // transaction share a revision and may straddle pages), all read at one revision.
         let mut below = below;
+        let mut limit = AHEAD_PAGE;
         let mut mine = None;
-        let mut first = true;
+        let mut revision = 0;
         loop {
-            let ahead = GetOptions::new()
+            let mut ahead = GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_max_create_revision(below)
-                .with_limit(AHEAD_PAGE)
+                .with_limit(limit)
                 .with_keys_only();
+            let first = revision == 0;
+            if !first {
+                ahead = ahead.with_revision(revision);
+            }
             let mut ops = vec![TxnOp::get(dir, Some(ahead))];
             if first {
                 ops.push(TxnOp::get(key, None));
@@ -589,7 +596,9 @@ impl Shared {
             let answer = self
                 .kv_request(request, async |kv| kv.txn(txn).await)
                 .await?;
-            let revision = revision_of(answer.header(), request)?;
+            if first {
+                revision = revision_of(answer.header(), request)?;
+            }
             let responses = answer.op_responses();
             let mut reads = responses.iter().filter_map(|response| match response {
                 TxnOpResponse::Get(read) => Some(read),
@@ -603,7 +612,6 @@ impl Shared {
                     return Err(missing_reads(request));
                 };
                 mine = own.kvs().first().map(|found| found.create_revision());
-                first = false;
             }
             let participant = page.kvs().iter().find(|found| {
                 found
@@ -619,7 +627,14 @@ impl Shared {
                 ));
             }
             match page.kvs().last() {
-                Some(last) if page.more() => below = last.create_revision() - 1,
+                // A whole page of one revision: read more of it at once.
+                Some(last) if page.more() && last.create_revision() == below => {
+                    limit = limit.saturating_mul(2);
+                }
+                Some(last) if page.more() => {
+                    below = last.create_revision();
+                    limit = AHEAD_PAGE;
+                }
                 _ => return Ok((None, mine, revision)),
             }
         }
