@@ -76,7 +76,11 @@ async fn a_dropped_holder_hands_over_at_once_and_a_crashed_one_after_lease_ttl()
     tokio::time::sleep(TTL - Duration::from_millis(1)).await;
     assert!(!waiting.is_finished(), "taken over before lease_ttl");
     assert_eq!(b.get("workers/c").await.expect("get").as_deref(), Some("1"));
-    waiting.await.expect("task").expect("B locks");
+    tokio::time::timeout(TTL, waiting)
+        .await
+        .expect("taken over by lease_ttl")
+        .expect("task")
+        .expect("B locks");
     assert_eq!(crashed.elapsed(), TTL, "taken over exactly at lease_ttl");
     assert_eq!(b.get("workers/c").await.expect("get"), None);
 }
@@ -139,7 +143,8 @@ async fn a_partition_longer_than_lease_ttl_loses_the_lock_at_lease_ttl() {
     assert!(guard.is_held(), "held until the lease can have expired");
     assert!(guard.lost().now_or_never().is_none());
     assert!(!waiting.is_finished());
-    assert_eq!(guard.lost().await, LostReason::SessionLost);
+    let reason = tokio::time::timeout(TTL, guard.lost()).await;
+    assert_eq!(reason.expect("lost by lease_ttl"), LostReason::SessionLost);
     assert_eq!(cut.elapsed(), TTL);
     assert!(!guard.is_held());
     waiting.await.expect("task").expect("B locks");
@@ -245,7 +250,12 @@ async fn a_lost_lease_puts_back_only_the_temp_keys_that_are_still_the_handles() 
     a.store("t/overwritten", "plain").await.expect("store");
     let faults = a.faults();
     faults.partition(true);
-    tokio::time::sleep(TTL).await;
+    tokio::time::sleep(TTL + Duration::from_millis(1)).await;
+    assert_eq!(
+        b.get("t/kept").await.expect("get"),
+        None,
+        "the lease expired"
+    );
     b.store("t/taken", "b's").await.expect("B writes");
     faults.partition(false);
     let keys = b.get_range("t/", "t/~").await.expect("range");
