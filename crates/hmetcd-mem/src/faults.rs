@@ -317,8 +317,13 @@ impl Session {
 /// - [`compact`](Faults::compact): the store forgets history (etcd's compaction), which a
 ///   watcher that was partitioned meanwhile may need.
 ///
-/// All timing in the memory store runs on Tokio's clock: under
+/// All timing in the memory store runs on Tokio's clock (a partitioned handle's lease expiry,
+/// `max_hold`, the timeouts of `dist_timed_lock` and `lock_with`; nothing else waits): under
 /// `#[tokio::test(start_paused = true)]` a partition of minutes takes microseconds.
+///
+/// What a real etcd shows that this cannot (an error after `request_timeout` instead of at
+/// once, a write that failed but was applied, a lease that expires up to a third of its TTL
+/// early, restores in batches of 128 keys) is listed in the README's "Testing your service".
 ///
 /// ```
 /// use std::time::Duration;
