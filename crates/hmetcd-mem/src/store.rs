@@ -5,6 +5,11 @@
 //! holds it. Whoever deletes a key (its participant, a lease revoke, or anyone's plain
 //! `delete`) takes it out of the queue and the next key's participant holds the lock at once,
 //! as an etcd waiter does when the key ahead of it is deleted.
+//!
+//! Watchers get each event as it is written. A watcher of a partitioned handle keeps what it
+//! misses instead, and gets it when the partition ends, unless the store was compacted past
+//! the first revision it still needs: then `Error::Compacted`, as etcd answers a watch that
+//! reconnects behind a compaction. The store keeps no other history.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
