@@ -19,7 +19,7 @@
 //! backend's retried deletes are. A lease that expires meanwhile takes the key with it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hmetcd_core::{LostReason, LostSignal};
@@ -28,6 +28,7 @@ use crate::store::{lock_key, LeaseId, Place, Status, Store};
 
 /// Whether a handle reaches its store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub(crate) enum Link {
     /// It does.
     Up,
@@ -49,6 +50,8 @@ pub(crate) struct Participants {
     lease: AtomicU64,
     /// One fair mutex per stored lock name; entries nobody uses are removed.
     local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `link`'s value, read by every lock and release without touching the channel.
+    link_now: AtomicU8,
     link: tokio::sync::watch::Sender<Link>,
 }
 
@@ -58,6 +61,7 @@ impl Participants {
             store,
             lease: AtomicU64::new(lease),
             local: Mutex::default(),
+            link_now: AtomicU8::new(Link::Up as u8),
             link: tokio::sync::watch::Sender::new(Link::Up),
         }
     }
@@ -72,15 +76,25 @@ impl Participants {
     }
 
     pub(crate) fn link(&self) -> Link {
-        *self.link.borrow()
+        match self.link_now.load(Ordering::Acquire) {
+            up if up == Link::Up as u8 => Link::Up,
+            cut if cut == Link::Cut as u8 => Link::Cut,
+            _ => Link::Gone,
+        }
     }
 
     pub(crate) fn set_link(&self, link: Link) {
+        self.link_now.store(link as u8, Ordering::Release);
         self.link.send_replace(link);
     }
 
     /// Waits until the handle is not partitioned.
     async fn reachable(&self) -> Link {
+        let now = self.link();
+        if now != Link::Cut {
+            return now;
+        }
+        // The channel's own value decides from here, so a cut ending meanwhile is not missed.
         let mut link = self.link.subscribe();
         let settled = link.wait_for(|link| *link != Link::Cut).await;
         // The sender lives as long as `self`; `Err` cannot happen while we borrow it.
@@ -101,10 +115,11 @@ impl Participants {
     /// Lets go of `place` (unlock, drop, a given-up wait): its key is deleted now, or, while
     /// the handle is partitioned, once the partition ends (on the current Tokio runtime;
     /// without one, now).
-    fn let_go(self: &Arc<Self>, place: Arc<Place>, stored_name: String) {
+    fn let_go(self: &Arc<Self>, place: &Arc<Place>, stored_name: &str) {
         if self.link() == Link::Cut {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let participants = Arc::clone(self);
+                let (participants, place) = (Arc::clone(self), Arc::clone(place));
+                let stored_name = stored_name.to_owned();
                 runtime.spawn(async move {
                     participants.reachable().await;
                     participants.store.release(&place);
@@ -113,8 +128,8 @@ impl Participants {
                 return;
             }
         }
-        self.store.release(&place);
-        self.forget_if_unused(&stored_name);
+        self.store.release(place);
+        self.forget_if_unused(stored_name);
     }
 
     /// Waits for the lock `stored_name` (prefix included). Dropping the wait leaves no trace:
@@ -192,9 +207,7 @@ struct Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         match self.place.take() {
-            Some(place) => self
-                .participants
-                .let_go(place, std::mem::take(&mut self.stored_name)),
+            Some(place) => self.participants.let_go(&place, &self.stored_name),
             None => self.participants.forget_if_unused(&self.stored_name),
         }
     }
@@ -231,9 +244,6 @@ impl Drop for Held {
         // As on etcd: the key goes first and the next handle's waiter gets the lock; the
         // handle's own next participant for the name queues in the store only after that.
         // A lost hold's key is gone already, and whatever now has the key is not ours.
-        self.participants.let_go(
-            Arc::clone(&self.place),
-            std::mem::take(&mut self.stored_name),
-        );
+        self.participants.let_go(&self.place, &self.stored_name);
     }
 }
