@@ -247,8 +247,9 @@ struct Watcher {
     tx: EventSender,
     /// The first revision not yet delivered: where an etcd watch resumes after a reconnect.
     next: i64,
-    /// While the owner is partitioned: the events it missed.
-    missed: Option<Missed>,
+    /// While the owner is partitioned: the events it missed (boxed: rare, and the common
+    /// watcher stays small).
+    missed: Option<Box<Missed>>,
 }
 
 /// What a watcher of a partitioned handle missed.
@@ -613,7 +614,7 @@ impl Store {
     /// The handle `owner` is partitioned: its watchers keep what they miss.
     pub(crate) fn cut_watchers(&self, owner: HandleId) {
         self.write().watchers.retain_owned(owner, |_, w| {
-            w.missed.get_or_insert_with(Missed::default);
+            w.missed.get_or_insert_with(Box::default);
             true
         });
     }
