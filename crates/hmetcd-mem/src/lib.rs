@@ -8,6 +8,11 @@
 //! the lock to the next waiter, as on etcd), temp keys that vanish with their handle, and
 //! watches that are pushed to watchers as writes happen (no polling).
 //!
+//! It is also a test kit: [`MemKvs::faults`] makes a handle's lease expire, cuts it off from
+//! its store or compacts the store, on demand and on Tokio's clock, so that a service's
+//! failover code gets the unit tests it rarely has (see [`Faults`] and the `failover_test`
+//! example).
+//!
 //! ```
 //! use hmetcd_core::Kvi;
 //! use hmetcd_mem::MemKvs;
@@ -30,28 +35,29 @@
 //! # }
 //! ```
 
+mod faults;
 mod guards;
 mod participants;
 mod store;
 
-use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use guards::{Guards, MemLockRelease};
+pub use faults::Faults;
+use faults::Session;
+use guards::MemLockRelease;
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
     leader_stream, Candidate, CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
-    LockGuard, LockOptions, LostReason, Options, Result, WatchCallback, WatchEvent, WatchHandle,
-    WatchStream,
+    LockGuard, LockOptions, Options, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
-use participants::{Held, Participants};
-use store::{LeaseId, Store, Target};
+use participants::Held;
+pub use store::MISSED_EVENTS_LIMIT;
+use store::{Store, Target};
 
 // Stores opened by name live as long as the process, as in the Go package: data outlives `close()`.
 static NAMED_STORES: LazyLock<DashMap<String, Arc<Store>>> = LazyLock::new(DashMap::new);
@@ -61,27 +67,22 @@ static NAMED_STORES: LazyLock<DashMap<String, Arc<Store>>> = LazyLock::new(DashM
 /// [`MemKvs::new`] makes a fresh private store; [`MemKvs::open`] opens a named store that
 /// every handle opened with the same name shares (the empty name is the process-wide store
 /// behind the `mem:` endpoint). Each handle is one participant in its lock and owns its temp
-/// keys; dropping the handle releases both at once, as `close()` does.
+/// keys; dropping the handle releases both at once, as `close()` does (but a handle
+/// partitioned by [`Faults::partition`] leaves them to its lease, like a crashed process).
 ///
 /// Callback watchers ([`Kvi::watch_with_cb`]) run on the Tokio runtime they were started in.
 pub struct MemKvs {
-    store: Arc<Store>,
+    /// The store, the lease with its temp keys and lock participants, the live guards.
+    session: Arc<Session>,
     store_name: Option<String>,
     options: Options,
     prefix: KeyPrefix,
-    lease: LeaseId,
     /// The handle's lock name as stored (under the prefix, as on etcd).
     stored_lock_name: String,
-    /// The handle's lock participants (its lock and its guards) and their lock keys.
-    participants: Arc<Participants>,
     /// The handle's lock, while held.
     held: Mutex<Option<Held>>,
     acquiring: tokio::sync::Mutex<()>,
-    closed: AtomicBool,
     closing: tokio::sync::watch::Sender<bool>,
-    temp_keys: Mutex<BTreeSet<String>>,
-    /// The named locks this handle's guards hold.
-    guards: Arc<Guards>,
 }
 
 impl fmt::Debug for MemKvs {
@@ -90,7 +91,7 @@ impl fmt::Debug for MemKvs {
             .field("store", &self.store_name.as_deref().unwrap_or("<private>"))
             .field("prefix", &self.prefix.as_str())
             .field("lock_name", &self.options.lock_name)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("closed", &self.session.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -130,7 +131,7 @@ impl MemKvs {
     pub fn open_sibling(&self, options: &str) -> Result<Self> {
         let options = Options::parse(options)?;
         Ok(MemKvs::on_store(
-            Arc::clone(&self.store),
+            Arc::clone(&self.session.store),
             self.store_name.clone(),
             options,
         ))
@@ -140,23 +141,29 @@ impl MemKvs {
         let prefix = KeyPrefix::new(options.prefix.clone());
         // The lock lives under the prefix like every other key, as on etcd.
         let stored_lock_name = prefix.apply(&options.lock_name);
-        let lease = store.next_id();
-        let participants = Arc::new(Participants::new(Arc::clone(&store), lease));
-        MemKvs {
+        let session = Arc::new(Session::new(
             store,
+            store_name.as_deref(),
+            options.lease_ttl,
+        ));
+        MemKvs {
+            session,
             store_name,
             options,
             prefix,
-            lease,
             stored_lock_name,
-            participants,
             held: Mutex::new(None),
             acquiring: tokio::sync::Mutex::new(()),
-            closed: AtomicBool::new(false),
             closing: tokio::sync::watch::Sender::new(false),
-            temp_keys: Mutex::new(BTreeSet::new()),
-            guards: Arc::default(),
         }
+    }
+
+    /// Faults to inject into this handle: its lease expires, it is cut off from the store, the
+    /// store is compacted. See [`Faults`].
+    ///
+    /// Nothing of this runs unless a test calls it: a handle costs the same with or without.
+    pub fn faults(&self) -> Faults {
+        Faults::new(Arc::clone(&self.session))
     }
 
     /// The options this handle was opened with.
@@ -164,12 +171,9 @@ impl MemKvs {
         &self.options
     }
 
+    /// `Ok` while the handle is open and not partitioned.
     fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed)
-        } else {
-            Ok(())
-        }
+        self.session.check()
     }
 
     /// Whether the handle holds its lock now: "holds" means holds now, so a lock whose key
@@ -197,7 +201,12 @@ impl MemKvs {
             // A lost hold's key is gone already: dropping it releases nothing.
             self.release_lock();
             // The handle's lock is the named lock `lock_name`, queued like every guard.
-            let Some(held) = self.participants.acquire(&self.stored_lock_name, "").await else {
+            let Some(held) = self
+                .session
+                .participants
+                .acquire(&self.stored_lock_name, "")
+                .await
+            else {
                 return false;
             };
             *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(held);
@@ -207,7 +216,7 @@ impl MemKvs {
             acquired = acquire => acquired,
             _ = closing.wait_for(|closed| *closed) => false,
         };
-        if !acquired || self.closed.load(Ordering::Acquire) {
+        if !acquired || self.session.is_closed() {
             self.release_lock();
             return Err(Error::Closed);
         }
@@ -223,23 +232,10 @@ impl MemKvs {
         drop(held);
     }
 
-    /// Releases everything the handle holds in the store: locks, temp keys, watchers.
-    fn release(&self) {
-        let mut lease_keys: Vec<String> = std::mem::take(
-            &mut *self
-                .temp_keys
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
-        .into_iter()
-        .collect();
-        lease_keys.extend(self.participants.keys());
-        // As when etcd revokes the lease: temp keys and lock keys go in one revision.
-        self.store
-            .revoke(self.lease, &lease_keys, LostReason::Closed);
-        self.release_lock();
-        self.guards.release_all(LostReason::Closed);
-        self.store.unwatch_owner(self.lease);
+    /// Releases everything the handle holds in the store: locks, temp keys, watchers. `false`
+    /// if the handle is partitioned: its keys then go when its lease expires.
+    fn release(&self) -> bool {
+        self.session.close(|| self.release_lock())
     }
 
     async fn lock_named(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
@@ -281,7 +277,7 @@ impl MemKvs {
         // Dropping the wait leaves both queues and deletes the waiter's key: no trace is left.
         let wait = async {
             tokio::select! {
-                held = self.participants.acquire(&stored_name, value) => held,
+                held = self.session.participants.acquire(&stored_name, value) => held,
                 _ = closing.wait_for(|closed| *closed) => None,
             }
         };
@@ -302,13 +298,13 @@ impl MemKvs {
         let fencing_token = held.fencing_token();
         let release = MemLockRelease::register(
             name,
-            &self.guards,
-            self.store.next_id(),
+            &self.session.guards,
+            self.session.store.next_id(),
             held,
             options.get_max_hold(),
         )?;
         // A close that raced with this call may have missed the new guard.
-        if self.closed.load(Ordering::Acquire) {
+        if self.session.is_closed() {
             release.release_now();
             return Err(Error::Closed);
         }
@@ -321,10 +317,13 @@ impl MemKvs {
         self.check_open()?;
         check_key("name", name)?;
         let dir = format!("{}/", self.prefix.apply(name));
-        let (candidates, stream) =
-            self.store
-                .candidates_and_watch(&dir, self.prefix.as_str().len(), self.lease);
-        // A close that raced with this call may have missed it; dropping the stream unregisters it.
+        let (candidates, stream) = self.session.store.candidates_and_watch(
+            &dir,
+            self.prefix.as_str().len(),
+            self.session.id,
+        );
+        // A close or partition that raced with this call may have missed it; dropping the
+        // stream unregisters it.
         self.check_open()?;
         Ok((candidates, Box::pin(stream)))
     }
@@ -332,9 +331,11 @@ impl MemKvs {
     fn watch_target(&self, target: Target) -> Result<WatchStream> {
         self.check_open()?;
         let stream = self
+            .session
             .store
-            .watch(target, self.prefix.as_str().len(), self.lease);
-        // A close that raced with this call may have missed it; dropping the stream unregisters it.
+            .watch(target, self.prefix.as_str().len(), self.session.id);
+        // A close or partition that raced with this call may have missed it; dropping the
+        // stream unregisters it.
         self.check_open()?;
         Ok(Box::pin(stream))
     }
@@ -342,7 +343,8 @@ impl MemKvs {
 
 impl Drop for MemKvs {
     fn drop(&mut self) {
-        // As when an etcd client dies: the lock and temp keys go (here at once, not after a TTL).
+        // As when an etcd client dies: the lock and temp keys go (here at once, not after a
+        // TTL, unless the handle is partitioned: then, like a crashed process's, with its lease).
         self.release();
     }
 }
@@ -373,32 +375,32 @@ impl Kvi for MemKvs {
     async fn store(&self, key: &str, value: &str) -> Result<()> {
         self.check_open()?;
         check_key("key", key)?;
-        self.store.put(&self.prefix.stored(key), value, None);
+        let stored = self.prefix.stored(key);
+        self.session.store.put(&stored, value);
+        self.session.forget_temp_key(&stored);
         Ok(())
     }
 
     async fn temp_key(&self, key: &str) -> Result<()> {
         self.check_open()?;
         check_key("key", key)?;
-        let stored = self.prefix.apply(key);
-        self.temp_keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(stored.clone());
-        self.store.put(&stored, "1", Some(self.lease));
-        Ok(())
+        self.session.put_temp_key(&self.prefix.apply(key))
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
         self.check_open()?;
         check_key("key", key)?;
-        Ok(self.store.get(&self.prefix.stored(key)))
+        Ok(self.session.store.get(&self.prefix.stored(key)))
     }
 
     async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
         self.check_open()?;
         Ok(match self.prefix.range(key_start, key_end) {
-            Some((start, end)) => self.store.range(&start, &end, self.prefix.as_str().len()),
+            Some((start, end)) => {
+                self.session
+                    .store
+                    .range(&start, &end, self.prefix.as_str().len())
+            }
             None => Vec::new(),
         })
     }
@@ -406,7 +408,9 @@ impl Kvi for MemKvs {
     async fn delete(&self, key: &str) -> Result<()> {
         self.check_open()?;
         check_key("key", key)?;
-        self.store.delete(&self.prefix.stored(key));
+        let stored = self.prefix.stored(key);
+        self.session.store.delete(&stored);
+        self.session.forget_temp_key(&stored);
         Ok(())
     }
 
@@ -429,21 +433,27 @@ impl Kvi for MemKvs {
             self.prefix.stored(then_key),
             self.prefix.stored(else_key),
         );
-        Ok(self.store.transaction(
+        let then = self.session.store.transaction(
             &key,
             op,
             value,
             (&then_key, then_value),
             (&else_key, else_value),
-        ))
+        );
+        self.session
+            .forget_temp_key(if then { &then_key } else { &else_key });
+        Ok(then)
     }
 
     async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
         self.check_open()?;
         check_key("key", key)?;
-        Ok(self
-            .store
-            .tas(&self.prefix.stored(key), test_value, set_value))
+        let stored = self.prefix.stored(key);
+        let set = self.session.store.tas(&stored, test_value, set_value);
+        if set {
+            self.session.forget_temp_key(&stored);
+        }
+        Ok(set)
     }
 
     async fn watch(&self, key: &str) -> Result<WatchEvent> {
@@ -468,12 +478,17 @@ impl Kvi for MemKvs {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if self.session.is_closed() {
             return Ok(());
         }
         self.closing.send_replace(true);
-        self.release();
-        Ok(())
+        if self.release() {
+            Ok(())
+        } else {
+            // As on etcd when the lease revoke cannot reach the server: closed here, but the
+            // keys stay until the lease expires.
+            Err(self.session.unreachable_close())
+        }
     }
 
     async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
@@ -531,12 +546,12 @@ mod tests {
         let kv = MemKvs::new();
         let stream = kv.watch_stream("a").await.unwrap();
         let prefix_stream = kv.watch_prefix("").await.unwrap();
-        assert_eq!(kv.store.watcher_count(), 2);
+        assert_eq!(kv.session.store.watcher_count(), 2);
         drop(stream);
-        assert_eq!(kv.store.watcher_count(), 1);
+        assert_eq!(kv.session.store.watcher_count(), 1);
         let mut other = kv.watch_stream("b").await.unwrap();
         kv.close().await.unwrap();
-        assert_eq!(kv.store.watcher_count(), 0);
+        assert_eq!(kv.session.store.watcher_count(), 0);
         assert!(
             other.next().await.is_none(),
             "a closed handle's streams end"
@@ -551,7 +566,7 @@ mod tests {
             let _ = kv.watch_stream("a").await.unwrap();
         }
         assert_eq!(
-            kv.store.watcher_count(),
+            kv.session.store.watcher_count(),
             0,
             "one-shot watches must not accumulate"
         );

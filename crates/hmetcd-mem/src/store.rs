@@ -5,20 +5,32 @@
 //! holds it. Whoever deletes a key (its participant, a lease revoke, or anyone's plain
 //! `delete`) takes it out of the queue and the next key's participant holds the lock at once,
 //! as an etcd waiter does when the key ahead of it is deleted.
+//!
+//! Watchers get each event as it is written. A watcher of a partitioned handle keeps what it
+//! misses instead, and gets it when the partition ends, unless the store was compacted past
+//! the first revision it still needs: then `Error::Compacted`, as etcd answers a watch that
+//! reconnects behind a compaction. The store keeps no other history.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::task::{Context, Poll};
 
 use futures::Stream;
 use hashbrown::HashMap;
 use hmetcd_core::keys::is_lease_suffix;
-use hmetcd_core::{Candidate, CompareOp, KeyValue, LostReason, LostSignal, Result, WatchEvent};
+use hmetcd_core::{
+    Candidate, CompareOp, Error, KeyValue, LostReason, LostSignal, Result, WatchEvent,
+};
 use tokio::sync::{mpsc, OwnedMutexGuard};
 
-/// Identifies the handle (and so the lease) that owns a temp key.
+/// A lease of a handle: what its temp keys and lock keys are bound to. A handle takes a new
+/// one when its lease expires (`Faults`).
 pub(crate) type LeaseId = u64;
+
+/// Identifies a handle, the owner of watchers.
+pub(crate) type HandleId = u64;
 
 #[derive(Debug)]
 struct Entry {
@@ -84,8 +96,8 @@ impl Place {
     }
 
     /// The key is gone. A holder is told why (unless it released the lock itself) and gives up
-    /// its place in its handle's queue; a waiter whose key was deleted keeps that place, as
-    /// it queues again.
+    /// its place in its handle's queue; a waiter whose key was deleted, or whose lease was
+    /// lost, keeps that place, as it queues again (on etcd: on the handle's next lease).
     fn end(&self, reason: Option<LostReason>) {
         let was = self.status.send_replace(Status::Gone(reason));
         let holder = was == Status::Holding;
@@ -94,10 +106,19 @@ impl Place {
                 self.lost.fire(reason);
             }
         }
-        if holder || reason != Some(LostReason::KeyDeleted) {
+        let queues_again = matches!(
+            reason,
+            Some(LostReason::KeyDeleted | LostReason::SessionLost)
+        );
+        if holder || !queues_again {
             drop(self.take_local());
         }
     }
+}
+
+/// Etcd's lock layout: `<name>/<lease id in lowercase hex>`.
+pub(crate) fn lock_key(name: &str, lease: LeaseId) -> String {
+    format!("{name}/{lease:x}")
 }
 
 /// The lock name of a lock key `<name>/<lowercase hex>`, or `None` for any other key.
@@ -143,7 +164,8 @@ impl LockQueues {
             return;
         }
         if let Some(queue) = lock_name_of(key).and_then(|name| self.0.get_mut(name)) {
-            queue.keys.insert(revision, None);
+            // Keys put in one transaction share a revision: the first keeps the place.
+            queue.keys.entry(revision).or_insert(None);
         }
     }
 
@@ -187,6 +209,8 @@ struct State {
     values: HashMap<String, Entry>,
     order: BTreeSet<String>,
     revision: i64,
+    /// Revisions before this one are forgotten (`Faults::compact`); 0: nothing compacted.
+    compacted: i64,
     watchers: Watchers,
     locks: LockQueues,
 }
@@ -198,6 +222,7 @@ impl Default for State {
             order: BTreeSet::new(),
             // As on a fresh etcd cluster: the first write gets revision 2.
             revision: 1,
+            compacted: 0,
             watchers: Watchers::default(),
             locks: LockQueues::default(),
         }
@@ -206,13 +231,89 @@ impl Default for State {
 
 type EventSender = mpsc::UnboundedSender<Result<WatchEvent>>;
 
+/// How many events a watcher of a partitioned handle keeps for when the partition ends. One
+/// more, and its missed history counts as compacted: it gets `Error::Compacted` at the end of
+/// the partition, as an etcd watcher does that reconnects behind a compaction.
+pub const MISSED_EVENTS_LIMIT: usize = 10_000;
+
 #[derive(Debug)]
 struct Watcher {
     id: u64,
-    owner: LeaseId,
+    owner: HandleId,
     // How many leading bytes of a stored key are the watching handle's prefix.
     strip: usize,
     tx: EventSender,
+    /// The first revision not yet delivered: where an etcd watch resumes after a reconnect.
+    next: i64,
+    /// While the owner is partitioned: the events it missed (boxed: rare, and the common
+    /// watcher stays small).
+    missed: Option<Box<Missed>>,
+}
+
+/// What a watcher of a partitioned handle missed.
+#[derive(Debug, Default)]
+struct Missed {
+    events: VecDeque<WatchEvent>,
+    /// More than [`MISSED_EVENTS_LIMIT`] events were missed: the revision of the first one
+    /// not kept.
+    overrun: Option<i64>,
+}
+
+impl Watcher {
+    /// Delivers `event` at `revision`, or keeps it while the owner is partitioned. `false`
+    /// once the stream is gone.
+    fn deliver(&mut self, event: WatchEvent, revision: i64) -> bool {
+        match &mut self.missed {
+            None => {
+                self.next = revision + 1;
+                self.tx.send(Ok(event)).is_ok()
+            }
+            Some(missed) => {
+                if missed.overrun.is_none() {
+                    if missed.events.len() < MISSED_EVENTS_LIMIT {
+                        missed.events.push_back(event);
+                    } else {
+                        missed.events = VecDeque::new();
+                        missed.overrun = Some(revision);
+                    }
+                }
+                !self.tx.is_closed()
+            }
+        }
+    }
+
+    /// The owner's partition ended: delivers what the watcher missed, in order; or, if part of
+    /// that was compacted away (the store's `compacted` revision is past the watcher's next
+    /// one), `Error::Compacted` as its last item. `false` if the watcher ends.
+    fn catch_up(&mut self, stored: &str, compacted: i64) -> bool {
+        let Some(missed) = self.missed.take() else {
+            return true;
+        };
+        let compact_revision = match missed.overrun {
+            Some(overrun) => Some(overrun.max(compacted)),
+            None => (compacted > self.next).then_some(compacted),
+        };
+        if let Some(compact_revision) = compact_revision {
+            tracing::debug!(
+                revision = self.next,
+                compact_revision,
+                "a partitioned watcher is behind the compaction"
+            );
+            let _ = self.tx.send(Err(Error::Compacted {
+                key: stored.get(self.strip..).unwrap_or_default().to_owned(),
+                revision: self.next,
+                compact_revision,
+            }));
+            return false;
+        }
+        for event in missed.events {
+            let revision = event.revision();
+            if !self.deliver(event, revision) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 #[derive(Debug, Default)]
@@ -239,14 +340,25 @@ impl Watchers {
             }
         };
         if let Some(list) = self.exact.get_mut(stored_key) {
-            list.retain(|w| w.tx.send(Ok(event(w.strip))).is_ok());
+            list.retain_mut(|w| w.deliver(event(w.strip), revision));
             if list.is_empty() {
                 self.exact.remove(stored_key);
             }
         }
-        self.prefixes.retain(|(prefix, w)| {
-            !stored_key.starts_with(prefix.as_str()) || w.tx.send(Ok(event(w.strip))).is_ok()
+        self.prefixes.retain_mut(|(prefix, w)| {
+            !stored_key.starts_with(prefix.as_str()) || w.deliver(event(w.strip), revision)
         });
+    }
+
+    /// Applies `f` to every watcher of `owner` with what it watches (stored form); drops
+    /// those for which it returns `false`.
+    fn retain_owned(&mut self, owner: HandleId, mut f: impl FnMut(&str, &mut Watcher) -> bool) {
+        self.exact.retain(|key, list| {
+            list.retain_mut(|w| w.owner != owner || f(key, w));
+            !list.is_empty()
+        });
+        self.prefixes
+            .retain_mut(|(prefix, w)| w.owner != owner || f(prefix, w));
     }
 
     fn remove(&mut self, id: u64, target: &Target) {
@@ -286,19 +398,25 @@ impl Store {
             + 1
     }
 
-    /// Puts the participant's lock `key` (value `""`, bound to `lease`) and queues it behind
-    /// every key `<name>/<lowercase hex>` created before it, in one step. `local` is the
-    /// participant's place in its handle's queue, let go when its hold ends.
+    /// Puts the participant's lock key (its `value`: `""` for a lock, a candidate's value for
+    /// an election; bound to `lease`) and queues it behind every key `<name>/<lowercase hex>`
+    /// created before it, in one step. `local` is the participant's place in its handle's
+    /// queue, let go when its hold ends.
+    ///
+    /// The key is `<name>/<lease in lowercase hex>`, read under the store's lock: a lease
+    /// replaced meanwhile (`Faults::expire_lease`) is replaced under it too, so a key is never
+    /// put on a lease that is already gone.
     pub(crate) fn enqueue(
         &self,
         name: &str,
-        key: &str,
         value: &str,
-        lease: LeaseId,
+        lease: &AtomicU64,
         local: OwnedMutexGuard<()>,
     ) -> Arc<Place> {
         let mut state = self.write();
         let state = &mut *state;
+        let lease = lease.load(std::sync::atomic::Ordering::Acquire);
+        let key = &lock_key(name, lease);
         if !state.locks.0.contains_key(name) {
             let queue = state.existing_lock_keys(name);
             state.locks.0.insert(name.to_owned(), queue);
@@ -370,8 +488,15 @@ impl Store {
             .collect()
     }
 
-    pub(crate) fn put(&self, key: &str, value: &str, lease: Option<LeaseId>) {
-        let _ = self.write().put(key, value, lease);
+    pub(crate) fn put(&self, key: &str, value: &str) {
+        let _ = self.write().put(key, value, None);
+    }
+
+    /// Puts `key` bound to the handle's `lease`, read under the store's lock (see `enqueue`).
+    pub(crate) fn put_on_lease(&self, key: &str, value: &str, lease: &AtomicU64) {
+        let mut state = self.write();
+        let lease = lease.load(std::sync::atomic::Ordering::Acquire);
+        let _ = state.put(key, value, Some(lease));
     }
 
     /// Deletes `key`; a lock key's holder loses the lock (`KeyDeleted`) and the next waiter
@@ -412,11 +537,22 @@ impl Store {
         matches
     }
 
-    /// Deletes every key still bound to `lease`, in one revision, as etcd's lease revoke does;
-    /// the lease's lock holders lose their locks for `reason`.
-    pub(crate) fn revoke(&self, lease: LeaseId, keys: &[String], reason: LostReason) {
+    /// Deletes every key still bound to `lease`, in one revision and in key order, as etcd's
+    /// lease revoke does; the lease's lock holders lose their locks for `reason`, its lock
+    /// waiters queue again (on the handle's next lease). With `replace`, the handle's lease
+    /// becomes `replace.1` in the same step.
+    pub(crate) fn revoke(
+        &self,
+        lease: LeaseId,
+        keys: &[String],
+        reason: LostReason,
+        replace: Option<(&AtomicU64, LeaseId)>,
+    ) {
         let mut state = self.write();
-        let owned: Vec<&String> = keys
+        if let Some((current, next)) = replace {
+            current.store(next, std::sync::atomic::Ordering::Release);
+        }
+        let mut owned: Vec<&String> = keys
             .iter()
             .filter(|key| {
                 state
@@ -428,6 +564,9 @@ impl Store {
         if owned.is_empty() {
             return;
         }
+        // etcd's lessor deletes a revoked lease's keys sorted, so watchers see them so.
+        owned.sort_unstable();
+        owned.dedup();
         state.revision += 1;
         let revision = state.revision;
         for key in owned {
@@ -463,7 +602,7 @@ impl Store {
         self: &Arc<Self>,
         dir: &str,
         strip: usize,
-        owner: LeaseId,
+        owner: HandleId,
     ) -> (Vec<Candidate>, MemWatchStream) {
         let mut state = self.write();
         let mut candidates: Vec<Candidate> = state
@@ -485,12 +624,70 @@ impl Store {
         (candidates, stream)
     }
 
+    /// Puts `value` back at every key of `keys` that is absent, bound to `lease`, all in one
+    /// revision (etcd: one transaction of `create_revision == 0` guarded puts). Returns the
+    /// keys that were present: someone else wrote them since, they are theirs.
+    pub(crate) fn restore(&self, lease: LeaseId, keys: &[String], value: &str) -> Vec<String> {
+        let mut state = self.write();
+        let (absent, present): (Vec<&String>, Vec<&String>) = keys
+            .iter()
+            .partition(|key| !state.values.contains_key(key.as_str()));
+        if !absent.is_empty() {
+            state.revision += 1;
+            let revision = state.revision;
+            for key in absent {
+                state.put_at(key, value, Some(lease), revision);
+            }
+        }
+        present.into_iter().cloned().collect()
+    }
+
+    /// Forgets history before `revision` (at most the current revision, as etcd refuses a
+    /// future one). Returns the store's compaction revision.
+    pub(crate) fn compact(&self, revision: i64) -> i64 {
+        let mut state = self.write();
+        if revision > state.revision {
+            tracing::warn!(
+                revision,
+                current = state.revision,
+                "compaction past the store's revision; compacting at it"
+            );
+        }
+        let revision = revision.min(state.revision);
+        state.compacted = state.compacted.max(revision);
+        state.compacted
+    }
+
+    /// The store's revision now.
+    pub(crate) fn revision(&self) -> i64 {
+        self.read().revision
+    }
+
+    /// The handle `owner` is partitioned: its watchers keep what they miss.
+    pub(crate) fn cut_watchers(&self, owner: HandleId) {
+        self.write().watchers.retain_owned(owner, |_, w| {
+            w.missed.get_or_insert_with(Box::default);
+            true
+        });
+    }
+
+    /// The partition of `owner` ended: its watchers get what they missed, in order (or
+    /// `Error::Compacted`, and end, if part of it was compacted away).
+    pub(crate) fn resume_watchers(&self, owner: HandleId) {
+        let mut state = self.write();
+        let state = &mut *state;
+        let compacted = state.compacted;
+        state
+            .watchers
+            .retain_owned(owner, |watched, w| w.catch_up(watched, compacted));
+    }
+
     /// Registers a watcher; it sees every write made after this returns.
     pub(crate) fn watch(
         self: &Arc<Self>,
         target: Target,
         strip: usize,
-        owner: LeaseId,
+        owner: HandleId,
     ) -> MemWatchStream {
         let mut state = self.write();
         self.register(&mut state, target, strip, owner)
@@ -501,7 +698,7 @@ impl Store {
         state: &mut State,
         target: Target,
         strip: usize,
-        owner: LeaseId,
+        owner: HandleId,
     ) -> MemWatchStream {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.next_id();
@@ -510,6 +707,8 @@ impl Store {
             owner,
             strip,
             tx,
+            next: state.revision + 1,
+            missed: None,
         };
         match &target {
             Target::Key(key) => state
@@ -529,14 +728,8 @@ impl Store {
     }
 
     /// Ends every watch stream the handle `owner` opened (it was closed or dropped).
-    pub(crate) fn unwatch_owner(&self, owner: LeaseId) {
-        let mut state = self.write();
-        let watchers = &mut state.watchers;
-        watchers.exact.retain(|_, list| {
-            list.retain(|w| w.owner != owner);
-            !list.is_empty()
-        });
-        watchers.prefixes.retain(|(_, w)| w.owner != owner);
+    pub(crate) fn unwatch_owner(&self, owner: HandleId) {
+        self.write().watchers.retain_owned(owner, |_, _| false);
     }
 
     #[cfg(test)]
@@ -551,6 +744,12 @@ impl State {
     fn put(&mut self, key: &str, value: &str, lease: Option<LeaseId>) -> i64 {
         self.revision += 1;
         let revision = self.revision;
+        self.put_at(key, value, lease, revision);
+        revision
+    }
+
+    /// Puts `key` at `revision` (the current one: several puts of one transaction share it).
+    fn put_at(&mut self, key: &str, value: &str, lease: Option<LeaseId>, revision: i64) {
         match self.values.get_mut(key) {
             Some(entry) => {
                 entry.value.clear();
@@ -574,7 +773,6 @@ impl State {
         if !self.watchers.is_empty() {
             self.watchers.notify(key, Some(value), revision);
         }
-        revision
     }
 
     /// Deletes `key` in a revision of its own; a lock key leaves its lock's queue, and its

@@ -204,3 +204,17 @@ async fn etcd_is_named_as_in_the_contract() -> Result<Box<dyn Kvi>> {
         hmetcd_etcd::EtcdKvs::connect("http://127.0.0.1:2379,127.0.0.1:22379", "").await?,
     ))
 }
+
+/// The test kit as the contract names it: `MemKvs::faults()` and the three faults.
+#[test]
+fn the_test_kit_names_compile() {
+    let faults: fn(&hmetcd_mem::MemKvs) -> hmetcd_mem::Faults = hmetcd_mem::MemKvs::faults;
+    let expire_lease: fn(&hmetcd_mem::Faults) = hmetcd_mem::Faults::expire_lease;
+    let partition: fn(&hmetcd_mem::Faults, bool) = hmetcd_mem::Faults::partition;
+    let compact: fn(&hmetcd_mem::Faults, i64) = hmetcd_mem::Faults::compact;
+    let kv = hmetcd_mem::MemKvs::new();
+    let kit = faults(&kv);
+    compact(&kit, 1);
+    expire_lease(&kit);
+    partition(&kit, false);
+}
