@@ -20,14 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use hmetcd_core::{Error, KeyChange, Kvi, LostReason, WatchEvent, WatchStream};
+use hmetcd_core::{Error, KeyChange, Kvi, LockOptions, LostReason, WatchEvent, WatchStream};
 use hmetcd_etcd::EtcdKvs;
 use hmetcd_mem::{Faults, MemKvs};
-use integration_tests::backends;
-use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::etcd_server::raw_client;
 use integration_tests::faults::proxy::FaultProxy;
-use integration_tests::run_limited;
-use libtest_mimic::{Arguments, Failed, Trial};
+use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
+use libtest_mimic::{Failed, Trial};
 use tokio::time::Instant;
 
 /// The lease TTL of handle A, whose lease the scenarios make expire.
@@ -41,12 +40,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 const ETCD_LIMIT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        // The etcd scenarios measure lease timings; and one compacts the whole store.
-        args.test_threads = Some(1);
-    }
-    let mut trials: Vec<Trial> = SCENARIOS
+    let trials: Vec<Trial> = SCENARIOS
         .iter()
         .map(|&(name, scenario)| {
             Trial::test(format!("test_kit::mem::{name}"), move || {
@@ -54,38 +48,20 @@ fn main() -> ExitCode {
             })
         })
         .collect();
-    let mut server = None;
-    match backends::etcd_requested() {
-        Err(why) => {
-            eprintln!("test_kit: {why}");
-            return ExitCode::FAILURE;
+    // The etcd scenarios measure lease timings; and one compacts the whole store.
+    run_fault_binary("test_kit", trials, |server| {
+        let mut trials = EtcdTrials::new("test_kit", server);
+        for &(name, scenario) in SCENARIOS {
+            let endpoints = server.endpoints().to_owned();
+            trials.add_future(name, ETCD_LIMIT.as_secs(), move || {
+                Box::pin(async move {
+                    let rig = EtcdRig::new(&endpoints).await;
+                    scenario(Box::new(rig)).await;
+                })
+            });
         }
-        Ok(false) => eprintln!("test_kit: {}", backends::MEM_ONLY_NOTICE),
-        Ok(true) => match EtcdServer::start_owned() {
-            Ok(started) => {
-                let backend = format!("etcd-{}", started.version());
-                let endpoints = started.endpoints().to_owned();
-                trials.extend(SCENARIOS.iter().map(|&(name, scenario)| {
-                    let endpoints = endpoints.clone();
-                    Trial::test(format!("test_kit::{backend}::{name}"), move || {
-                        run_limited(2, ETCD_LIMIT, async move {
-                            let rig = EtcdRig::new(&endpoints).await;
-                            scenario(Box::new(rig)).await;
-                        })
-                    })
-                }));
-                server = Some(started);
-            }
-            Err(why) => trials.push(Trial::test("test_kit::etcd::server", move || {
-                Err(Failed::from(why))
-            })),
-        },
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    if let Some(server) = server.as_mut() {
-        server.shutdown();
-    }
-    conclusion.exit_code()
+        trials.into_trials()
+    })
 }
 
 type Scenario = fn(Box<dyn Rig>) -> futures::future::BoxFuture<'static, ()>;
@@ -103,6 +79,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     (
         "partition_longer_than_lease_ttl_loses_locks_and_restores_only_unclaimed_temp_keys",
         |rig| Box::pin(long_partition(rig)),
+    ),
+    (
+        "lease_expiry_ends_a_leadership_with_session_lost_and_the_next_candidate_leads",
+        |rig| Box::pin(leadership_lease_expiry(rig)),
     ),
     (
         "watcher_partitioned_behind_a_compaction_gets_compacted",
@@ -462,6 +442,73 @@ fn calls(recorded: &Mutex<Vec<Seen>>) -> Vec<Seen> {
 /// `expire_lease` / etcd's lease revoke: A's temp keys and lock keys go in one revision; A's
 /// lock is lost (`SessionLost`) and handed on; A takes a new lease, its temp keys come back
 /// in one later revision and its waiter queues again with a key on the new lease.
+/// A leader whose lease expires is no longer the leader: `lost()` says `SessionLost`,
+/// `proclaim` is `NotLeader`, the next candidate leads with a higher fencing token, and
+/// observers see the handover without a gap.
+async fn leadership_lease_expiry(mut rig: Box<dyn Rig>) {
+    let a: Arc<dyn Kvi> = Arc::from(rig.open_faulty().await);
+    let b: Arc<dyn Kvi> = Arc::from(rig.open_other().await);
+    let mut observer = b.observe("boss").await.expect("observe");
+    assert_eq!(next_leader(&mut observer).await, None);
+    a.temp_key("t/1").await.expect("temp key");
+    let mut leadership = a.campaign("boss", "a").await.expect("A campaigns");
+    assert_eq!(next_leader(&mut observer).await.as_deref(), Some("a"));
+    let b_campaigns = tokio::spawn({
+        let b = Arc::clone(&b);
+        async move { b.campaign("boss", "b").await }
+    });
+    eventually("B's candidacy", Duration::from_secs(10), || async {
+        b.get_range("boss/", "boss/~")
+            .await
+            .is_ok_and(|kvs| kvs.len() == 2)
+    })
+    .await;
+
+    rig.expire_lease("t/1").await;
+
+    let reason = tokio::time::timeout(LEASE_TTL + Duration::from_secs(2), leadership.lost())
+        .await
+        .expect("lost() did not resolve");
+    assert_eq!(reason, LostReason::SessionLost);
+    assert!(!leadership.is_leader(), "a leader after its lease expired");
+    let b_leads = tokio::time::timeout(Duration::from_secs(10), b_campaigns)
+        .await
+        .expect("B never led")
+        .expect("B's campaign task")
+        .expect("B's campaign");
+    assert!(b_leads.fencing_token() > leadership.fencing_token());
+    assert_eq!(next_leader(&mut observer).await.as_deref(), Some("b"));
+    let proclaimed = leadership.proclaim("a again").await;
+    assert!(
+        matches!(proclaimed, Err(Error::NotLeader { .. })),
+        "{proclaimed:?}"
+    );
+    let again = a
+        .campaign_with(
+            "boss",
+            "a",
+            LockOptions::new().timeout(Duration::from_secs(1)),
+        )
+        .await;
+    assert!(
+        matches!(again, Err(Error::LockTimeout { .. })),
+        "A led again while B leads: {again:?}"
+    );
+    b_leads.resign().await.expect("B resigns");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// The value of the next leader `observer` yields (`None`: no leader).
+async fn next_leader(observer: &mut hmetcd_core::LeaderStream) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(10), observer.next())
+        .await
+        .expect("the observer saw nothing")
+        .expect("the observer ended")
+        .expect("observe failed")
+        .map(|leader| leader.value)
+}
+
 async fn lease_expiry(mut rig: Box<dyn Rig>) {
     let a: Arc<dyn Kvi> = Arc::from(rig.open_faulty().await);
     let b: Arc<dyn Kvi> = Arc::from(rig.open_other().await);
