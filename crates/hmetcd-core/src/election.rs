@@ -168,6 +168,12 @@ pub struct Candidate {
     pub create_revision: i64,
 }
 
+impl From<Candidate> for KeyValue {
+    fn from(candidate: Candidate) -> Self {
+        KeyValue::new(candidate.key, candidate.value)
+    }
+}
+
 /// The candidates of one election, leader first.
 struct Candidates {
     name: String,

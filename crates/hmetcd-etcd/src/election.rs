@@ -18,7 +18,7 @@ use hmetcd_core::{
     Result,
 };
 
-use crate::error::{is_lease_not_found, Request};
+use crate::error::{is_lease_not_found, revision_of, Request};
 use crate::lock::EtcdLockRelease;
 use crate::watch::Target;
 use crate::Shared;
@@ -49,10 +49,7 @@ impl Shared {
         self.ensure_open()?;
         check_key("name", name)?;
         let (candidates, _) = self.candidates(name, true).await?;
-        Ok(candidates
-            .into_iter()
-            .next()
-            .map(|first| KeyValue::new(first.key, first.value)))
+        Ok(candidates.into_iter().next().map(KeyValue::from))
     }
 
     /// `observe`: the candidates read at one revision, then every change after it.
@@ -92,7 +89,7 @@ impl Shared {
                 })
                 .await?;
             if revision == 0 {
-                revision = page.header().map_or(0, |header| header.revision());
+                revision = revision_of(page.header(), request)?;
             }
             let last = page.kvs().last().map(|kv| kv.create_revision());
             for kv in page.kvs() {

@@ -141,6 +141,20 @@ fn is_auth_failure(message: &str) -> bool {
 }
 
 /// Whether etcd says the lease does not exist (expired or revoked).
+/// The store revision an answer of `request` was read at.
+pub(crate) fn revision_of(
+    header: Option<&etcd_client::ResponseHeader>,
+    request: Request<'_>,
+) -> Result<i64, Error> {
+    header
+        .map(|header| header.revision())
+        .ok_or_else(|| Error::Backend {
+            operation: request.to_string(),
+            reason: "etcd answered without a response header".to_owned(),
+            source: None,
+        })
+}
+
 pub(crate) fn is_lease_not_found(err: &EtcdError) -> bool {
     match err {
         EtcdError::GRpcStatus(status) => status.message().contains("requested lease not found"),

@@ -43,7 +43,7 @@ use hmetcd_core::{
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
 
-use crate::error::{is_lease_not_found, Request};
+use crate::error::{is_lease_not_found, revision_of, Request};
 use crate::retry::{pause_unless_shut_down, shut_down, Backoff};
 use crate::session::Phase;
 use crate::watch::Target;
@@ -913,16 +913,6 @@ fn spawn_delete(shared: Arc<Shared>, held: HeldKey) {
             shared.drop_held(held);
         }
     }
-}
-
-fn revision_of(header: Option<&etcd_client::ResponseHeader>, request: Request<'_>) -> Result<i64> {
-    header
-        .map(|header| header.revision())
-        .ok_or_else(|| Error::Backend {
-            operation: request.to_string(),
-            reason: "etcd answered without a response header".to_owned(),
-            source: None,
-        })
 }
 
 /// Our place while we queue: the name's local mutex, and our waiter key once put. An

@@ -11,7 +11,7 @@
 use etcd_client::{GetOptions, SortOrder, SortTarget};
 use hmetcd_core::{Error, KeyValue, Result};
 
-use crate::error::Request;
+use crate::error::{revision_of, Request};
 use crate::Shared;
 
 /// Keys the first page asks for: ranges up to this size take one request. etcd's 1.5 MiB
@@ -72,14 +72,7 @@ impl Shared {
                 .kv_request(request, async |kv| kv.get(from, Some(options)).await)
                 .await?;
             if revision == 0 {
-                revision = page
-                    .header()
-                    .map(|header| header.revision())
-                    .ok_or_else(|| Error::Backend {
-                        operation: request.to_string(),
-                        reason: "etcd answered without a response header".to_owned(),
-                        source: None,
-                    })?;
+                revision = revision_of(page.header(), request)?;
             }
             let mut bytes = 0;
             for pair in page.kvs() {

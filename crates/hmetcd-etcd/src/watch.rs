@@ -76,7 +76,7 @@ use hmetcd_core::{Error, Result, WatchEvent, WatchStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::error::{ErrorContext, Request};
+use crate::error::{revision_of, ErrorContext, Request};
 use crate::pool::MAX_RESPONSE_BYTES;
 use crate::retry::{shut_down, AbortOnDrop, Backoff};
 use crate::Shared;
@@ -170,14 +170,7 @@ impl Shared {
             })
             .await?;
         let present = now.count() > 0;
-        let revision = now
-            .header()
-            .map(|header| header.revision())
-            .ok_or_else(|| Error::Backend {
-                operation: request.to_string(),
-                reason: "etcd answered without a response header".to_owned(),
-                source: None,
-            })?;
+        let revision = revision_of(now.header(), request)?;
         self.watch_from(target, revision + 1, present).await
     }
 

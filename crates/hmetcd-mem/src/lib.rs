@@ -523,10 +523,7 @@ impl Kvi for MemKvs {
 
     async fn leader(&self, name: &str) -> Result<Option<KeyValue>> {
         let (candidates, _) = self.candidates(name)?;
-        Ok(candidates
-            .into_iter()
-            .next()
-            .map(|first| KeyValue::new(first.key, first.value)))
+        Ok(candidates.into_iter().next().map(KeyValue::from))
     }
 
     async fn observe(&self, name: &str) -> Result<LeaderStream> {
