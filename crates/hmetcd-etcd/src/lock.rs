@@ -562,15 +562,15 @@ impl Shared {
     }
 
     /// The lock key of `dir` created last before `below` (inclusive), if any: the participant
-    /// just ahead of us. Only keys `<dir><lease hex>` count. The first page comes with the
-    /// create revision of our own `key`, in one transaction.
+    /// just ahead of us. Only keys `<dir><lease hex>` count. Also the create revision of our
+    /// own `key` (read with the first page, in one transaction) and the revision read at.
     async fn key_ahead(
         &self,
         dir: &str,
         key: &str,
         below: i64,
         request: Request<'_>,
-    ) -> Result<(Option<(Vec<u8>, i64)>, Option<i64>, i64)> {
+    ) -> Result<(Option<Vec<u8>>, Option<i64>, i64)> {
         // Pages go by create revision, down from `below` (inclusive: keys created by one
         // transaction share a revision and may straddle pages), all read at one revision.
         let mut below = below;
@@ -620,11 +620,7 @@ impl Shared {
                     .is_some_and(is_lease_suffix)
             });
             if let Some(found) = participant {
-                return Ok((
-                    Some((found.key().to_vec(), found.create_revision())),
-                    mine,
-                    revision,
-                ));
+                return Ok((Some(found.key().to_vec()), mine, revision));
             }
             match page.kvs().last() {
                 // A whole page of one revision: read more of it at once.
@@ -674,7 +670,7 @@ impl Shared {
             if mine != Some(my_revision) {
                 return Ok(Attempt::KeyLost);
             }
-            let Some((ahead, _)) = ahead else {
+            let Some(ahead) = ahead else {
                 return Ok(Attempt::Acquired(my_revision));
             };
             if self
