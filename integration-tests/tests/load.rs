@@ -118,12 +118,10 @@ async fn mixed_operations(kv: Arc<EtcdKvs>, task: usize) -> BTreeMap<String, Str
                     .get_range(&first, &last)
                     .await
                     .unwrap_or_else(|err| failed(task, n, "get_range", &key, err));
-                let expected: Vec<KeyValue> = model
+                let got: Vec<(&str, &str)> = got.iter().map(KeyValue::pair).collect();
+                let expected: Vec<(&str, &str)> = model
                     .iter()
-                    .map(|(key, value)| KeyValue {
-                        key: key.clone(),
-                        value: value.clone(),
-                    })
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
                     .collect();
                 assert_eq!(got, expected, "task {task}: get_range of its keys");
             }
@@ -172,7 +170,7 @@ async fn many_tasks_share_one_handle(endpoints: String) {
         .unwrap_or_else(|err| panic!("get_range: {err}"));
     let found: BTreeMap<String, String> = everything
         .into_iter()
-        .map(|KeyValue { key, value }| (key, value))
+        .map(|kv| (kv.key, kv.value))
         .collect();
     assert_eq!(found, expected, "the store holds exactly the last writes");
     kv.close()

@@ -41,23 +41,26 @@ pub trait Candidacy: LockRelease {
 #[must_use = "dropping a Leadership resigns"]
 pub struct Leadership {
     name: String,
+    key: String,
     value: String,
     fencing_token: i64,
     backend: Option<Box<dyn Candidacy>>,
 }
 
 impl Leadership {
-    /// The leadership of the election `name` with `value`, whose key was created at revision
-    /// `fencing_token`. The backend side: applications get leaderships from
-    /// [`Kvi::campaign`](crate::Kvi::campaign).
+    /// The leadership of the election `name` with `value`, whose candidate key `key` (without
+    /// the handle's prefix) was created at revision `fencing_token`. The backend side:
+    /// applications get leaderships from [`Kvi::campaign`](crate::Kvi::campaign).
     pub fn from_backend(
         name: impl Into<String>,
+        key: impl Into<String>,
         value: impl Into<String>,
         fencing_token: i64,
         backend: Box<dyn Candidacy>,
     ) -> Self {
         Leadership {
             name: name.into(),
+            key: key.into(),
             value: value.into(),
             fencing_token,
             backend: Some(backend),
@@ -67,6 +70,12 @@ impl Leadership {
     /// The election's name, as given to `campaign` (without the handle's prefix).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// This candidate's key, `<name>/<lease id in hex>` (without the handle's prefix): what
+    /// [`Compare::leading`](crate::Compare::leading) checks.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The value last proclaimed (at first, the one campaigned with).

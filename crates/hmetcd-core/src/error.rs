@@ -145,6 +145,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A request that is malformed as a whole: an empty or over-long transaction, a key
+    /// written twice in one transaction branch, a list page limit of 0, a watch revision
+    /// below 1. Nothing was written.
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// What was malformed (`transaction`, `list request`, ...).
+        what: String,
+        /// Why.
+        reason: String,
+    },
+
     /// The request needs something this build or backend does not have.
     #[error("{what} is not supported: {reason}")]
     NotSupported {

@@ -7,10 +7,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::keys::check_key;
 use crate::{
-    CompareOp, KeyChange, KeyValue, LeaderStream, Leadership, LockGuard, LockOptions, Result,
-    WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    Compare, CompareOp, KeyChange, KeyValue, LeaderStream, Leadership, ListPage, ListRequest,
+    LockGuard, LockOptions, Op, Result, Txn, TxnOutcome, WatchCallback, WatchEvent, WatchHandle,
+    WatchStream,
 };
+
+/// The read-modify-write function [`Kvi::update`] calls: the current value (`None` when
+/// missing) in, the value to write (`None`: delete) out.
+pub type UpdateFn<'a> = dyn FnMut(Option<&str>) -> Option<String> + Send + 'a;
 
 /// A handle on a key-value store: etcd, or the in-memory store.
 ///
@@ -180,6 +186,114 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// the same twice in a row. Registered before this returns, so no change made after the
     /// call is missed.
     async fn observe(&self, name: &str) -> Result<LeaderStream>;
+
+    /// `key` with its metadata (create and mod revision, version, lease); `None` when absent.
+    async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>>;
+
+    /// Every key starting with `prefix`, sorted, with metadata: the safe way to say what
+    /// `get_range("p/", "p/~")` only approximates (that misses keys sorting after `~`). An
+    /// empty prefix is every key under the handle's `prefix` option. Big prefixes are read in
+    /// pages at one revision, so the answer is one consistent snapshot.
+    ///
+    /// ```
+    /// # use hmetcd_core::Kvi;
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// kv.store("nodes/~x", "up").await?;
+    /// let nodes = kv.get_prefix("nodes/").await?;
+    /// assert!(nodes.iter().any(|kv| kv.key == "nodes/~x"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>>;
+
+    /// One page of the keys `request` covers, sorted, starting after its `after` key. Paging
+    /// to the end (each next request `after` the last key of the page before) visits every
+    /// key exactly once.
+    ///
+    /// ```
+    /// # use hmetcd_core::{Kvi, ListRequest};
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let mut request = ListRequest::prefix("nodes/").limit(1000);
+    /// loop {
+    ///     let page = kv.list(request.clone()).await?;
+    ///     for item in &page.items {
+    ///         tracing::info!(key = %item.key, "node");
+    ///     }
+    ///     match page.items.last() {
+    ///         Some(last) if page.more => request = request.after(last.key.clone()),
+    ///         _ => break,
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn list(&self, request: ListRequest) -> Result<ListPage>;
+
+    /// Deletes every key starting with `prefix` in one step and returns how many there were.
+    /// An empty `prefix` is [`Error::InvalidKey`](crate::Error::InvalidKey): a whole store is
+    /// not deleted by accident.
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64>;
+
+    /// Stores `value` at `key`, bound to this handle's lease: a [`temp_key`](Kvi::temp_key)
+    /// with the caller's value.
+    async fn store_temp(&self, key: &str, value: &str) -> Result<()>;
+
+    /// Runs `txn` as one atomic step; see [`Txn`]. A malformed transaction (empty, too long,
+    /// a key written twice in one branch) is
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) and nothing is written.
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome>;
+
+    /// Read-modify-write that never loses a concurrent write: `f` gets the current value of
+    /// `key` (`None` when missing) and returns the new one (`None` deletes the key); the write
+    /// is conditional on the key's `mod_revision`, and when another writer got there first,
+    /// `f` is called again with the fresh value. Returns what was written. The key is written
+    /// without a lease.
+    ///
+    /// `f` may run several times, so it should only compute: do side effects after `update`
+    /// returns.
+    ///
+    /// ```
+    /// # use hmetcd_core::Kvi;
+    /// # async fn example(kv: &dyn Kvi) -> hmetcd_core::Result<()> {
+    /// let next = kv
+    ///     .update("counters/jobs", &mut |current| {
+    ///         let n: u64 = current.and_then(|v| v.parse().ok()).unwrap_or(0);
+    ///         Some((n + 1).to_string())
+    ///     })
+    ///     .await?;
+    /// tracing::info!(?next, "counted");
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn update(&self, key: &str, f: &mut UpdateFn<'_>) -> Result<Option<String>> {
+        check_key("key", key)?;
+        let mut current = self.get_kv(key).await?;
+        loop {
+            let next = f(current.as_ref().map(|kv| kv.value.as_str()));
+            let seen = current.as_ref().map_or(0, |kv| kv.mod_revision);
+            let write = match &next {
+                Some(value) => Op::put(key, value.as_str()),
+                None => Op::delete(key),
+            };
+            let txn = Txn::new()
+                .when(Compare::mod_revision(key, CompareOp::Equal, seen))
+                .then(write)
+                .otherwise(Op::get(key));
+            let outcome = self.txn(txn).await?;
+            if outcome.succeeded {
+                return Ok(next);
+            }
+            // Another writer got there first: start again from what it wrote.
+            current = outcome.gets.into_iter().next().flatten();
+        }
+    }
+
+    /// Every change to a key starting with `prefix` with revision `>= revision`: history first,
+    /// then live, in revision order, none missed or repeated. A `revision` below the store's
+    /// compaction gives [`Error::Compacted`](crate::Error::Compacted); a `revision` below 1 is
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument). Resume a watch after a
+    /// restart from the last revision handled plus one.
+    async fn watch_prefix_from(&self, prefix: &str, revision: i64) -> Result<WatchStream>;
 }
 
 /// The future every `Kvi` method returns (what `#[async_trait]` makes of an `async fn`).
@@ -286,6 +400,38 @@ macro_rules! forward_kvi {
             fn observe<'s, 'n, 'f>(&'s self, name: &'n str) -> KviFuture<'f, LeaderStream>
             where 's: 'f, 'n: 'f, Self: 'f {
                 (**self).observe(name)
+            }
+            fn get_kv<'s, 'k, 'f>(&'s self, key: &'k str) -> KviFuture<'f, Option<KeyValue>>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).get_kv(key)
+            }
+            fn get_prefix<'s, 'k, 'f>(&'s self, prefix: &'k str) -> KviFuture<'f, Vec<KeyValue>>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).get_prefix(prefix)
+            }
+            fn list<'s, 'f>(&'s self, request: ListRequest) -> KviFuture<'f, ListPage>
+            where 's: 'f, Self: 'f {
+                (**self).list(request)
+            }
+            fn delete_prefix<'s, 'k, 'f>(&'s self, prefix: &'k str) -> KviFuture<'f, u64>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).delete_prefix(prefix)
+            }
+            fn store_temp<'s, 'k, 'v, 'f>(&'s self, key: &'k str, value: &'v str) -> KviFuture<'f, ()>
+            where 's: 'f, 'k: 'f, 'v: 'f, Self: 'f {
+                (**self).store_temp(key, value)
+            }
+            fn txn<'s, 'f>(&'s self, txn: Txn) -> KviFuture<'f, TxnOutcome>
+            where 's: 'f, Self: 'f {
+                (**self).txn(txn)
+            }
+            fn update<'s, 'k, 'u, 'g, 'f>(&'s self, key: &'k str, f: &'u mut UpdateFn<'g>) -> KviFuture<'f, Option<String>>
+            where 's: 'f, 'k: 'f, 'u: 'f, 'g: 'f, Self: 'f {
+                (**self).update(key, f)
+            }
+            fn watch_prefix_from<'s, 'k, 'f>(&'s self, prefix: &'k str, revision: i64) -> KviFuture<'f, WatchStream>
+            where 's: 'f, 'k: 'f, Self: 'f {
+                (**self).watch_prefix_from(prefix, revision)
             }
         }
     )*};

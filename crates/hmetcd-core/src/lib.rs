@@ -13,6 +13,7 @@
 //! # Ok::<(), hmetcd_core::Error>(())
 //! ```
 
+mod data;
 mod election;
 mod endpoint;
 mod error;
@@ -23,11 +24,14 @@ mod options;
 mod types;
 pub mod watch;
 
+pub use data::{
+    Compare, CompareTarget, KeyRange, ListPage, ListRequest, Op, Txn, TxnOutcome, MAX_TXN_OPS,
+};
 pub use election::{leader_stream, Candidacy, Candidate, LeaderStream, Leadership};
 pub use endpoint::{Endpoint, EtcdUrl, Scheme};
 pub use error::{BoxError, Error, Result};
-pub use kvi::Kvi;
+pub use kvi::{Kvi, UpdateFn};
 pub use lock::{LockGuard, LockOptions, LockRelease, LostReason, LostSignal};
-pub use options::{Options, Password, DEFAULT_LOCK_NAME};
+pub use options::{Options, Password, DEFAULT_HISTORY, DEFAULT_LOCK_NAME};
 pub use types::{CompareOp, KeyChange, KeyValue, WatchEvent};
 pub use watch::{WatchCallback, WatchHandle, WatchStream};

@@ -175,21 +175,25 @@ pub trait LockRelease: Send + Sync + 'static {
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard {
     name: String,
+    key: String,
     fencing_token: i64,
     release: Option<Box<dyn LockRelease>>,
 }
 
 impl LockGuard {
-    /// The guard of the lock `name`, held through `release`, whose lock key was created at
-    /// revision `fencing_token`. This is the backend side of the guard: backends call it once
-    /// they hold the lock; applications get guards from [`Kvi::lock`](crate::Kvi::lock).
+    /// The guard of the lock `name`, held through `release`, whose lock key `key` (without the
+    /// handle's prefix) was created at revision `fencing_token`. This is the backend side of
+    /// the guard: backends call it once they hold the lock; applications get guards from
+    /// [`Kvi::lock`](crate::Kvi::lock).
     pub fn from_backend(
         name: impl Into<String>,
+        key: impl Into<String>,
         fencing_token: i64,
         release: Box<dyn LockRelease>,
     ) -> Self {
         LockGuard {
             name: name.into(),
+            key: key.into(),
             fencing_token,
             release: Some(release),
         }
@@ -198,6 +202,12 @@ impl LockGuard {
     /// The lock's name, as given to `lock` (without the handle's prefix).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// This holder's lock key, `<name>/<lease id in hex>` (without the handle's prefix): what
+    /// [`Compare::held`](crate::Compare::held) checks.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The fencing token of this hold: the store revision at which this holder's lock key was
@@ -314,7 +324,12 @@ mod tests {
     async fn unlock_releases_once_and_drop_releases_once() {
         assert_send_sync::<LockGuard>();
         let released = Arc::new(AtomicUsize::new(0));
-        let guard = LockGuard::from_backend("jobs", 7, Box::new(Counted(Arc::clone(&released))));
+        let guard = LockGuard::from_backend(
+            "jobs",
+            "jobs/1",
+            7,
+            Box::new(Counted(Arc::clone(&released))),
+        );
         assert_eq!(guard.name(), "jobs");
         assert_eq!(guard.fencing_token(), 7);
         assert!(guard.is_held());
@@ -326,6 +341,7 @@ mod tests {
         assert_eq!(released.load(Ordering::SeqCst), 1);
         drop(LockGuard::from_backend(
             "jobs",
+            "jobs/2",
             8,
             Box::new(Counted(Arc::clone(&released))),
         ));

@@ -75,7 +75,15 @@ pub struct Options {
     pub cert_file: Option<PathBuf>,
     /// Client private key (PEM) for `https://` endpoints.
     pub key_file: Option<PathBuf>,
+    /// In-memory store only: how many of the latest revisions the store keeps for
+    /// `watch_prefix_from` at least (it compacts older history by itself, as etcd's periodic
+    /// compaction would). Default 10,000; etcd accepts and ignores it (etcd's own
+    /// `--auto-compaction-*` flags decide there).
+    pub history: u64,
 }
+
+/// The revisions of history the in-memory store keeps by default.
+pub const DEFAULT_HISTORY: u64 = 10_000;
 
 /// The lock name used when none is given, the same as the Go package's.
 pub const DEFAULT_LOCK_NAME: &str = "hbtd_dist_lock";
@@ -93,6 +101,7 @@ impl Default for Options {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            history: DEFAULT_HISTORY,
         }
     }
 }
@@ -110,6 +119,7 @@ impl fmt::Debug for Options {
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
+            .field("history", &self.history)
             .finish()
     }
 }
@@ -181,6 +191,15 @@ impl Options {
             "ca_file" => self.ca_file = Some(non_empty(item, value)?.into()),
             "cert_file" => self.cert_file = Some(non_empty(item, value)?.into()),
             "key_file" => self.key_file = Some(non_empty(item, value)?.into()),
+            "history" => match value.parse::<u64>() {
+                Ok(revisions) if revisions >= 1 => self.history = revisions,
+                _ => {
+                    return Err(invalid(
+                        item,
+                        "expected a whole number of revisions, at least 1",
+                    ))
+                }
+            },
             "" => return Err(invalid(item, "missing option name")),
             _ => {
                 let known = OPTION_NAMES.join(", ");
@@ -218,7 +237,7 @@ impl FromStr for Options {
 }
 
 /// Every option name, in the order the documentation gives them.
-const OPTION_NAMES: [&str; 10] = [
+const OPTION_NAMES: [&str; 11] = [
     "request_timeout",
     "connect_timeout",
     "lease_ttl",
@@ -229,6 +248,7 @@ const OPTION_NAMES: [&str; 10] = [
     "ca_file",
     "cert_file",
     "key_file",
+    "history",
 ];
 
 /// Splits at commas, except that a password keeps every comma up to the next item that
@@ -314,7 +334,7 @@ mod tests {
     fn parses_every_option() {
         let options = Options::parse(
             " request_timeout=500ms , connect_timeout=2m,lease_ttl=3s,lock_name=mine,prefix=a/b/,\
-             user=svc,password=s3cret,ca_file=/ca.pem,cert_file=/c.pem,key_file=/k.pem",
+             user=svc,password=s3cret,ca_file=/ca.pem,cert_file=/c.pem,key_file=/k.pem,history=50",
         )
         .unwrap_or_default();
         assert_eq!(options.request_timeout, Duration::from_millis(500));
@@ -329,6 +349,8 @@ mod tests {
         );
         assert_eq!(options.ca_file, Some(PathBuf::from("/ca.pem")));
         assert_eq!(options.key_file, Some(PathBuf::from("/k.pem")));
+        assert_eq!(options.history, 50);
+        assert_eq!(Options::default().history, DEFAULT_HISTORY);
     }
 
     #[test]
@@ -344,6 +366,8 @@ mod tests {
         assert_eq!(reject("prefix=a,prefix=b").0, "prefix=b");
         assert_eq!(reject("=5").0, "=5");
         assert_eq!(reject("user=svc").0, "user=svc");
+        assert_eq!(reject("history=0").0, "history=0");
+        assert_eq!(reject("history=many").0, "history=many");
     }
 
     #[test]

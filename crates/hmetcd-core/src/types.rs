@@ -5,22 +5,70 @@ use std::str::FromStr;
 
 use crate::Error;
 
-/// One key and its value, as returned by [`Kvi::get_range`](crate::Kvi::get_range).
+/// One key, its value, and etcd's metadata for it, as reads return them.
+///
+/// The metadata has etcd's meanings on both backends: `create_revision` is the store revision
+/// at which the key was created (since it was last deleted), `mod_revision` the revision of
+/// its last write, `version` counts the writes since creation starting from 1 (a delete
+/// resets it), and `lease` is the id of the lease the key is bound to (0: none). A pair built
+/// with [`KeyValue::new`] has metadata 0.
+///
+/// ```
+/// use hmetcd_core::KeyValue;
+///
+/// let kv = KeyValue::new("nodes/a", "up");
+/// assert_eq!((kv.key.as_str(), kv.value.as_str()), ("nodes/a", "up"));
+/// assert_eq!((kv.create_revision, kv.mod_revision, kv.version, kv.lease), (0, 0, 0, 0));
+/// ```
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyValue {
     /// The key, without the handle's prefix.
     pub key: String,
-    /// The value.
+    /// The value (empty when read with [`ListRequest::keys_only`](crate::ListRequest::keys_only)).
     pub value: String,
+    /// The store revision at which the key was created (since it was last deleted).
+    pub create_revision: i64,
+    /// The store revision of the key's last write.
+    pub mod_revision: i64,
+    /// How many times the key was written since it was created, counting from 1.
+    pub version: i64,
+    /// The lease the key is bound to (a temp key's), 0 when none.
+    pub lease: i64,
 }
 
 impl KeyValue {
-    /// A pair from anything string-like.
+    /// A pair from anything string-like, with metadata 0.
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
         KeyValue {
             key: key.into(),
             value: value.into(),
+            create_revision: 0,
+            mod_revision: 0,
+            version: 0,
+            lease: 0,
         }
+    }
+
+    /// This pair with the given metadata; backends fill it in as they read.
+    #[must_use]
+    pub fn with_metadata(
+        mut self,
+        create_revision: i64,
+        mod_revision: i64,
+        version: i64,
+        lease: i64,
+    ) -> Self {
+        self.create_revision = create_revision;
+        self.mod_revision = mod_revision;
+        self.version = version;
+        self.lease = lease;
+        self
+    }
+
+    /// The key and the value, without the metadata: what to compare when only they matter.
+    pub fn pair(&self) -> (&str, &str) {
+        (&self.key, &self.value)
     }
 }
 

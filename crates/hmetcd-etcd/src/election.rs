@@ -36,8 +36,10 @@ impl Shared {
     ) -> Result<Leadership> {
         let release = self.take_named(name, value, options).await?;
         let fencing_token = release.hold.revision;
+        let key = format!("{name}/{}", crate::lease_hex(release.hold.lease));
         Ok(Leadership::from_backend(
             name,
+            key,
             value,
             fencing_token,
             Box::new(release),

@@ -296,8 +296,10 @@ impl Shared {
     ) -> Result<LockGuard> {
         let release = self.take_named(name, "", options).await?;
         let fencing_token = release.hold.revision;
+        let key = format!("{name}/{}", crate::lease_hex(release.hold.lease));
         Ok(LockGuard::from_backend(
             name,
+            key,
             fencing_token,
             Box::new(release),
         ))

@@ -80,10 +80,7 @@ impl Shared {
                 let Some(key) = self.shown_key(pair.key())? else {
                     continue;
                 };
-                found.push(KeyValue {
-                    key: key.to_owned(),
-                    value: self.text(key, pair.value())?,
-                });
+                found.push(KeyValue::new(key, self.text(key, pair.value())?));
             }
             let last = match page.kvs().last() {
                 Some(last) if page.more() => last,

@@ -239,9 +239,10 @@ impl MemKvs {
     }
 
     async fn lock_named(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
-        let (release, fencing_token) = self.take_named(name, "", options).await?;
+        let (release, key, fencing_token) = self.take_named(name, "", options).await?;
         Ok(LockGuard::from_backend(
             name,
+            key,
             fencing_token,
             Box::new(release),
         ))
@@ -253,9 +254,10 @@ impl MemKvs {
         value: &str,
         options: LockOptions,
     ) -> Result<Leadership> {
-        let (release, fencing_token) = self.take_named(name, value, options).await?;
+        let (release, key, fencing_token) = self.take_named(name, value, options).await?;
         Ok(Leadership::from_backend(
             name,
+            key,
             value,
             fencing_token,
             Box::new(release),
@@ -268,7 +270,7 @@ impl MemKvs {
         name: &str,
         value: &str,
         options: LockOptions,
-    ) -> Result<(MemLockRelease, i64)> {
+    ) -> Result<(MemLockRelease, String, i64)> {
         self.check_open()?;
         check_key("name", name)?;
         // Under the prefix like every other key; `lock_name` itself is the handle's lock.
@@ -296,6 +298,11 @@ impl MemKvs {
             return Err(Error::Closed);
         };
         let fencing_token = held.fencing_token();
+        let key = self
+            .prefix
+            .strip(held.stored_key())
+            .unwrap_or(held.stored_key())
+            .to_owned();
         let release = MemLockRelease::register(
             name,
             &self.session.guards,
@@ -308,7 +315,7 @@ impl MemKvs {
             release.release_now();
             return Err(Error::Closed);
         }
-        Ok((release, fencing_token))
+        Ok((release, key, fencing_token))
     }
 
     /// The candidates of the election `name`, leader first, and a watch of its keys from
@@ -529,6 +536,42 @@ impl Kvi for MemKvs {
     async fn observe(&self, name: &str) -> Result<LeaderStream> {
         let (candidates, events) = self.candidates(name)?;
         Ok(leader_stream(name, candidates, events))
+    }
+
+    async fn get_kv(&self, _key: &str) -> Result<Option<KeyValue>> {
+        Err(data_api_pending("get_kv"))
+    }
+
+    async fn get_prefix(&self, _prefix: &str) -> Result<Vec<KeyValue>> {
+        Err(data_api_pending("get_prefix"))
+    }
+
+    async fn list(&self, _request: hmetcd_core::ListRequest) -> Result<hmetcd_core::ListPage> {
+        Err(data_api_pending("list"))
+    }
+
+    async fn delete_prefix(&self, _prefix: &str) -> Result<u64> {
+        Err(data_api_pending("delete_prefix"))
+    }
+
+    async fn store_temp(&self, _key: &str, _value: &str) -> Result<()> {
+        Err(data_api_pending("store_temp"))
+    }
+
+    async fn txn(&self, _txn: hmetcd_core::Txn) -> Result<hmetcd_core::TxnOutcome> {
+        Err(data_api_pending("txn"))
+    }
+
+    async fn watch_prefix_from(&self, _prefix: &str, _revision: i64) -> Result<WatchStream> {
+        Err(data_api_pending("watch_prefix_from"))
+    }
+}
+
+// PENDING(data API): replaced by the implementations in this same change series.
+fn data_api_pending(what: &str) -> Error {
+    Error::NotSupported {
+        what: what.to_owned(),
+        reason: "not built yet".to_owned(),
     }
 }
 

@@ -223,6 +223,11 @@ pub(crate) struct Held {
 }
 
 impl Held {
+    /// The stored lock key.
+    pub(crate) fn stored_key(&self) -> &str {
+        self.place.key()
+    }
+
     /// The create revision of this holder's lock key.
     pub(crate) fn fencing_token(&self) -> i64 {
         self.place.revision()

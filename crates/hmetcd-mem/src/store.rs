@@ -66,6 +66,11 @@ pub(crate) struct Place {
 }
 
 impl Place {
+    /// The participant's stored lock key.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The create revision of the participant's lock key.
     pub(crate) fn revision(&self) -> i64 {
         self.revision
@@ -480,10 +485,10 @@ impl Store {
             .range::<str, _>((Included(start), Included(end)))
             .filter_map(|key| {
                 let entry = state.values.get(key)?;
-                Some(KeyValue {
-                    key: key.get(strip..).unwrap_or_default().to_owned(),
-                    value: entry.value.clone(),
-                })
+                Some(KeyValue::new(
+                    key.get(strip..).unwrap_or_default(),
+                    entry.value.clone(),
+                ))
             })
             .collect()
     }
