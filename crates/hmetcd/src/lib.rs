@@ -31,9 +31,11 @@
 pub use hmetcd_core::keys;
 pub use hmetcd_core::watch;
 pub use hmetcd_core::{
-    BoxError, CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LeaderStream,
-    Leadership, LockGuard, LockOptions, LockRelease, LostReason, LostSignal, Options, Password,
-    Result, Scheme, WatchCallback, WatchEvent, WatchHandle, WatchStream, DEFAULT_LOCK_NAME,
+    BoxError, Compare, CompareOp, CompareTarget, Endpoint, Error, EtcdUrl, KeyChange, KeyRange,
+    KeyValue, Kvi, LeaderStream, Leadership, ListPage, ListRequest, LockGuard, LockOptions,
+    LockRelease, LostReason, LostSignal, Op, Options, Password, Result, Scheme, Txn, TxnOutcome,
+    UpdateFn, WatchCallback, WatchEvent, WatchHandle, WatchStream, DEFAULT_HISTORY,
+    DEFAULT_LOCK_NAME, MAX_TXN_OPS,
 };
 
 /// The etcd backend (cargo feature `etcd`).

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hmetcd::{
-    CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership, LockGuard, LockOptions,
-    LostReason, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    Compare, CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership, ListPage,
+    ListRequest, LockGuard, LockOptions, LostReason, Op, Result, Txn, TxnOutcome, WatchCallback,
+    WatchEvent, WatchHandle, WatchStream,
 };
 
 fn error_names(err: &Error) -> &'static str {
@@ -26,6 +27,7 @@ fn error_names(err: &Error) -> &'static str {
         Error::NotSupported { .. } => "NotSupported",
         Error::Backend { .. } => "Backend",
         Error::NotLeader { .. } => "NotLeader",
+        Error::InvalidArgument { .. } => "InvalidArgument",
         _ => "other",
     }
 }
@@ -108,6 +110,7 @@ async fn every_method(kv: &dyn Kvi) -> Result<()> {
     let err = kv.lock("").await.err();
     assert_eq!(err.as_ref().map(error_names), Some("InvalidKey"));
     elections(kv).await?;
+    data_api(kv).await?;
     let kept = kv.lock("kept").await?;
     let led: Leadership = kv.campaign("kept-election", "v").await?;
     kv.close().await?;
@@ -168,6 +171,89 @@ async fn elections(kv: &dyn Kvi) -> Result<()> {
     let err = bounded.proclaim("too late").await.err();
     assert_eq!(err.as_ref().map(error_names), Some("NotLeader"));
     drop(bounded);
+    Ok(())
+}
+
+/// The contract's "The data API" names.
+async fn data_api(kv: &dyn Kvi) -> Result<()> {
+    kv.store("data/a", "1").await?;
+    let kv_a: Option<KeyValue> = kv.get_kv("data/a").await?;
+    let Some(first) = kv_a else {
+        panic!("data/a is missing");
+    };
+    let KeyValue {
+        create_revision,
+        mod_revision,
+        version,
+        lease,
+        ..
+    } = first;
+    assert!(create_revision > 0 && mod_revision == create_revision);
+    assert_eq!((version, lease), (1, 0));
+    kv.store_temp("data/~temp", "mine").await?;
+    let all: Vec<KeyValue> = kv.get_prefix("data/").await?;
+    let pairs: Vec<(&str, &str)> = all.iter().map(KeyValue::pair).collect();
+    assert_eq!(pairs, [("data/a", "1"), ("data/~temp", "mine")]);
+    assert!(all[1].lease != 0);
+    let page: ListPage = kv
+        .list(ListRequest::prefix("data/").limit(1).keys_only())
+        .await?;
+    assert!(page.more && page.count == 2 && page.revision >= mod_revision);
+    assert_eq!(page.items[0].pair(), ("data/a", ""));
+    let rest = kv
+        .list(ListRequest::range("data/", "data/~~").after("data/a"))
+        .await?;
+    assert!(!rest.more && rest.count == 1);
+    let guard = kv.lock("data-lock").await?;
+    let outcome: TxnOutcome = kv
+        .txn(
+            Txn::new()
+                .when(Compare::value("data/a", CompareOp::Equal, "1"))
+                .when(Compare::exists("data/a"))
+                .when(Compare::missing("data/b"))
+                .when(Compare::mod_revision(
+                    "data/a",
+                    CompareOp::Equal,
+                    mod_revision,
+                ))
+                .when(Compare::version("data/a", CompareOp::Equal, 1))
+                .when(Compare::held(&guard))
+                .then(Op::put("data/b", "2"))
+                .then(Op::put_temp("data/c", "3"))
+                .then(Op::delete("data/a"))
+                .then(Op::get("data/b"))
+                .otherwise(Op::delete_prefix("data/")),
+        )
+        .await?;
+    assert!(outcome.succeeded && outcome.revision > mod_revision);
+    assert_eq!(
+        outcome.gets[0].as_ref().map(KeyValue::pair),
+        Some(("data/b", "2"))
+    );
+    let leadership = kv.campaign("data-election", "me").await?;
+    let leading = kv
+        .txn(
+            Txn::new()
+                .when(Compare::leading(&leadership))
+                .then(Op::get("data/b")),
+        )
+        .await?;
+    assert!(leading.succeeded);
+    leadership.resign().await?;
+    guard.unlock().await?;
+    let err = kv.txn(Txn::new()).await.err();
+    assert_eq!(err.as_ref().map(error_names), Some("InvalidArgument"));
+    let written: Option<String> = kv
+        .update("data/n", &mut |n| Some(format!("{}+", n.unwrap_or(""))))
+        .await?;
+    assert_eq!(written.as_deref(), Some("+"));
+    let mut history: WatchStream = kv.watch_prefix_from("data/", create_revision).await?;
+    let replayed = history.next().await.transpose()?;
+    assert_eq!(replayed.as_ref().map(WatchEvent::key), Some("data/a"));
+    let deleted: u64 = kv.delete_prefix("data/").await?;
+    assert_eq!(deleted, 4);
+    let err = kv.delete_prefix("").await.err();
+    assert_eq!(err.as_ref().map(error_names), Some("InvalidKey"));
     Ok(())
 }
 
