@@ -65,7 +65,12 @@ pub enum Error {
     },
 
     /// A request did not complete within `request_timeout`.
-    #[error("{operation} timed out after {timeout:?}")]
+    ///
+    /// **The outcome of a write is unknown**: the request may have reached the store and been
+    /// applied after all. Re-read before retrying a conditional write (`tas`, `transaction`,
+    /// `txn`), whose second attempt may see its own first one; plain `store` and `delete` are
+    /// safe to repeat.
+    #[error("{operation} timed out after {timeout:?} (a write may have been applied)")]
     Timeout {
         /// The request that timed out, with its key where there is one.
         operation: String,
@@ -89,14 +94,15 @@ pub enum Error {
     #[error("the handle is closed")]
     Closed,
 
-    /// A watch could not resume because the revision it needs was compacted away.
-    #[error("watch on {} cannot resume at revision {revision}: the store is compacted up to revision {compact_revision}", clipped(.key))]
+    /// A watch could not resume, or a read could not be answered, because the revision it
+    /// needs was compacted away.
+    #[error("{}", compacted_message(.key, *.revision, *.compact_revision))]
     Compacted {
-        /// The watched key or prefix (without the handle's prefix).
+        /// The watched or read key or prefix (without the handle's prefix).
         key: String,
-        /// The revision the watch needed.
+        /// The revision that was needed; 0 when the store did not say (a read).
         revision: i64,
-        /// The oldest revision the store still keeps.
+        /// The oldest revision the store still keeps; 0 when the store did not say.
         compact_revision: i64,
     },
 
@@ -196,8 +202,32 @@ impl Error {
     }
 
     /// Whether retrying the same call later may succeed (timeouts and outages).
+    ///
+    /// This does not make a retry safe: after a [`Error::Timeout`] (and an
+    /// [`Error::Unavailable`] from a connection lost mid-request) a write's outcome is
+    /// unknown — it may have been applied. Reads, `store` and `delete` may be retried blindly;
+    /// a `tas`, `transaction` or `txn` should re-read first, since a retry may compare against
+    /// its own first attempt's write. [`Kvi::update`](crate::Kvi::update) retries safely by
+    /// itself.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Timeout { .. } | Error::Unavailable { .. })
+    }
+}
+
+/// The message of [`Error::Compacted`]: says only the revisions the store gave.
+fn compacted_message(key: &str, revision: i64, compact_revision: i64) -> String {
+    let key = clipped(key);
+    match (revision, compact_revision) {
+        (0, 0) => format!("read of {key} needs a revision that the store compacted away"),
+        (0, kept) => format!(
+            "read of {key} needs a revision that the store compacted away (it keeps revisions \
+             from {kept} on)"
+        ),
+        (needed, 0) => format!("revision {needed} of {key} is compacted away"),
+        (needed, kept) => format!(
+            "watch on {key} cannot resume at revision {needed}: the store is compacted up to \
+             revision {kept}"
+        ),
     }
 }
 
@@ -244,6 +274,37 @@ mod tests {
             Error::clipped_key(&key).to_string(),
             format!("{:?}… (202 bytes)", "é".repeat(100))
         );
+    }
+
+    #[test]
+    fn compacted_says_only_what_the_store_said() {
+        let read = Error::Compacted {
+            key: "k".into(),
+            revision: 0,
+            compact_revision: 0,
+        };
+        assert_eq!(
+            read.to_string(),
+            "read of \"k\" needs a revision that the store compacted away"
+        );
+        let watch = Error::Compacted {
+            key: "k".into(),
+            revision: 4,
+            compact_revision: 9,
+        };
+        assert!(watch.to_string().contains("at revision 4"));
+        assert!(watch.to_string().contains("up to revision 9"));
+        assert!(!read.to_string().contains("revision 0"));
+    }
+
+    #[test]
+    fn timeouts_warn_that_a_write_may_have_been_applied() {
+        let err = Error::Timeout {
+            operation: "tas \"k\"".into(),
+            timeout: Duration::from_secs(5),
+        };
+        assert!(err.is_transient());
+        assert!(err.to_string().contains("may have been applied"), "{err}");
     }
 
     #[test]

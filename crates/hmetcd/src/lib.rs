@@ -11,6 +11,17 @@
 //! | `mem:NAME` | the in-memory store named NAME | `mem` (default) |
 //! | `http://h:p`, `https://h:p`, `h:p`, or a comma-separated list | etcd | `etcd` |
 //!
+//! Every handle is a [`Kvi`]: its page is the contract — reads and writes, ranges and
+//! prefixes, transactions ([`Txn`]), temp keys, locks ([`LockGuard`], with fencing tokens and a
+//! lost-lock signal), leader election ([`Leadership`]) and watches — and both backends keep
+//! it to the letter. Errors are one enum, [`Error`].
+//!
+//! **Cargo features.** `mem` (default): the in-memory store, [`MemKvs`]. `etcd`: the etcd
+//! backend, [`EtcdKvs`]; its build needs `protoc`, the Protocol Buffers compiler
+//! (`apt install protobuf-compiler libprotobuf-dev`, or set `PROTOC`). Tests of a service can
+//! depend on `hmetcd-mem` alone, whose `MemKvs::faults()` causes lease expiry, partitions and
+//! compaction on demand.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> hmetcd::Result<()> {
@@ -28,21 +39,35 @@
 //! # }
 //! ```
 
-pub use hmetcd_core::keys;
-pub use hmetcd_core::watch;
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use hmetcd_core::watch::WatchEnd;
 pub use hmetcd_core::{
-    BoxError, Compare, CompareOp, CompareTarget, Endpoint, Error, EtcdUrl, KeyChange, KeyRange,
-    KeyValue, Kvi, LeaderStream, Leadership, ListPage, ListRequest, LockGuard, LockOptions,
-    LockRelease, LostReason, LostSignal, Op, Options, Password, Result, Scheme, Txn, TxnOutcome,
-    UpdateFn, WatchCallback, WatchEvent, WatchHandle, WatchStream, DEFAULT_HISTORY,
-    DEFAULT_LOCK_NAME, MAX_TXN_OPS,
+    Compare, CompareOp, CompareTarget, Error, KeyChange, KeyRange, KeyValue, Kvi, LeaderStream,
+    Leadership, ListPage, ListRequest, LockGuard, LockOptions, LostReason, Op, Options, Result,
+    Txn, TxnOutcome, UpdateFn, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    DEFAULT_HISTORY, DEFAULT_LOCK_NAME, MAX_TXN_OPS,
 };
+
+/// What backends are built from: the traits a backend implements behind [`LockGuard`] and
+/// [`Leadership`], key and prefix rules, the callback-watcher runner, and the endpoint and
+/// option parsers. Applications do not need any of it; a new backend (or a test double) does.
+pub mod backend {
+    pub use hmetcd_core::keys;
+    pub use hmetcd_core::watch::{first_event, spawn_callback_watcher};
+    pub use hmetcd_core::{
+        leader_stream, BoxError, Candidacy, Candidate, Endpoint, EtcdUrl, LockRelease, LostSignal,
+        Password, Scheme,
+    };
+}
 
 /// The etcd backend (cargo feature `etcd`).
 #[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub use hmetcd_etcd::{self as etcd, EtcdKvs};
 /// The in-memory backend (cargo feature `mem`, on by default).
 #[cfg(feature = "mem")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mem")))]
 pub use hmetcd_mem::{self as mem, MemKvs};
 
 /// Opens a handle on the store named by `endpoint`, with `options` (`""` or comma-separated
@@ -64,20 +89,20 @@ pub use hmetcd_mem::{self as mem, MemKvs};
 /// # }
 /// ```
 pub async fn open(endpoint: &str, options: &str) -> Result<Box<dyn Kvi>> {
-    match Endpoint::parse(endpoint)? {
+    match backend::Endpoint::parse(endpoint)? {
         #[cfg(feature = "mem")]
-        Endpoint::Memory { name } => Ok(Box::new(MemKvs::open(
+        backend::Endpoint::Memory { name } => Ok(Box::new(MemKvs::open(
             name.as_deref().unwrap_or(""),
             options,
         )?)),
         #[cfg(not(feature = "mem"))]
-        Endpoint::Memory { .. } => Err(missing_feature(endpoint, "mem")),
+        backend::Endpoint::Memory { .. } => Err(missing_feature(endpoint, "mem")),
         #[cfg(feature = "etcd")]
-        Endpoint::Etcd(urls) => Ok(Box::new(
+        backend::Endpoint::Etcd(urls) => Ok(Box::new(
             EtcdKvs::connect_with(&urls, Options::parse(options)?).await?,
         )),
         #[cfg(not(feature = "etcd"))]
-        Endpoint::Etcd(_) => Err(missing_feature(endpoint, "etcd")),
+        backend::Endpoint::Etcd(_) => Err(missing_feature(endpoint, "etcd")),
     }
 }
 
