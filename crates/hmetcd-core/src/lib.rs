@@ -17,6 +17,7 @@ mod data;
 mod election;
 mod endpoint;
 mod error;
+pub mod instrument;
 pub mod keys;
 mod kvi;
 mod lock;

@@ -1,0 +1,210 @@
+//! What every backend reports about its calls: one `tracing` span per operation (target
+//! `hmetcd`), and with the cargo feature `metrics`, figures through the [`metrics`] crate's
+//! facade, so that any exporter (Prometheus, OpenTelemetry, statsd) can collect them.
+//!
+//! # Spans
+//!
+//! Each call of a [`Kvi`](crate::Kvi) method runs in a `DEBUG` span named `hmetcd` with the
+//! fields `operation` (the method), `key` (the key, prefix or name, cut to 100 characters),
+//! `backend` (`mem` or `etcd`), `endpoint` (etcd: the endpoints), and `outcome` (`ok` or the
+//! error's [`kind`](crate::Error::kind)), recorded when the call ends. Events inside the span
+//! (lease trouble, reconnects, lock waits) carry its fields.
+//!
+//! # Metrics
+//!
+//! | name | type | labels | what |
+//! |---|---|---|---|
+//! | `hmetcd_calls_total` | counter | `operation`, `outcome`, `backend` | calls, by how they ended |
+//! | `hmetcd_call_duration_seconds` | histogram | `operation`, `backend` | how long calls took |
+//! | `hmetcd_leases_lost_total` | counter | `backend` | sessions whose lease was lost (expired, revoked, cut off) |
+//! | `hmetcd_lock_wait_seconds` | histogram | `backend` | time from asking for a lock or leadership to holding it |
+//! | `hmetcd_lock_hold_seconds` | histogram | `backend` | time a lock or leadership was held |
+//! | `hmetcd_watchers_open` | gauge | `backend` | watch streams and callback watchers open now |
+//! | `hmetcd_watch_reconnects_total` | counter | `backend` | watch streams re-established after a broken link |
+//! | `hmetcd_watch_delivery_lag_seconds` | histogram | `backend` | time from the backend receiving an event to the watcher taking it |
+//!
+//! Without the feature, or without a recorder installed, recording costs next to nothing.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
+
+use crate::{Error, Result};
+
+/// Characters of a key that a span shows.
+const SHOWN_KEY_CHARS: usize = 100;
+
+/// One call of a backend: its span, and its start for the duration metric.
+#[derive(Debug)]
+pub struct Call {
+    span: Span,
+    #[cfg(feature = "metrics")]
+    labels: (&'static str, &'static str),
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+}
+
+impl Call {
+    /// Starts the call `operation` of `backend` on `key` (a key, prefix or name; cut to a
+    /// readable length), against `endpoint` when the backend has one.
+    pub fn start(
+        backend: &'static str,
+        endpoint: Option<&str>,
+        operation: &'static str,
+        key: &str,
+    ) -> Self {
+        let span = tracing::debug_span!(
+            target: "hmetcd",
+            "hmetcd",
+            operation,
+            key = shown(key),
+            backend,
+            endpoint = endpoint.unwrap_or(""),
+            outcome = Empty,
+        );
+        Call {
+            span,
+            #[cfg(feature = "metrics")]
+            labels: (operation, backend),
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Runs `call` in this call's span and records how it ended.
+    pub async fn run<T>(self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let result = call.instrument(self.span.clone()).await;
+        self.finish(outcome(&result));
+        result
+    }
+
+    /// Records the end of a call that is not a future (a synchronous method).
+    pub fn finish(self, outcome: &'static str) {
+        self.span.record("outcome", outcome);
+        #[cfg(feature = "metrics")]
+        {
+            let (operation, backend) = self.labels;
+            metrics::counter!("hmetcd_calls_total", "operation" => operation, "outcome" => outcome, "backend" => backend)
+                .increment(1);
+            metrics::histogram!("hmetcd_call_duration_seconds", "operation" => operation, "backend" => backend)
+                .record(self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The call's span, for work the call hands to a task of its own.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+}
+
+/// `ok`, or the error's kind.
+pub fn outcome<T>(result: &Result<T>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(err) => err.kind(),
+    }
+}
+
+/// `key`, cut after its first 100 characters.
+fn shown(key: &str) -> &str {
+    match key.char_indices().nth(SHOWN_KEY_CHARS) {
+        Some((cut, _)) => &key[..cut],
+        None => key,
+    }
+}
+
+/// A session of `backend` lost its lease.
+pub fn lease_lost(backend: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("hmetcd_leases_lost_total", "backend" => backend).increment(1);
+    let _ = backend;
+}
+
+/// A lock or leadership of `backend` was taken after waiting `waited`.
+pub fn lock_taken(backend: &'static str, waited: Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("hmetcd_lock_wait_seconds", "backend" => backend)
+        .record(waited.as_secs_f64());
+    let _ = (backend, waited);
+}
+
+/// A lock or leadership of `backend` ended after being held `held`.
+pub fn lock_ended(backend: &'static str, held: Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("hmetcd_lock_hold_seconds", "backend" => backend)
+        .record(held.as_secs_f64());
+    let _ = (backend, held);
+}
+
+/// A watcher of `backend` opened (`+1`) or closed (`-1`).
+pub fn watchers_changed(backend: &'static str, by: f64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("hmetcd_watchers_open", "backend" => backend).increment(by);
+    let _ = (backend, by);
+}
+
+/// A watch stream of `backend` was re-established after a broken link.
+pub fn watch_reconnected(backend: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("hmetcd_watch_reconnects_total", "backend" => backend).increment(1);
+    let _ = backend;
+}
+
+/// An event reached its watcher `lag` after the backend received it.
+pub fn watch_delivered(backend: &'static str, lag: Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("hmetcd_watch_delivery_lag_seconds", "backend" => backend)
+        .record(lag.as_secs_f64());
+    let _ = (backend, lag);
+}
+
+impl Error {
+    /// A short, stable name of the variant (`timeout`, `unavailable`, `invalid_key`, ...): the
+    /// `outcome` of spans and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidEndpoint { .. } => "invalid_endpoint",
+            Error::InvalidOption { .. } => "invalid_option",
+            Error::InvalidKey { .. } => "invalid_key",
+            Error::InvalidOperator { .. } => "invalid_operator",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::LockTimeout { .. } => "lock_timeout",
+            Error::Timeout { .. } => "timeout",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Closed => "closed",
+            Error::Compacted { .. } => "compacted",
+            Error::Unauthenticated { .. } => "unauthenticated",
+            Error::PermissionDenied { .. } => "permission_denied",
+            Error::InvalidUtf8 { .. } => "invalid_utf8",
+            Error::NotLeader { .. } => "not_leader",
+            Error::NotSupported { .. } => "not_supported",
+            Error::Backend { .. } => "backend",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_keys_are_cut_in_spans() {
+        let key = "é".repeat(150);
+        assert_eq!(shown(&key).chars().count(), 100);
+        assert_eq!(shown("a/b"), "a/b");
+    }
+
+    #[tokio::test]
+    async fn outcomes_name_the_error_kind() {
+        let ok = Call::start("mem", None, "get", "k")
+            .run(async { Ok::<_, Error>(1) })
+            .await;
+        assert_eq!(outcome(&ok), "ok");
+        let closed: Result<()> = Call::start("mem", None, "get", "k")
+            .run(async { Err(Error::Closed) })
+            .await;
+        assert_eq!(outcome(&closed), "closed");
+    }
+}
