@@ -30,41 +30,9 @@ const TXN_REFUSALS: [&str; 2] = [
     "duplicate key given in txn request",
 ];
 
-/// What a transaction's branch does to the handle's temp keys once it ran.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct BranchEffects {
-    /// Temp keys put (stored form) and their values: remembered for restore.
-    pub(crate) temp_puts: Vec<(String, String)>,
-    /// Keys (stored form) written without the lease or deleted: no longer temp keys.
-    pub(crate) plain_writes: Vec<String>,
-    /// Prefixes (stored form) deleted: no key under them is a temp key any more.
-    pub(crate) deleted_prefixes: Vec<String>,
-}
-
-impl BranchEffects {
-    fn of(ops: &[Op], prefix: &KeyPrefix) -> Self {
-        let mut effects = BranchEffects::default();
-        for op in ops {
-            match op {
-                Op::PutTemp { key, value } => {
-                    effects.temp_puts.push((prefix.apply(key), value.clone()));
-                }
-                Op::Put { key, .. } | Op::Delete { key } => {
-                    effects.plain_writes.push(prefix.apply(key));
-                }
-                Op::DeletePrefix { prefix: deleted } => {
-                    effects.deleted_prefixes.push(prefix.apply(deleted));
-                }
-                // Op is non-exhaustive across crates; gets write nothing.
-                _ => {}
-            }
-        }
-        effects
-    }
-
-    fn has_temp_puts(ops: &[Op]) -> bool {
-        ops.iter().any(|op| matches!(op, Op::PutTemp { .. }))
-    }
+/// Whether `ops` put a key on the handle's lease.
+fn has_temp_puts(ops: &[Op]) -> bool {
+    ops.iter().any(|op| matches!(op, Op::PutTemp { .. }))
 }
 
 /// `compare` as etcd's, with the handle's prefix on its key.
@@ -283,8 +251,7 @@ impl Shared {
             .or_else(|| txn.else_ops().first().map(Op::key))
             .unwrap_or_default();
         let request = Request::new("transaction on", key);
-        let temp = BranchEffects::has_temp_puts(txn.then_ops())
-            || BranchEffects::has_temp_puts(txn.else_ops());
+        let temp = has_temp_puts(txn.then_ops()) || has_temp_puts(txn.else_ops());
         let mut not = None;
         let (answer, generation) = loop {
             // Only a transaction with temp puts needs the lease (and waits for a live one).
@@ -328,31 +295,32 @@ impl Shared {
                 }
             }
         }
-        self.apply_effects(BranchEffects::of(ran, &self.prefix), generation)
-            .await?;
+        self.apply_effects(ran, generation).await?;
         Ok(TxnOutcome::new(succeeded, revision, gets))
     }
 
-    /// What a transaction branch that ran did to the temp keys. A temp put made on a lease
-    /// that was lost meanwhile (the session's generation moved on, so the restore may have
-    /// run already) is put again on the live lease.
-    async fn apply_effects(&self, effects: BranchEffects, generation: u64) -> Result<()> {
-        for key in &effects.plain_writes {
-            self.session.forget_temp_key(key);
-        }
-        for prefix in &effects.deleted_prefixes {
-            self.session.forget_temp_prefix(prefix);
-        }
-        if effects.temp_puts.is_empty() {
-            return Ok(());
-        }
+    /// What the transaction branch `ops` that ran did to the temp keys: plain writes and
+    /// deletes are no longer temp keys, temp puts are remembered with their values. A temp put
+    /// made on a lease that was lost meanwhile (the session's generation moved on, so the
+    /// restore may have run already) is put again on the live lease.
+    async fn apply_effects(&self, ops: &[Op], generation: u64) -> Result<()> {
         let moved_on = self.session.state().generation != generation;
-        for (stored, value) in &effects.temp_puts {
-            if moved_on {
-                let shown = self.prefix.strip(stored).unwrap_or(stored);
-                self.put_temp_key(shown, value).await?;
-            } else {
-                self.session.remember_temp_key(stored, value);
+        for op in ops {
+            match op {
+                // Without temp keys (the usual case) forgetting takes no lock.
+                Op::Put { key, .. } | Op::Delete { key } => {
+                    self.session.forget_temp_key(&self.prefix.stored(key));
+                }
+                Op::DeletePrefix { prefix } => {
+                    self.session.forget_temp_prefix(&self.prefix.stored(prefix));
+                }
+                Op::PutTemp { key, value } if moved_on => self.put_temp_key(key, value).await?,
+                Op::PutTemp { key, value } => {
+                    self.session
+                        .remember_temp_key(&self.prefix.stored(key), value);
+                }
+                // Op is non-exhaustive across crates; gets write nothing.
+                _ => {}
             }
         }
         Ok(())
@@ -457,20 +425,10 @@ mod tests {
     }
 
     #[test]
-    fn branch_effects_name_stored_keys() {
-        let ops = [
-            Op::put_temp("t", "v"),
-            Op::put("p", "1"),
-            Op::delete("d"),
-            Op::delete_prefix("dp/"),
-            Op::get("g"),
-        ];
-        let effects = BranchEffects::of(&ops, &KeyPrefix::new("s/"));
-        assert_eq!(effects.temp_puts, [("s/t".to_owned(), "v".to_owned())]);
-        assert_eq!(effects.plain_writes, ["s/p", "s/d"]);
-        assert_eq!(effects.deleted_prefixes, ["s/dp/"]);
-        assert!(BranchEffects::has_temp_puts(&ops));
-        assert!(!BranchEffects::has_temp_puts(&ops[1..]));
+    fn temp_puts_need_the_lease() {
+        let ops = [Op::put("p", "1"), Op::get("g"), Op::put_temp("t", "v")];
+        assert!(has_temp_puts(&ops));
+        assert!(!has_temp_puts(&ops[..2]));
     }
 
     #[test]
