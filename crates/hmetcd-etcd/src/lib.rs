@@ -22,6 +22,13 @@
 //!   revision order, and resume after an etcd restart from the last delivered revision. All
 //!   watches of a handle share one etcd watch stream (a gRPC stream on the handle's connection,
 //!   opened on first use); each is one etcd watch on it, cancelled when its stream is dropped.
+//! - Reads (`get_range`, `get_kv`, `get_prefix`, `list`, transaction gets) return etcd's
+//!   metadata (create and mod revision, version, lease); `leader()` and `observe()` leave it 0.
+//!   Big reads are paged at the first page's revision, so they are one snapshot, and no page
+//!   response is bigger than 4 MiB: a page too big to decode is asked for again with fewer keys.
+//! - `txn` is one etcd transaction; `Op::put_temp` and `store_temp` put keys on the handle's
+//!   lease, and like temp keys they are put back, with their values, after a lease loss.
+//!   `watch_prefix_from` replays history from a revision on the shared watch stream.
 //! - With several endpoints, each member is asked for its status about twice a second; one that
 //!   does not answer (or has no leader) gets no requests until it answers again.
 //! - With `user`/`password`, an expired or invalid token is refreshed and the request retried
