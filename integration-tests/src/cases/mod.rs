@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use hmetcd_core::{Kvi, WatchCallback, WatchEvent, WatchStream};
+use hmetcd_core::{KeyValue, Kvi, WatchCallback, WatchEvent, WatchStream};
 
 use crate::{case, Case};
 
@@ -327,6 +327,12 @@ pub(crate) async fn next_event(
         Some(Err(err)) => panic!("{what}: the stream failed: {err}"),
         None => panic!("{what}: the stream ended"),
     }
+}
+
+/// The `(key, value)` pairs of `kvs`, without their metadata: what to compare when only the
+/// data matters (the metadata holds store revisions, which differ from run to run).
+pub(crate) fn pairs(kvs: &[KeyValue]) -> Vec<(&str, &str)> {
+    kvs.iter().map(KeyValue::pair).collect()
 }
 
 /// A `Put` event's key and value, or panics.
