@@ -420,6 +420,8 @@ pub async fn list_paging_visits_every_key_once_while_others_write(store: TestSto
                 }
                 round += 1;
                 progress.fetch_add(1, Ordering::Relaxed);
+                // The memory store answers without yielding: let the reader run.
+                tokio::task::yield_now().await;
             }
             round
         }));

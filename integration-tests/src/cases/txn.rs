@@ -492,7 +492,7 @@ pub async fn update_loses_no_write_under_contention(store: TestStore) {
         }));
     }
     for task in tasks {
-        within(Duration::from_secs(50), "64 tasks × 100 updates", task)
+        within(super::SLOW_CASE_LIMIT, "64 tasks × 100 updates", task)
             .await
             .unwrap();
     }
