@@ -280,7 +280,8 @@ struct State {
     /// Revisions before this one are forgotten (`Faults::compact`, or the log compacting
     /// itself); 0: nothing compacted.
     compacted: i64,
-    /// Every event from `compacted` on, oldest first, for `watch_prefix_from`.
+    /// Every event from `compacted` on, oldest first, for `watch_prefix_from` (and a few
+    /// before it that `record` has yet to drop, which no watch replays).
     log: VecDeque<Logged>,
     /// How many revisions the log keeps at least (the largest `history` option of the
     /// handles opened on the store); 0 until a handle says.
@@ -956,6 +957,12 @@ impl Store {
         self.write().watchers.retain_owned(owner, |_, _| false);
     }
 
+    /// How many events the history log holds.
+    #[cfg(test)]
+    pub(crate) fn logged(&self) -> usize {
+        self.read().log.len()
+    }
+
     #[cfg(test)]
     pub(crate) fn watcher_count(&self) -> usize {
         let state = self.read();
@@ -1027,8 +1034,11 @@ impl State {
         true
     }
 
-    /// Logs an event and delivers it to the watchers; the log compacts itself once it spans
-    /// more than twice `history` revisions, down to the last `history`.
+    /// Logs an event and delivers it to the watchers. The log compacts itself once it spans
+    /// more than twice `history` revisions, down to the last `history`: the compaction
+    /// revision moves at once, the events before it go two per event logged (no write pays
+    /// for dropping thousands at a time; the log still shrinks, as every write logs at least
+    /// one event).
     fn record(&mut self, key: Arc<str>, value: Option<Arc<str>>, revision: i64) {
         if !self.watchers.is_empty() {
             self.watchers.notify(&key, value.as_deref(), revision);
@@ -1039,23 +1049,31 @@ impl State {
             value,
         });
         if self.history > 0 && revision - self.compacted > self.history.saturating_mul(2) {
-            self.compact_to(revision - self.history + 1);
+            self.compacted = revision - self.history + 1;
+        }
+        for _ in 0..2 {
+            if !self.forget_oldest() {
+                break;
+            }
         }
     }
 
-    /// Forgets the history before `revision`.
-    fn compact_to(&mut self, revision: i64) {
-        if revision <= self.compacted {
-            return;
-        }
-        self.compacted = revision;
-        while self
+    /// Drops the oldest logged event if it is before the compaction revision.
+    fn forget_oldest(&mut self) -> bool {
+        let stale = self
             .log
             .front()
-            .is_some_and(|logged| logged.revision < revision)
-        {
+            .is_some_and(|logged| logged.revision < self.compacted);
+        if stale {
             self.log.pop_front();
         }
+        stale
+    }
+
+    /// Forgets the history before `revision` (`Faults::compact`), at once.
+    fn compact_to(&mut self, revision: i64) {
+        self.compacted = self.compacted.max(revision);
+        while self.forget_oldest() {}
     }
 
     /// `key` (stored form) with its metadata, `strip` leading bytes removed.
