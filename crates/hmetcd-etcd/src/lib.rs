@@ -22,6 +22,13 @@
 //!   revision order, and resume after an etcd restart from the last delivered revision. All
 //!   watches of a handle share one etcd watch stream (a gRPC stream on the handle's connection,
 //!   opened on first use); each is one etcd watch on it, cancelled when its stream is dropped.
+//! - Reads (`get_range`, `get_kv`, `get_prefix`, `list`, transaction gets) return etcd's
+//!   metadata (create and mod revision, version, lease); `leader()` and `observe()` leave it 0.
+//!   Big reads are paged at the first page's revision, so they are one snapshot, and no page
+//!   response is bigger than 4 MiB: a page too big to decode is asked for again with fewer keys.
+//! - `txn` is one etcd transaction; `Op::put_temp` and `store_temp` put keys on the handle's
+//!   lease, and like temp keys they are put back, with their values, after a lease loss.
+//!   `watch_prefix_from` replays history from a revision on the shared watch stream.
 //! - With several endpoints, each member is asked for its status about twice a second; one that
 //!   does not answer (or has no leader) gets no requests until it answers again.
 //! - With `user`/`password`, an expired or invalid token is refreshed and the request retried
@@ -46,6 +53,7 @@
 //! ```
 
 mod connect;
+mod data;
 mod election;
 mod error;
 mod lock;
@@ -67,7 +75,8 @@ use etcd_client::{Client, Compare, Txn, TxnOp};
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
     CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
-    LockGuard, LockOptions, Options, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    ListPage, ListRequest, LockGuard, LockOptions, Options, Result, TxnOutcome, WatchCallback,
+    WatchEvent, WatchHandle, WatchStream,
 };
 
 use crate::error::{ErrorContext, Request};
@@ -399,7 +408,7 @@ impl Kvi for EtcdKvs {
     async fn temp_key(&self, key: &str) -> Result<()> {
         self.shared.ensure_open()?;
         check_key("key", key)?;
-        self.shared.put_temp_key(key).await
+        self.shared.put_temp_key(key, session::TEMP_VALUE).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
@@ -422,19 +431,11 @@ impl Kvi for EtcdKvs {
         let shared = &self.shared;
         shared.ensure_open()?;
         // Answered here: etcd reads a range end of exactly "\0" as "every key from start on".
-        let Some((start, end)) = shared.prefix.range(key_start, key_end) else {
+        let Some(range) = range::StoredRange::inclusive(&shared.prefix, key_start, key_end) else {
             return Ok(Vec::new());
         };
-        // etcd rejects an empty key; "\0" is the first possible key.
-        let start = if start.is_empty() {
-            "\0".to_owned()
-        } else {
-            start
-        };
-        let mut range_end = end.into_bytes();
-        range_end.push(0);
         shared
-            .read_range(key_start, start.as_bytes(), &range_end)
+            .read_range(Request::new("get range from", key_start), &range)
             .await
     }
 
@@ -607,40 +608,34 @@ impl Kvi for EtcdKvs {
         self.shared.observe(name).await
     }
 
-    async fn get_kv(&self, _key: &str) -> Result<Option<KeyValue>> {
-        Err(data_api_pending("get_kv"))
+    async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.shared.get_kv(key).await
     }
 
-    async fn get_prefix(&self, _prefix: &str) -> Result<Vec<KeyValue>> {
-        Err(data_api_pending("get_prefix"))
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        self.shared.get_prefix(prefix).await
     }
 
-    async fn list(&self, _request: hmetcd_core::ListRequest) -> Result<hmetcd_core::ListPage> {
-        Err(data_api_pending("list"))
+    async fn list(&self, request: ListRequest) -> Result<ListPage> {
+        self.shared.list(request).await
     }
 
-    async fn delete_prefix(&self, _prefix: &str) -> Result<u64> {
-        Err(data_api_pending("delete_prefix"))
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.shared.delete_prefix(prefix).await
     }
 
-    async fn store_temp(&self, _key: &str, _value: &str) -> Result<()> {
-        Err(data_api_pending("store_temp"))
+    async fn store_temp(&self, key: &str, value: &str) -> Result<()> {
+        self.shared.ensure_open()?;
+        check_key("key", key)?;
+        self.shared.put_temp_key(key, value).await
     }
 
-    async fn txn(&self, _txn: hmetcd_core::Txn) -> Result<hmetcd_core::TxnOutcome> {
-        Err(data_api_pending("txn"))
+    async fn txn(&self, txn: hmetcd_core::Txn) -> Result<TxnOutcome> {
+        self.shared.txn(txn).await
     }
 
-    async fn watch_prefix_from(&self, _prefix: &str, _revision: i64) -> Result<WatchStream> {
-        Err(data_api_pending("watch_prefix_from"))
-    }
-}
-
-// PENDING(data API): replaced by the implementations in this same change series.
-fn data_api_pending(what: &str) -> Error {
-    Error::NotSupported {
-        what: what.to_owned(),
-        reason: "not built yet".to_owned(),
+    async fn watch_prefix_from(&self, prefix: &str, revision: i64) -> Result<WatchStream> {
+        self.shared.watch_prefix_from(prefix, revision).await
     }
 }
 

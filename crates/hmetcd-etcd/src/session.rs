@@ -20,10 +20,11 @@
 //!
 //! The restore runs beside the keep-alive of the new lease (never in its way), in transactions
 //! of up to [`RESTORE_BATCH`] keys (fewer where the server says a transaction is too big), each
-//! key put back only if it is absent: a key that someone else wrote since is theirs, and the
-//! handle stops treating it as a temp key.
+//! key put back with the value it was last written with (`"1"` for `temp_key`, the caller's for
+//! `store_temp` and a transaction's `Op::put_temp`), and only if it is absent: a key that
+//! someone else wrote since is theirs, and the handle stops treating it as a temp key.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -40,15 +41,16 @@ use crate::error::{is_lease_not_found, Request};
 use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff};
 use crate::{lease_hex, Shared};
 
-/// The value of every temp key, as in the Go package.
-const TEMP_VALUE: &str = "1";
+/// The value of a `temp_key`, as in the Go package.
+pub(crate) const TEMP_VALUE: &str = "1";
 
 /// Keys put back per transaction. Each is a nested transaction of one operation, and etcd
 /// allows a nested transaction only the operations its parent leaves of `max-txn-ops` (128 by
 /// default): 64 keys fit with room to spare. A server with a smaller limit halves it.
 const RESTORE_BATCH: usize = 64;
 
-/// Bytes of keys per restore transaction, well under etcd's 1.5 MiB request limit.
+/// Bytes of keys and values per restore transaction, well under etcd's 1.5 MiB request limit
+/// (a bigger single temp key goes alone).
 const RESTORE_BATCH_BYTES: usize = 512 * 1024;
 
 /// Taken off a lease's confirmed validity: etcd counts TTLs in whole seconds on its own clock.
@@ -97,8 +99,8 @@ pub(crate) struct Session {
     /// Leases counted lost without etcd saying so, not yet revoked: etcd may still keep them,
     /// and our keys on them. Revoked before the temp keys are put back, and by `close()`.
     unconfirmed: Mutex<Vec<i64>>,
-    /// Stored keys (prefix applied) of the handle's temp keys.
-    temp_keys: Mutex<BTreeSet<String>>,
+    /// The handle's temp keys (stored form, prefix applied) and the values to put back.
+    temp_keys: Mutex<BTreeMap<String, String>>,
     /// Whether `temp_keys` has any; every plain write asks, most handles have none.
     has_temp_keys: AtomicBool,
 }
@@ -123,7 +125,7 @@ impl Session {
             reports,
             reports_inbox: Mutex::new(Some(inbox)),
             unconfirmed: Mutex::new(Vec::new()),
-            temp_keys: Mutex::new(BTreeSet::new()),
+            temp_keys: Mutex::new(BTreeMap::new()),
             has_temp_keys: AtomicBool::new(false),
         }
     }
@@ -200,14 +202,21 @@ impl Session {
         Ok((state.lease, state.generation))
     }
 
-    fn temp_keys(&self) -> MutexGuard<'_, BTreeSet<String>> {
+    fn temp_keys(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
         locked(&self.temp_keys)
     }
 
-    /// Remembers a temp key (stored form), to be put back if the lease is ever lost.
-    fn remember_temp_key(&self, stored: &str) {
+    /// Remembers a temp key (stored form) and its value, to be put back if the lease is ever
+    /// lost.
+    pub(crate) fn remember_temp_key(&self, stored: &str, value: &str) {
         let mut keys = self.temp_keys();
-        keys.insert(stored.to_owned());
+        match keys.get_mut(stored) {
+            Some(remembered) if remembered == value => {}
+            Some(remembered) => value.clone_into(remembered),
+            None => {
+                keys.insert(stored.to_owned(), value.to_owned());
+            }
+        }
         self.has_temp_keys.store(true, Ordering::Release);
     }
 
@@ -218,13 +227,26 @@ impl Session {
             return;
         }
         let mut keys = self.temp_keys();
-        if keys.remove(stored) && keys.is_empty() {
+        if keys.remove(stored).is_some() && keys.is_empty() {
+            self.has_temp_keys.store(false, Ordering::Release);
+        }
+    }
+
+    /// Every key (stored form) starting with `stored_prefix` is no longer bound to the lease:
+    /// a prefix delete.
+    pub(crate) fn forget_temp_prefix(&self, stored_prefix: &str) {
+        if !self.has_temp_keys.load(Ordering::Acquire) {
+            return;
+        }
+        let mut keys = self.temp_keys();
+        keys.retain(|key, _| !key.starts_with(stored_prefix));
+        if keys.is_empty() {
             self.has_temp_keys.store(false, Ordering::Release);
         }
     }
 
     fn is_temp_key(&self, stored: &str) -> bool {
-        self.has_temp_keys.load(Ordering::Acquire) && self.temp_keys().contains(stored)
+        self.has_temp_keys.load(Ordering::Acquire) && self.temp_keys().contains_key(stored)
     }
 }
 
@@ -236,13 +258,13 @@ fn valid_until(sent_at: Instant, ttl: i64) -> Instant {
 }
 
 impl Shared {
-    /// `temp_key`: stores "1" at `key` bound to the lease and remembers it, so it can be put
-    /// back if the lease is ever lost. If etcd says the lease is gone, the owner is told and
-    /// the put runs once more on the new lease.
-    pub(crate) async fn put_temp_key(&self, key: &str) -> Result<()> {
+    /// `temp_key` and `store_temp`: stores `value` at `key` bound to the lease and remembers
+    /// both, so the key can be put back if the lease is ever lost. If etcd says the lease is
+    /// gone, the owner is told and the put runs once more on the new lease.
+    pub(crate) async fn put_temp_key(&self, key: &str, value: &str) -> Result<()> {
         let stored = self.prefix.apply(key);
         // Remembered first, so that a restore running meanwhile puts it back too.
-        self.session.remember_temp_key(&stored);
+        self.session.remember_temp_key(&stored, value);
         let request = Request::new("put temp key", key);
         let timeout = self.options.request_timeout;
         let mut not = None;
@@ -252,8 +274,7 @@ impl Shared {
                 Err(err) => break Err(err),
             };
             let options = PutOptions::new().with_lease(lease);
-            let put =
-                async |kv: &mut KvClient| kv.put(stored.as_str(), TEMP_VALUE, Some(options)).await;
+            let put = async |kv: &mut KvClient| kv.put(stored.as_str(), value, Some(options)).await;
             match self.kv_bounded(request, put).await {
                 Ok(Ok(_)) => break Ok(()),
                 Ok(Err(err)) if is_lease_not_found(&err) && not.is_none() => {
@@ -564,18 +585,17 @@ async fn restore_session(shared: Arc<Shared>, lease: i64, generation: u64) {
 /// A key present on `lease` is already back (a `temp_key` call did it); a key present otherwise
 /// was written by someone else since, and is theirs.
 async fn restore_temp_keys(shared: &Shared, lease: i64) -> Result<usize> {
-    let keys: Vec<String> = shared.session.temp_keys().iter().cloned().collect();
+    let keys: Vec<(String, String)> = shared
+        .session
+        .temp_keys()
+        .iter()
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
     let mut restored = 0;
     let mut size = RESTORE_BATCH;
     let mut rest = keys.as_slice();
     while !rest.is_empty() {
-        // Up to `size` keys and about RESTORE_BATCH_BYTES of them, at least one.
-        let mut take = 0;
-        let mut bytes = 0;
-        while take < rest.len().min(size) && (take == 0 || bytes < RESTORE_BATCH_BYTES) {
-            bytes += rest[take].len();
-            take += 1;
-        }
+        let take = batch_len(rest, size);
         let (batch, after) = rest.split_at(take);
         match restore_batch(shared, lease, batch).await? {
             Some(count) => {
@@ -607,17 +627,39 @@ fn is_too_big(err: &etcd_client::Error) -> bool {
     text.contains("too many operations in txn request") || text.contains("request is too large")
 }
 
-/// Puts one batch back; how many keys it put, or `None` when etcd finds the batch too big.
-async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<Option<usize>> {
+/// How many of `keys` the next restore transaction takes: up to `size` keys and about
+/// [`RESTORE_BATCH_BYTES`] of keys and values, at least one.
+fn batch_len(keys: &[(String, String)], size: usize) -> usize {
+    let mut take = 0;
+    let mut bytes = 0;
+    while take < keys.len().min(size) && (take == 0 || bytes < RESTORE_BATCH_BYTES) {
+        let (key, value) = &keys[take];
+        bytes += key.len() + value.len();
+        take += 1;
+    }
+    take
+}
+
+/// Puts one batch back, each key with its value; how many keys it put, or `None` when etcd
+/// finds the batch too big.
+async fn restore_batch(
+    shared: &Shared,
+    lease: i64,
+    keys: &[(String, String)],
+) -> Result<Option<usize>> {
     let request = Request::keyless("put temp keys back");
     let options = PutOptions::new().with_lease(lease);
     let ops: Vec<TxnOp> = keys
         .iter()
-        .map(|key| {
+        .map(|(key, value)| {
             TxnOp::txn(
                 Txn::new()
                     .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key.as_str(), TEMP_VALUE, Some(options.clone()))])
+                    .and_then([TxnOp::put(
+                        key.as_str(),
+                        value.as_str(),
+                        Some(options.clone()),
+                    )])
                     .or_else([TxnOp::get(key.as_str(), None)]),
             )
         })
@@ -638,7 +680,7 @@ async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<O
     let revision = answer.header().map_or(0, |header| header.revision());
     let mut restored = 0;
     let mut withdrawn = Vec::new();
-    for (key, response) in keys.iter().zip(answer.op_responses()) {
+    for ((key, _), response) in keys.iter().zip(answer.op_responses()) {
         let TxnOpResponse::Txn(outcome) = response else {
             continue;
         };
@@ -676,4 +718,44 @@ async fn restore_batch(shared: &Shared, lease: i64, keys: &[String]) -> Result<O
             .await?;
     }
     Ok(Some(restored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(key: &str, bytes: usize) -> (String, String) {
+        (key.to_owned(), "v".repeat(bytes))
+    }
+
+    #[test]
+    fn restore_batches_count_values_too() {
+        let small: Vec<_> = (0..100).map(|i| temp(&format!("k{i}"), 1)).collect();
+        assert_eq!(batch_len(&small, RESTORE_BATCH), RESTORE_BATCH);
+        assert_eq!(batch_len(&small[..3], RESTORE_BATCH), 3);
+        assert_eq!(batch_len(&small, 5), 5);
+        // Values count: two of 300 KiB fill a batch; one bigger than a batch goes alone.
+        let big = [temp("a", 300 << 10), temp("b", 300 << 10), temp("c", 1)];
+        assert_eq!(batch_len(&big, RESTORE_BATCH), 2);
+        let huge = [temp("a", 1 << 20), temp("b", 1)];
+        assert_eq!(batch_len(&huge, RESTORE_BATCH), 1);
+    }
+
+    #[test]
+    fn temp_keys_remember_their_values() {
+        let session = Session::new(1, 10, 10, Instant::now());
+        session.remember_temp_key("p/a", "1");
+        session.remember_temp_key("p/a", "two");
+        session.remember_temp_key("p/b/c", "x");
+        session.remember_temp_key("q", "y");
+        assert_eq!(
+            session.temp_keys().get("p/a").map(String::as_str),
+            Some("two")
+        );
+        session.forget_temp_prefix("p/");
+        assert!(!session.is_temp_key("p/a") && !session.is_temp_key("p/b/c"));
+        assert!(session.is_temp_key("q"));
+        session.forget_temp_key("q");
+        assert!(!session.has_temp_keys.load(Ordering::Acquire));
+    }
 }

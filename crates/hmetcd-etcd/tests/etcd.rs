@@ -53,10 +53,13 @@ async fn reads_writes_ranges_and_conditional_writes() {
         keys(kv.get_range("r/b", "r/c").await.unwrap()),
         ["r/b", "r/c"]
     );
-    assert_eq!(
-        kv.get_range("r/a", "r/a").await.unwrap(),
-        [KeyValue::new("r/a", "R/A")]
-    );
+    // Each key was put once, in order, one revision each: metadata is etcd's.
+    let found = kv.get_range("r/a", "r/a").await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].pair(), ("r/a", "R/A"));
+    assert!(found[0].create_revision > 0);
+    assert_eq!(found[0].mod_revision, found[0].create_revision);
+    assert_eq!((found[0].version, found[0].lease), (1, 0));
     assert_eq!(keys(kv.get_range("", "r/b").await.unwrap()), ["r/a", "r/b"]);
     assert!(kv.get_range("r/c", "r/b").await.unwrap().is_empty());
     assert!(kv.get_range("r/a", "").await.unwrap().is_empty());
@@ -151,9 +154,18 @@ async fn prefix_is_applied_and_hidden() {
     kv.store("b", "2").await.unwrap();
     other.store("c", "outside").await.unwrap();
     assert_eq!(other.get("svc/a").await.unwrap().as_deref(), Some("1"));
+    let pairs = |found: Vec<KeyValue>| {
+        found
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
-        kv.get_range("", "z").await.unwrap(),
-        [KeyValue::new("a", "1"), KeyValue::new("b", "2")]
+        pairs(kv.get_range("", "z").await.unwrap()),
+        [
+            ("a".to_owned(), "1".to_owned()),
+            ("b".to_owned(), "2".to_owned())
+        ]
     );
     let mut events = kv.watch_prefix("").await.unwrap();
     other.store("c", "still outside").await.unwrap();
@@ -1065,4 +1077,334 @@ async fn tls_with_ca_and_client_certificate() {
     .await
     .unwrap_err();
     assert!(err.is_transient(), "{err}");
+}
+
+// ---- The data API ----
+
+fn txn_outcome_gets(outcome: &hmetcd_core::TxnOutcome) -> Vec<Option<(String, String)>> {
+    outcome
+        .gets
+        .iter()
+        .map(|got| got.as_ref().map(|kv| (kv.key.clone(), kv.value.clone())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_api_reads_lists_deletes_and_transactions() {
+    use hmetcd_core::{Compare, ListRequest, Op, Txn};
+
+    let server = EtcdServer::start_with(&["--max-txn-ops=8"]).await;
+    let kv = open(&server, "prefix=svc/").await;
+    let other = open(&server, "").await;
+
+    assert_eq!(kv.get_kv("n/a").await.unwrap(), None);
+    kv.store("n/a", "1").await.unwrap();
+    kv.store("n/a", "2").await.unwrap();
+    let a = kv.get_kv("n/a").await.unwrap().unwrap();
+    assert_eq!(a.pair(), ("n/a", "2"));
+    assert_eq!(a.version, 2);
+    assert_eq!(a.mod_revision, a.create_revision + 1);
+    kv.store_temp("n/~t", "temp value").await.unwrap();
+    let t = kv.get_kv("n/~t").await.unwrap().unwrap();
+    assert_eq!(t.value, "temp value");
+    assert_ne!(t.lease, 0);
+    other.store("outside", "x").await.unwrap();
+
+    let all = kv.get_prefix("").await.unwrap();
+    let keys: Vec<&str> = all.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["n/a", "n/~t"]);
+    assert_eq!(all[0], a);
+    // Without a prefix option, "" is the whole keyspace.
+    assert_eq!(other.get_prefix("").await.unwrap().len(), 3);
+
+    for i in 0..10 {
+        kv.store(&format!("l/{i}"), &i.to_string()).await.unwrap();
+    }
+    let first = kv.list(ListRequest::prefix("l/").limit(4)).await.unwrap();
+    assert_eq!(first.items.len(), 4);
+    assert!(first.more);
+    assert_eq!(first.count, 10);
+    let next = kv
+        .list(ListRequest::prefix("l/").limit(4).after("l/3").keys_only())
+        .await
+        .unwrap();
+    assert_eq!(next.items[0].key, "l/4");
+    assert_eq!(next.items[0].value, "");
+    assert!(next.items[0].mod_revision > 0);
+    assert_eq!((next.count, next.more), (6, true));
+    let last = kv
+        .list(ListRequest::prefix("l/").after("l/7"))
+        .await
+        .unwrap();
+    assert_eq!((last.items.len(), last.count, last.more), (2, 2, false));
+    let range = kv.list(ListRequest::range("l/2", "l/4")).await.unwrap();
+    assert_eq!(range.items.len(), 3);
+    let empty = kv.list(ListRequest::range("l/4", "l/2")).await.unwrap();
+    assert_eq!((empty.items.len(), empty.count, empty.more), (0, 0, false));
+    assert!(empty.revision >= range.revision);
+    assert!(matches!(
+        kv.list(ListRequest::prefix("l/").limit(0)).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+
+    assert_eq!(kv.delete_prefix("l/").await.unwrap(), 10);
+    assert_eq!(kv.delete_prefix("l/").await.unwrap(), 0);
+    assert!(matches!(
+        kv.delete_prefix("").await,
+        Err(Error::InvalidKey { .. })
+    ));
+
+    let outcome = kv
+        .txn(
+            Txn::new()
+                .when(Compare::value("n/a", CompareOp::Equal, "2"))
+                .then(Op::put("n/b", "b"))
+                .then(Op::get("n/b"))
+                .then(Op::put_temp("n/c", "c"))
+                .then(Op::get("n/missing"))
+                .otherwise(Op::get("n/a")),
+        )
+        .await
+        .unwrap();
+    assert!(outcome.succeeded);
+    assert_eq!(
+        txn_outcome_gets(&outcome),
+        [Some(("n/b".to_owned(), "b".to_owned())), None]
+    );
+    let b = outcome.gets[0].as_ref().unwrap();
+    assert_eq!(b.mod_revision, outcome.revision);
+    assert_ne!(kv.get_kv("n/c").await.unwrap().unwrap().lease, 0);
+    let failed = kv
+        .txn(
+            Txn::new()
+                .when(Compare::missing("n/a"))
+                .then(Op::delete_prefix("n/"))
+                .otherwise(Op::get("n/a")),
+        )
+        .await
+        .unwrap();
+    assert!(!failed.succeeded);
+    assert_eq!(failed.revision, outcome.revision);
+    assert_eq!(failed.gets[0].as_ref().unwrap().value, "2");
+
+    // The server's own limit (8 here) is InvalidArgument too, and nothing is written.
+    let mut long = Txn::new();
+    for i in 0..9 {
+        long = long.then(Op::put(format!("long/{i}"), "x"));
+    }
+    assert!(matches!(
+        kv.txn(long).await,
+        Err(Error::InvalidArgument { what, .. }) if what == "transaction"
+    ));
+    assert!(kv.get_prefix("long/").await.unwrap().is_empty());
+
+    // update never loses a concurrent write.
+    let kv = Arc::new(kv);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let kv = Arc::clone(&kv);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                kv.update("counter", &mut |current| {
+                    let n: u64 = current.and_then(|v| v.parse().ok()).unwrap_or(0);
+                    Some((n + 1).to_string())
+                })
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(kv.get("counter").await.unwrap().as_deref(), Some("160"));
+    kv.close().await.unwrap();
+    assert!(matches!(
+        kv.txn(Txn::new().then(Op::get("x"))).await,
+        Err(Error::Closed)
+    ));
+    other.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_prefixes_are_read_in_pages_at_one_revision() {
+    use etcd_client::{Txn as RawTxn, TxnOp};
+
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "request_timeout=20s").await;
+    let mut raw = server.raw_client().await;
+    // 100,000 small keys, written 128 per transaction.
+    for batch in 0..(100_000 / 125) {
+        let ops: Vec<TxnOp> = (0..125)
+            .map(|i| TxnOp::put(format!("many/{:06}", batch * 125 + i), "v", None))
+            .collect();
+        raw.txn(RawTxn::new().and_then(ops)).await.unwrap();
+    }
+    let started = Instant::now();
+    let all = kv.get_prefix("many/").await.unwrap();
+    assert_eq!(all.len(), 100_000, "in {:?}", started.elapsed());
+    assert!(all.windows(2).all(|pair| pair[0].key < pair[1].key));
+    assert_eq!(all[99_999].key, "many/099999");
+    let page = kv
+        .list(
+            hmetcd_core::ListRequest::prefix("many/")
+                .limit(30_000)
+                .after("many/050000"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (page.items.len(), page.count, page.more),
+        (30_000, 49_999, true)
+    );
+    assert_eq!(page.items[0].key, "many/050001");
+    let rest = kv
+        .list(hmetcd_core::ListRequest::prefix("many/").after("many/050000"))
+        .await
+        .unwrap();
+    assert_eq!((rest.items.len(), rest.more), (49_999, false));
+
+    // Values of 700 KB: pages of 1000 keys do not fit the 4 MiB decode limit, and shrink.
+    let big = "x".repeat(700_000);
+    for i in 0..12 {
+        kv.store(&format!("big/{i:02}"), &big).await.unwrap();
+    }
+    let read = kv.get_prefix("big/").await.unwrap();
+    assert_eq!(read.len(), 12);
+    assert!(read.iter().all(|kv| kv.value.len() == 700_000));
+    let listed = kv
+        .list(hmetcd_core::ListRequest::prefix("big/").limit(7))
+        .await
+        .unwrap();
+    assert_eq!(
+        (listed.items.len(), listed.count, listed.more),
+        (7, 12, true)
+    );
+    kv.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prefix_from_replays_history_and_reports_compaction() {
+    let mut server = EtcdServer::start().await;
+    let kv = open(&server, "prefix=svc/, request_timeout=2s").await;
+    assert!(matches!(
+        kv.watch_prefix_from("w/", 0).await,
+        Err(Error::InvalidArgument { what, .. }) if what == "watch revision"
+    ));
+    kv.store("w/a", "1").await.unwrap();
+    let start = kv.get_kv("w/a").await.unwrap().unwrap().mod_revision;
+    kv.store("x", "outside").await.unwrap();
+    kv.store("w/b", "2").await.unwrap();
+    kv.delete("w/a").await.unwrap();
+    let mut events = kv.watch_prefix_from("w/", start).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let event = events.next().await.unwrap().unwrap();
+        seen.push((event.key().to_owned(), event.value().map(str::to_owned)));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("w/a".to_owned(), Some("1".to_owned())),
+            ("w/b".to_owned(), Some("2".to_owned())),
+            ("w/a".to_owned(), None),
+        ]
+    );
+    // Live after history, and across an etcd restart, none missed or repeated.
+    kv.store("w/c", "3").await.unwrap();
+    assert_eq!(events.next().await.unwrap().unwrap().key(), "w/c");
+    server.restart().await;
+    kv.store("w/d", "4").await.unwrap();
+    let item = tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .unwrap();
+    assert_eq!(item.unwrap().unwrap().key(), "w/d");
+
+    // Compacted at C: from C is fine, from C - 1 is Compacted as the stream's only item.
+    let mut raw = server.raw_client().await;
+    let compacted_at = kv.get_kv("w/d").await.unwrap().unwrap().mod_revision;
+    raw.compact(compacted_at, None).await.unwrap();
+    let mut from_c = kv.watch_prefix_from("w/", compacted_at).await.unwrap();
+    assert_eq!(from_c.next().await.unwrap().unwrap().key(), "w/d");
+    let mut gone = kv.watch_prefix_from("w/", compacted_at - 1).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), gone.next())
+        .await
+        .unwrap()
+    {
+        Some(Err(Error::Compacted {
+            key,
+            revision,
+            compact_revision,
+        })) => {
+            assert_eq!(key, "w/");
+            assert_eq!(revision, compacted_at - 1);
+            assert_eq!(compact_revision, compacted_at);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(gone.next().await.is_none());
+    kv.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_values_come_back_with_their_values() {
+    use hmetcd_core::{Op, Txn};
+
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "lease_ttl=2s").await;
+    let observer = open(&server, "").await;
+    kv.temp_key("tv/plain").await.unwrap();
+    kv.store_temp("tv/valued", "hello").await.unwrap();
+    let outcome = kv
+        .txn(Txn::new().then(Op::put_temp("tv/txn", "from txn")))
+        .await
+        .unwrap();
+    assert!(outcome.succeeded);
+    kv.store_temp("tv/gone", "x").await.unwrap();
+    kv.delete_prefix("tv/gone").await.unwrap();
+    let mut raw = server.raw_client().await;
+    let lease = raw.get("tv/valued", None).await.unwrap().kvs()[0].lease();
+    raw.lease_revoke(lease).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while observer.get_prefix("tv/").await.unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "temp keys were not put back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = observer.get_prefix("tv/").await.unwrap();
+    let pairs: Vec<(&str, &str)> = back.iter().map(KeyValue::pair).collect();
+    assert_eq!(
+        pairs,
+        [
+            ("tv/plain", "1"),
+            ("tv/txn", "from txn"),
+            ("tv/valued", "hello")
+        ]
+    );
+    assert!(back.iter().all(|kv| kv.lease != 0 && kv.lease != lease));
+    kv.close().await.unwrap();
+    assert!(observer.get_prefix("tv/").await.unwrap().is_empty());
+    observer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_lost_to_max_hold_fences_at_once() {
+    use hmetcd_core::{Compare, LostReason, Op, Txn};
+
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "").await;
+    let guard = kv
+        .lock_with(
+            "fenced",
+            LockOptions::new().max_hold(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let held = Compare::held(&guard);
+    let write = |compare: Compare| Txn::new().when(compare).then(Op::put("fenced/out", "x"));
+    assert!(kv.txn(write(held.clone())).await.unwrap().succeeded);
+    assert_eq!(guard.lost().await, LostReason::MaxHold);
+    // Once lost() says so, the key is gone: the fence holds without waiting.
+    assert!(!kv.txn(write(held)).await.unwrap().succeeded);
+    drop(guard);
+    kv.close().await.unwrap();
 }

@@ -7,8 +7,9 @@
 //! checked by the differential test, which runs alone.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hmetcd_core::{CompareOp, Error, KeyValue, Kvi, ListPage, ListRequest, Op, Txn, WatchEvent};
 
@@ -127,9 +128,10 @@ pub async fn metadata_has_etcds_meanings(store: TestStore) {
         "a plain put drops the lease"
     );
 
-    // Every read gives the same metadata as get_kv.
+    // Every read gives the same metadata as get_kv (k3: the failed transaction's else write).
     let expected = [
         kv_of(kv.as_ref(), "k").await,
+        kv_of(kv.as_ref(), "k3").await,
         kv_of(kv.as_ref(), "o").await,
         kv_of(kv.as_ref(), "s").await,
         kv_of(kv.as_ref(), "t").await,
@@ -146,7 +148,7 @@ pub async fn metadata_has_etcds_meanings(store: TestStore) {
         .unwrap();
     assert_eq!(
         outcome.gets,
-        [Some(expected[0].clone()), Some(expected[3].clone())]
+        [Some(expected[0].clone()), Some(expected[4].clone())]
     );
     other.close().await.unwrap();
     kv.close().await.unwrap();
@@ -400,10 +402,12 @@ pub async fn list_paging_visits_every_key_once_while_others_write(store: TestSto
         .collect();
     store_all(kv.as_ref(), &items).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
     for task in 0..4 {
         let kv = Arc::clone(&kv);
         let stop = Arc::clone(&stop);
+        let progress = Arc::clone(&progress);
         writers.push(tokio::spawn(async move {
             let mut round = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -415,6 +419,7 @@ pub async fn list_paging_visits_every_key_once_while_others_write(store: TestSto
                     kv.delete(&new).await.unwrap();
                 }
                 round += 1;
+                progress.fetch_add(1, Ordering::Relaxed);
             }
             round
         }));
@@ -424,6 +429,14 @@ pub async fn list_paging_visits_every_key_once_while_others_write(store: TestSto
     let mut request = ListRequest::prefix("p/").limit(LIMIT);
     let mut pages = 0;
     loop {
+        // Some writes between any two pages (the memory store answers without yielding).
+        let before = progress.load(Ordering::Relaxed);
+        for _ in 0..500 {
+            if progress.load(Ordering::Relaxed) > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let got = page(kv.as_ref(), request.clone()).await;
         pages += 1;
         assert!(got.items.len() <= LIMIT, "{got:?}");
