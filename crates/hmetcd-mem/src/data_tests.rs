@@ -444,6 +444,8 @@ async fn the_history_compacts_itself_keeping_the_last_history_revisions() {
         kv.store("k", &i.to_string()).await.unwrap();
         let mut last = kv.watch_prefix_from("k", i - 9).await.unwrap();
         assert_eq!(next_events(&mut last, 10).await.len(), 10);
+        let logged = kv.session.store.logged();
+        assert!(logged <= 30, "{logged} events logged for a history of 10");
     }
 }
 

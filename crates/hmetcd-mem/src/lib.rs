@@ -98,8 +98,9 @@ static NAMED_STORES: LazyLock<DashMap<String, Arc<Store>>> = LazyLock::new(DashM
 ///
 /// Handles that share a named store share its history: the store keeps the largest `history`
 /// any handle opened on it asked for (and keeps it after that handle is closed; named stores
-/// live as long as the process). Logged keys and values share their memory with the store's
-/// map, so the log costs about 40 bytes per change plus the values it alone still holds.
+/// live as long as the process). The log holds a copy of each change's key and value plus 24
+/// bytes, in chunks of 64 KiB that it reuses: a write allocates nothing for it. An event too
+/// big for it (a key or value of 4 GiB or more) compacts the history past it.
 pub struct MemKvs {
     /// The store, the lease with its temp keys and lock participants, the live guards.
     session: Arc<Session>,

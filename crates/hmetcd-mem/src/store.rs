@@ -17,11 +17,12 @@
 //! reconnects behind a compaction.
 //!
 //! The store keeps a log of its events for `watch_prefix_from` (history first, then live):
-//! every event from the compaction revision on. Keys and values are `Arc<str>` shared between
-//! the map and the log, so logging an event copies no string. The log compacts itself like
-//! etcd's periodic compaction: once it spans more than twice `history` revisions (the largest
-//! `history` option of the handles opened on the store), it drops all but the last `history`;
-//! `Faults::compact` compacts it on demand.
+//! every event from the compaction revision on. Logging an event copies its key and value into
+//! chunks of bytes that the log fills in order and drops whole, so a write allocates nothing
+//! for it (but a new chunk per 64 KiB) and the map keeps its values in place. The log compacts
+//! itself like etcd's periodic compaction: once it spans more than twice `history` revisions
+//! (the largest `history` option of the handles opened on the store), it drops all but the
+//! last `history`; `Faults::compact` compacts it on demand.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
@@ -47,8 +48,7 @@ pub(crate) type HandleId = u64;
 
 #[derive(Debug)]
 struct Entry {
-    /// Shared with the history log.
-    value: Arc<str>,
+    value: String,
     lease: Option<LeaseId>,
     /// The revision that created the key: its place in a lock's queue.
     create_revision: i64,
@@ -77,28 +77,163 @@ fn lease_id(lease: LeaseId) -> i64 {
     i64::try_from(lease).unwrap_or(i64::MAX)
 }
 
-/// One event of the history log: a put (`value`) or a delete (`None`) of `key` (stored form).
+/// The size of the log's chunks of bytes (a bigger event gets a chunk of its own size).
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// One event of the history log (24 bytes): a put or a delete of a key (stored form), whose
+/// key and value (for a put) lie one after the other in a chunk of the log.
 #[derive(Debug)]
 struct Logged {
     revision: i64,
-    key: Arc<str>,
-    value: Option<Arc<str>>,
+    /// The sequence number of the chunk (wrapping).
+    chunk: u32,
+    /// Where the key starts in the chunk.
+    start: u32,
+    key_len: u32,
+    /// The value's length; [`DELETED`] for a delete.
+    value_len: u32,
 }
 
-impl Logged {
-    fn event(&self, strip: usize) -> WatchEvent {
-        let key = self.key.get(strip..).unwrap_or_default().to_owned();
-        match &self.value {
-            Some(value) => WatchEvent::Put {
-                key,
-                value: value.to_string(),
-                revision: self.revision,
-            },
-            None => WatchEvent::Delete {
-                key,
-                revision: self.revision,
-            },
+/// `Logged::value_len` of a delete.
+const DELETED: u32 = u32::MAX;
+
+/// The history log: events oldest first, their keys and values in chunks.
+#[derive(Debug, Default)]
+struct Log {
+    events: VecDeque<Logged>,
+    chunks: VecDeque<String>,
+    /// The sequence number of `chunks[0]` (wrapping).
+    first_chunk: u32,
+    /// A chunk emptied by compaction, kept for the next one: in a steady state the log
+    /// neither allocates nor frees (freeing 64 KiB makes glibc consolidate its free lists).
+    spare: Option<String>,
+}
+
+impl Log {
+    /// Logs an event; `false` if it cannot be (a key or value of 4 GiB or more, or a chunk
+    /// that big): the caller compacts the history past it.
+    fn push(&mut self, revision: i64, key: &str, value: Option<&str>) -> bool {
+        let len = key.len() + value.map_or(0, str::len);
+        let (Ok(key_len), Ok(value_len)) = (
+            u32::try_from(key.len()),
+            value.map_or(Ok(DELETED), |value| u32::try_from(value.len())),
+        ) else {
+            return false;
+        };
+        if value_len == DELETED && value.is_some() {
+            return false;
         }
+        let full = self
+            .chunks
+            .back()
+            .is_none_or(|chunk| chunk.capacity() - chunk.len() < len);
+        if full {
+            let chunk = match self.spare.take() {
+                Some(spare) if spare.capacity() >= len => spare,
+                _ => String::with_capacity(LOG_CHUNK.max(len)),
+            };
+            self.chunks.push_back(chunk);
+        }
+        let chunk = self
+            .first_chunk
+            .wrapping_add(u32::try_from(self.chunks.len()).unwrap_or(u32::MAX))
+            .wrapping_sub(1);
+        let Some(bytes) = self.chunks.back_mut() else {
+            return false;
+        };
+        let Ok(start) = u32::try_from(bytes.len()) else {
+            return false;
+        };
+        bytes.push_str(key);
+        if let Some(value) = value {
+            bytes.push_str(value);
+        }
+        self.events.push_back(Logged {
+            revision,
+            chunk,
+            start,
+            key_len,
+            value_len,
+        });
+        true
+    }
+
+    /// Drops the oldest event if it is before `revision`; `false` if there is none such.
+    fn pop_before(&mut self, revision: i64) -> bool {
+        let Some(oldest) = self.events.front() else {
+            return false;
+        };
+        if oldest.revision >= revision {
+            return false;
+        }
+        let chunk = oldest.chunk;
+        self.events.pop_front();
+        if self.events.front().is_none_or(|next| next.chunk != chunk) {
+            self.drop_chunks();
+        }
+        true
+    }
+
+    /// Drops the chunks before the oldest event's (the last one stays, to be filled), keeping
+    /// one for reuse.
+    #[cold]
+    fn drop_chunks(&mut self) {
+        let keep = self.events.front().map(|logged| logged.chunk);
+        while Some(self.first_chunk) != keep && self.chunks.len() > 1 {
+            if let Some(mut chunk) = self.chunks.pop_front() {
+                if self.spare.is_none() && chunk.capacity() == LOG_CHUNK {
+                    chunk.clear();
+                    self.spare = Some(chunk);
+                }
+            }
+            self.first_chunk = self.first_chunk.wrapping_add(1);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The key (stored form) and value of `logged`.
+    fn text(&self, logged: &Logged) -> Option<(&str, Option<&str>)> {
+        let index = usize::try_from(logged.chunk.wrapping_sub(self.first_chunk)).ok()?;
+        let chunk = self.chunks.get(index)?;
+        let start = usize::try_from(logged.start).ok()?;
+        let key_end = start + usize::try_from(logged.key_len).ok()?;
+        let key = chunk.get(start..key_end)?;
+        let value = match logged.value_len {
+            DELETED => None,
+            len => Some(chunk.get(key_end..key_end + usize::try_from(len).ok()?)?),
+        };
+        Some((key, value))
+    }
+
+    /// The events with revision `>= from` under `prefix` (stored form), `strip` leading bytes
+    /// of their keys removed, oldest first.
+    fn replay<'a>(
+        &'a self,
+        from: i64,
+        prefix: &'a str,
+        strip: usize,
+    ) -> impl Iterator<Item = WatchEvent> + 'a {
+        let first = self.events.partition_point(|logged| logged.revision < from);
+        self.events.range(first..).filter_map(move |logged| {
+            let (key, value) = self.text(logged)?;
+            if !key.starts_with(prefix) {
+                return None;
+            }
+            let key = key.get(strip..).unwrap_or_default().to_owned();
+            let revision = logged.revision;
+            Some(match value {
+                Some(value) => WatchEvent::Put {
+                    key,
+                    value: value.to_owned(),
+                    revision,
+                },
+                None => WatchEvent::Delete { key, revision },
+            })
+        })
     }
 }
 
@@ -272,16 +407,16 @@ pub(crate) struct Store {
 
 #[derive(Debug)]
 struct State {
-    // Point reads and overwrites go to the hash map; the ordered set serves ranges. Both
-    // share each key's one allocation.
-    values: HashMap<Arc<str>, Entry>,
-    order: BTreeSet<Arc<str>>,
+    // Point reads and overwrites go to the hash map; the ordered set serves ranges.
+    values: HashMap<String, Entry>,
+    order: BTreeSet<String>,
     revision: i64,
     /// Revisions before this one are forgotten (`Faults::compact`, or the log compacting
     /// itself); 0: nothing compacted.
     compacted: i64,
-    /// Every event from `compacted` on, oldest first, for `watch_prefix_from`.
-    log: VecDeque<Logged>,
+    /// Every event from `compacted` on, oldest first, for `watch_prefix_from` (and a few
+    /// before it that `record` has yet to drop, which no watch replays).
+    log: Log,
     /// How many revisions the log keeps at least (the largest `history` option of the
     /// handles opened on the store); 0 until a handle says.
     history: i64,
@@ -297,7 +432,7 @@ impl Default for State {
             // As on a fresh etcd cluster: the first write gets revision 2.
             revision: 1,
             compacted: 0,
-            log: VecDeque::new(),
+            log: Log::default(),
             history: 0,
             watchers: Watchers::default(),
             locks: LockQueues::default(),
@@ -507,7 +642,7 @@ impl Store {
             // As on etcd, whose waiter puts its key only if it is missing: a key already
             // there keeps its lease and its place in the queue; a candidate's value is its
             // own, as Go's Campaign proclaims it.
-            Some(entry) if &*entry.value != value => {
+            Some(entry) if entry.value != value => {
                 let revision = entry.create_revision;
                 let lease = entry.lease;
                 let _ = state.put(key, value, lease);
@@ -550,10 +685,7 @@ impl Store {
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<String> {
-        self.read()
-            .values
-            .get(key)
-            .map(|entry| entry.value.to_string())
+        self.read().values.get(key).map(|entry| entry.value.clone())
     }
 
     /// `key` (stored form) with its metadata; `strip` leading bytes removed.
@@ -603,7 +735,7 @@ impl Store {
             }
             count += 1;
             if items.len() < limit {
-                if let Some(entry) = state.values.get(&**stored) {
+                if let Some(entry) = state.values.get(stored) {
                     items.push(entry.key_value(stored, strip, keys_only));
                 }
             }
@@ -620,7 +752,7 @@ impl Store {
     /// Deletes every key starting with `prefix` (stored form) in one revision, in key order;
     /// lock keys among them leave their queues as with `delete`. Returns the stored keys
     /// deleted.
-    pub(crate) fn delete_prefix(&self, prefix: &str) -> Vec<Arc<str>> {
+    pub(crate) fn delete_prefix(&self, prefix: &str) -> Vec<String> {
         let mut state = self.write();
         let keys = state.keys_with_prefix(prefix);
         if !keys.is_empty() {
@@ -689,7 +821,7 @@ impl Store {
         let matches = state
             .values
             .get(key)
-            .is_some_and(|entry| &*entry.value == test);
+            .is_some_and(|entry| entry.value == test);
         if matches {
             let _ = state.put(key, set, None);
         }
@@ -765,10 +897,10 @@ impl Store {
             .take_while(|key| key.starts_with(dir))
             .filter(|key| lock_name_of(key).is_some_and(|name| name.len() + 1 == dir.len()))
             .filter_map(|key| {
-                let entry = state.values.get(&**key)?;
+                let entry = state.values.get(key)?;
                 Some(Candidate {
                     key: key.get(strip..).unwrap_or_default().to_owned(),
-                    value: entry.value.to_string(),
+                    value: entry.value.clone(),
                     create_revision: entry.create_revision,
                 })
             })
@@ -881,14 +1013,8 @@ impl Store {
                 store: Weak::new(),
             };
         }
-        let first = state.log.partition_point(|logged| logged.revision < from);
-        let history = state
-            .log
-            .range(first..)
-            .filter(|logged| logged.key.starts_with(prefix.as_str()))
-            .map(|logged| logged.event(strip));
         let (tx, rx) = mpsc::unbounded_channel();
-        for event in history {
+        for event in state.log.replay(from, &prefix, strip) {
             let _ = tx.send(Ok(event));
         }
         self.register_with(
@@ -956,6 +1082,12 @@ impl Store {
         self.write().watchers.retain_owned(owner, |_, _| false);
     }
 
+    /// How many events the history log holds.
+    #[cfg(test)]
+    pub(crate) fn logged(&self) -> usize {
+        self.read().log.len()
+    }
+
     #[cfg(test)]
     pub(crate) fn watcher_count(&self) -> usize {
         let state = self.read();
@@ -974,33 +1106,30 @@ impl State {
 
     /// Puts `key` at `revision` (the current one: several puts of one transaction share it).
     fn put_at(&mut self, key: &str, value: &str, lease: Option<LeaseId>, revision: i64) {
-        let value: Arc<str> = Arc::from(value);
-        let key = match self.values.get_key_value_mut(key) {
-            Some((stored, entry)) => {
-                entry.value = Arc::clone(&value);
+        match self.values.get_mut(key) {
+            Some(entry) => {
+                entry.value.clear();
+                entry.value.push_str(value);
                 // As in etcd, a put without a lease detaches the key from its old lease.
                 entry.lease = lease;
                 entry.mod_revision = revision;
                 entry.version += 1;
-                Arc::clone(stored)
             }
             None => {
-                let stored: Arc<str> = Arc::from(key);
                 self.values.insert(
-                    Arc::clone(&stored),
+                    key.to_owned(),
                     Entry {
-                        value: Arc::clone(&value),
+                        value: value.to_owned(),
                         lease,
                         create_revision: revision,
                         mod_revision: revision,
                         version: 1,
                     },
                 );
-                self.order.insert(Arc::clone(&stored));
+                self.order.insert(key.to_owned());
                 self.locks.created(key, revision);
-                stored
             }
-        };
+        }
         self.record(key, Some(value), revision);
     }
 
@@ -1018,44 +1147,43 @@ impl State {
     /// present; a lock key leaves its lock's queue, and its participant is told `reason`.
     /// Whether it was present.
     fn delete_at(&mut self, key: &str, revision: i64, reason: Option<LostReason>) -> bool {
-        let Some((stored, entry)) = self.values.remove_entry(key) else {
+        let Some(entry) = self.values.remove(key) else {
             return false;
         };
         self.order.remove(key);
         self.locks.deleted(key, entry.create_revision, reason);
-        self.record(stored, None, revision);
+        self.record(key, None, revision);
         true
     }
 
-    /// Logs an event and delivers it to the watchers; the log compacts itself once it spans
-    /// more than twice `history` revisions, down to the last `history`.
-    fn record(&mut self, key: Arc<str>, value: Option<Arc<str>>, revision: i64) {
+    /// Logs an event and delivers it to the watchers. The log compacts itself once it spans
+    /// more than twice `history` revisions, down to the last `history`: the compaction
+    /// revision moves at once, the events before it go two per event logged (no write pays
+    /// for dropping thousands at a time; the log still shrinks, as every write logs at least
+    /// one event).
+    fn record(&mut self, key: &str, value: Option<&str>, revision: i64) {
         if !self.watchers.is_empty() {
-            self.watchers.notify(&key, value.as_deref(), revision);
+            self.watchers.notify(key, value, revision);
         }
-        self.log.push_back(Logged {
-            revision,
-            key,
-            value,
-        });
+        if !self.log.push(revision, key, value) {
+            tracing::warn!(
+                revision,
+                "an event too big for the history log; the history is compacted past it"
+            );
+            self.compact_to(revision + 1);
+        }
         if self.history > 0 && revision - self.compacted > self.history.saturating_mul(2) {
-            self.compact_to(revision - self.history + 1);
+            self.compacted = revision - self.history + 1;
+        }
+        if self.log.pop_before(self.compacted) {
+            self.log.pop_before(self.compacted);
         }
     }
 
-    /// Forgets the history before `revision`.
+    /// Forgets the history before `revision` (`Faults::compact`), at once.
     fn compact_to(&mut self, revision: i64) {
-        if revision <= self.compacted {
-            return;
-        }
-        self.compacted = revision;
-        while self
-            .log
-            .front()
-            .is_some_and(|logged| logged.revision < revision)
-        {
-            self.log.pop_front();
-        }
+        self.compacted = self.compacted.max(revision);
+        while self.log.pop_before(self.compacted) {}
     }
 
     /// `key` (stored form) with its metadata, `strip` leading bytes removed.
@@ -1064,7 +1192,7 @@ impl State {
     }
 
     /// The stored keys starting with `prefix`, sorted.
-    fn keys_with_prefix(&self, prefix: &str) -> Vec<Arc<str>> {
+    fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
         use std::ops::Bound::{Included, Unbounded};
         self.order
             .range::<str, _>((Included(prefix), Unbounded))
@@ -1141,7 +1269,7 @@ impl State {
             .range::<str, _>((Included(dir.as_str()), Unbounded))
             .take_while(|key| key.starts_with(&dir))
             .filter(|key| lock_name_of(key) == Some(name))
-            .filter_map(|key| Some((self.values.get(&**key)?.create_revision, None)))
+            .filter_map(|key| Some((self.values.get(key.as_str())?.create_revision, None)))
             .collect();
         Queue { keys, places: 0 }
     }
@@ -1187,6 +1315,47 @@ impl Drop for MemWatchStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_keeps_texts_in_chunks_and_drops_them_whole() {
+        let mut log = Log::default();
+        let big = "v".repeat(LOG_CHUNK + 10);
+        for revision in 2..2000 {
+            let value = match revision % 7 {
+                0 => None,
+                3 => Some(big.as_str()),
+                _ => Some("value-\u{e9}"),
+            };
+            log.push(revision, &format!("k/{revision}"), value);
+            while log.len() > 100 {
+                assert!(log.pop_before(revision));
+            }
+            assert!(log.chunks.len() <= 40, "{} chunks", log.chunks.len());
+        }
+        assert!(!log.pop_before(1900), "nothing before 1900 is left");
+        let replayed: Vec<WatchEvent> = log.replay(1995, "k/", 2).collect();
+        let shown: Vec<(String, Option<usize>, i64)> = replayed
+            .iter()
+            .map(|event| {
+                (
+                    event.key().to_owned(),
+                    event.value().map(str::len),
+                    event.revision(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("1995".to_owned(), None, 1995),
+                ("1996".to_owned(), Some(8), 1996),
+                ("1997".to_owned(), Some(8), 1997),
+                ("1998".to_owned(), Some(LOG_CHUNK + 10), 1998),
+                ("1999".to_owned(), Some(8), 1999),
+            ]
+        );
+        assert_eq!(log.replay(1995, "x", 0).count(), 0);
+    }
 
     #[test]
     fn only_name_slash_lowercase_hex_is_a_lock_key() {
