@@ -32,11 +32,19 @@ fn main() -> ExitCode {
     }
     let mut trials = Vec::new();
     for opener in &selection.openers {
-        for case in cases::all() {
+        let limited = cases::all()
+            .into_iter()
+            .map(|case| (case, CASE_LIMIT))
+            .chain(
+                cases::slow()
+                    .into_iter()
+                    .map(|case| (case, cases::SLOW_CASE_LIMIT)),
+            );
+        for (case, limit) in limited {
             let opener = opener.clone();
             trials.push(Trial::test(
                 format!("{}::{}", opener.name(), case.name),
-                move || run_case(case, TestStore::new(opener)),
+                move || run_case(case, limit, TestStore::new(opener)),
             ));
         }
     }
@@ -54,22 +62,23 @@ fn main() -> ExitCode {
     conclusion.exit_code()
 }
 
-/// Runs one case on a runtime of its own, bounded by [`CASE_LIMIT`]. The runtime is shut
-/// down without waiting for its tasks, so a task that never yields cannot hang the suite.
-fn run_case(case: Case, store: TestStore) -> Result<(), Failed> {
+/// Runs one case on a runtime of its own, bounded by `limit` ([`CASE_LIMIT`] but for the
+/// slow cases). The runtime is shut down without waiting for its tasks, so a task that never
+/// yields cannot hang the suite.
+fn run_case(case: Case, limit: Duration, store: TestStore) -> Result<(), Failed> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|err| Failed::from(format!("tokio runtime: {err}")))?;
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        runtime.block_on(async { tokio::time::timeout(CASE_LIMIT, (case.run)(store)).await })
+        runtime.block_on(async { tokio::time::timeout(limit, (case.run)(store)).await })
     }));
     runtime.shutdown_background();
     match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Failed::from(format!(
-            "the case did not finish within {CASE_LIMIT:?}"
+            "the case did not finish within {limit:?}"
         ))),
         Err(panic) => std::panic::resume_unwind(panic),
     }

@@ -1,6 +1,12 @@
 //! Differential test: the same random sequences of operations applied to the in-memory store
 //! and to etcd must give the same answers, operation by operation, and leave the same data.
 //!
+//! The data API takes part: `get_kv`, `get_prefix`, `list` pages, `delete_prefix`, `txn` with
+//! random compares and operations (malformed ones included), and `update`. Metadata is
+//! compared too, revisions counted from the store revision at the start of the sequence (the
+//! test has both stores to itself, so both must count exactly one revision per write that
+//! changed something, as etcd does); a lease is compared as "none" or "some".
+//!
 //! Each sequence runs under a fresh key prefix on both backends. Keys and values come from
 //! small alphabets (with `\0`, `/`, non-ASCII and empty strings) so that operations collide;
 //! an empty key must be `InvalidKey` on both. A divergence is a backend defect: fix the backend
@@ -16,7 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hmetcd_core::{CompareOp, Error, KeyValue, Kvi};
+use hmetcd_core::{
+    Compare, CompareOp, Error, KeyValue, Kvi, ListPage, ListRequest, Op as TxnOp, Txn, TxnOutcome,
+};
 use hmetcd_etcd::EtcdKvs;
 use hmetcd_mem::MemKvs;
 use integration_tests::backends;
@@ -51,6 +59,9 @@ const KEYS: &[&str] = &[
 
 const VALUES: &[&str] = &["", "0", "1", "10", "x", "\0", "x\0", "é", "a/b", " "];
 
+/// Prefixes for `get_prefix`, `list` and `delete_prefix` (`""` is refused by `delete_prefix`).
+const PREFIXES: &[&str] = &["", "a", "a/", "a\0", "b", "é", "\u{10FFFF}", "z"];
+
 /// Range bounds beyond the keys themselves: between, before and after them.
 const BOUNDS: &[&str] = &["", "\0\0", "a\0\0", "a0", "aa", "c", "\u{10FFFF}\u{10FFFF}"];
 
@@ -68,6 +79,86 @@ enum Op {
         then: (&'static str, &'static str),
         otherwise: (&'static str, &'static str),
     },
+    GetKv(&'static str),
+    GetPrefix(&'static str),
+    DeletePrefix(&'static str),
+    List(List),
+    Txn {
+        compares: Vec<Cmp>,
+        then: Vec<Step>,
+        otherwise: Vec<Step>,
+    },
+    Update(&'static str, Change),
+}
+
+/// A `list` request.
+#[derive(Debug, Clone)]
+struct List {
+    /// A prefix, or an inclusive range.
+    prefix: Option<&'static str>,
+    range: (&'static str, &'static str),
+    /// `Some(0)` is refused on both.
+    limit: Option<usize>,
+    after: Option<&'static str>,
+    keys_only: bool,
+}
+
+/// A compare of a random transaction; revisions count from the sequence's start.
+#[derive(Debug, Clone)]
+enum Cmp {
+    Value(&'static str, CompareOp, &'static str),
+    Exists(&'static str),
+    Missing(&'static str),
+    ModRevision(&'static str, CompareOp, i64),
+    Version(&'static str, CompareOp, i64),
+}
+
+/// An operation of a random transaction.
+#[derive(Debug, Clone)]
+enum Step {
+    Put(&'static str, &'static str),
+    Delete(&'static str),
+    DeletePrefix(&'static str),
+    Get(&'static str),
+}
+
+/// What an `update`'s function returns.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// The current value with this appended (just this when missing).
+    Append(&'static str),
+    /// Delete the key.
+    Delete,
+}
+
+/// A key-value with its metadata as both backends must agree on it: revisions counted from
+/// the sequence's base revision, the lease as none/some.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Item {
+    key: String,
+    value: String,
+    create_revision: i64,
+    mod_revision: i64,
+    version: i64,
+    leased: bool,
+}
+
+impl Item {
+    fn of(kv: &KeyValue, base: i64) -> Self {
+        let relative = |revision: i64| if revision == 0 { 0 } else { revision - base };
+        Item {
+            key: kv.key.clone(),
+            value: kv.value.clone(),
+            create_revision: relative(kv.create_revision),
+            mod_revision: relative(kv.mod_revision),
+            version: kv.version,
+            leased: kv.lease != 0,
+        }
+    }
+
+    fn all(kvs: &[KeyValue], base: i64) -> Vec<Self> {
+        kvs.iter().map(|kv| Item::of(kv, base)).collect()
+    }
 }
 
 /// What one operation answered; errors compare by their full message.
@@ -75,8 +166,21 @@ enum Op {
 enum Outcome {
     Done,
     Value(Option<String>),
-    Range(Vec<KeyValue>),
+    Range(Vec<Item>),
     Bool(bool),
+    Item(Option<Item>),
+    Count(u64),
+    Page {
+        items: Vec<Item>,
+        more: bool,
+        count: i64,
+        revision: i64,
+    },
+    Txn {
+        succeeded: bool,
+        revision: i64,
+        gets: Vec<Option<Item>>,
+    },
     Failed(String),
 }
 
@@ -122,8 +226,74 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn prefix() -> impl Strategy<Value = &'static str> {
+    prop_oneof![2 => select(PREFIXES), 1 => select(KEYS)]
+}
+
+fn cmp() -> impl Strategy<Value = Cmp> {
+    prop_oneof![
+        3 => (key(), compare_op(), value()).prop_map(|(k, op, v)| Cmp::Value(k, op, v)),
+        1 => key().prop_map(Cmp::Exists),
+        1 => key().prop_map(Cmp::Missing),
+        2 => (key(), compare_op(), 0..60i64).prop_map(|(k, op, r)| Cmp::ModRevision(k, op, r)),
+        2 => (key(), compare_op(), 0..4i64).prop_map(|(k, op, v)| Cmp::Version(k, op, v)),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (key(), value()).prop_map(|(k, v)| Step::Put(k, v)),
+        2 => key().prop_map(Step::Delete),
+        1 => prefix().prop_map(Step::DeletePrefix),
+        3 => key().prop_map(Step::Get),
+    ]
+}
+
+fn list() -> impl Strategy<Value = List> {
+    (
+        proptest::option::of(prefix()),
+        (bound(), bound()),
+        prop_oneof![2 => Just(None), 3 => (0..5usize).prop_map(Some)],
+        proptest::option::of(bound()),
+        any::<bool>(),
+    )
+        .prop_map(|(prefix, range, limit, after, keys_only)| List {
+            prefix,
+            range,
+            limit,
+            after,
+            keys_only,
+        })
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![3 => value().prop_map(Change::Append), 1 => Just(Change::Delete)]
+}
+
+/// The data API's operations.
+fn data_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => key().prop_map(Op::GetKv),
+        2 => prefix().prop_map(Op::GetPrefix),
+        1 => prefix().prop_map(Op::DeletePrefix),
+        3 => list().prop_map(Op::List),
+        4 => (vec(cmp(), 0..3), vec(step(), 0..4), vec(step(), 0..3)).prop_map(
+            |(compares, then, otherwise)| Op::Txn {
+                compares,
+                then,
+                otherwise,
+            }
+        ),
+        2 => (key(), change()).prop_map(|(k, c)| Op::Update(k, c)),
+    ]
+}
+
+fn any_op() -> impl Strategy<Value = Op> {
+    prop_oneof![13 => op(), 14 => data_op()]
+}
+
 fn sequence() -> impl Strategy<Value = Vec<Op>> {
-    vec(op(), OPS_PER_SEQUENCE)
+    vec(any_op(), OPS_PER_SEQUENCE)
 }
 
 fn outcome<T>(result: Result<T, Error>, done: impl FnOnce(T) -> Outcome) -> Outcome {
@@ -133,14 +303,83 @@ fn outcome<T>(result: Result<T, Error>, done: impl FnOnce(T) -> Outcome) -> Outc
     }
 }
 
-async fn apply(kv: &dyn Kvi, op: &Op) -> Outcome {
-    match *op {
-        Op::Store(k, v) => outcome(kv.store(k, v).await, |()| Outcome::Done),
-        Op::Get(k) => outcome(kv.get(k).await, Outcome::Value),
-        Op::Delete(k) => outcome(kv.delete(k).await, |()| Outcome::Done),
-        Op::GetRange(a, b) => outcome(kv.get_range(a, b).await, Outcome::Range),
-        Op::Tas(k, t, s) => outcome(kv.tas(k, t, s).await, Outcome::Bool),
-        Op::Transaction {
+/// The store revision `kv` reads at now: what revisions of a sequence count from.
+async fn base_revision(kv: &dyn Kvi) -> Result<i64, String> {
+    kv.list(ListRequest::prefix("").limit(1))
+        .await
+        .map(|page| page.revision)
+        .map_err(|err| format!("reading the base revision: {err}"))
+}
+
+fn page_outcome(page: ListPage, base: i64) -> Outcome {
+    Outcome::Page {
+        items: Item::all(&page.items, base),
+        more: page.more,
+        count: page.count,
+        revision: page.revision - base,
+    }
+}
+
+fn txn_outcome(outcome: TxnOutcome, base: i64) -> Outcome {
+    Outcome::Txn {
+        succeeded: outcome.succeeded,
+        revision: outcome.revision - base,
+        gets: outcome
+            .gets
+            .iter()
+            .map(|got| got.as_ref().map(|kv| Item::of(kv, base)))
+            .collect(),
+    }
+}
+
+fn compare(cmp: &Cmp, base: i64) -> Compare {
+    match *cmp {
+        Cmp::Value(k, op, v) => Compare::value(k, op, v),
+        Cmp::Exists(k) => Compare::exists(k),
+        Cmp::Missing(k) => Compare::missing(k),
+        // Revision 0 is "missing"; others count from the base like the answers.
+        Cmp::ModRevision(k, op, 0) => Compare::mod_revision(k, op, 0),
+        Cmp::ModRevision(k, op, r) => Compare::mod_revision(k, op, base + r),
+        Cmp::Version(k, op, v) => Compare::version(k, op, v),
+    }
+}
+
+fn txn_op(step: &Step) -> TxnOp {
+    match *step {
+        Step::Put(k, v) => TxnOp::put(k, v),
+        Step::Delete(k) => TxnOp::delete(k),
+        Step::DeletePrefix(p) => TxnOp::delete_prefix(p),
+        Step::Get(k) => TxnOp::get(k),
+    }
+}
+
+fn list_request(list: &List) -> ListRequest {
+    let mut request = match list.prefix {
+        Some(prefix) => ListRequest::prefix(prefix),
+        None => ListRequest::range(list.range.0, list.range.1),
+    };
+    if let Some(limit) = list.limit {
+        request = request.limit(limit);
+    }
+    if let Some(after) = list.after {
+        request = request.after(after);
+    }
+    if list.keys_only {
+        request = request.keys_only();
+    }
+    request
+}
+
+async fn apply(kv: &dyn Kvi, op: &Op, base: i64) -> Outcome {
+    match op {
+        &Op::Store(k, v) => outcome(kv.store(k, v).await, |()| Outcome::Done),
+        &Op::Get(k) => outcome(kv.get(k).await, Outcome::Value),
+        &Op::Delete(k) => outcome(kv.delete(k).await, |()| Outcome::Done),
+        &Op::GetRange(a, b) => outcome(kv.get_range(a, b).await, |kvs| {
+            Outcome::Range(Item::all(&kvs, base))
+        }),
+        &Op::Tas(k, t, s) => outcome(kv.tas(k, t, s).await, Outcome::Bool),
+        &Op::Transaction {
             key,
             op,
             value,
@@ -151,15 +390,48 @@ async fn apply(kv: &dyn Kvi, op: &Op) -> Outcome {
                 .await,
             Outcome::Bool,
         ),
+        &Op::GetKv(k) => outcome(kv.get_kv(k).await, |got| {
+            Outcome::Item(got.map(|kv| Item::of(&kv, base)))
+        }),
+        &Op::GetPrefix(p) => outcome(kv.get_prefix(p).await, |kvs| {
+            Outcome::Range(Item::all(&kvs, base))
+        }),
+        &Op::DeletePrefix(p) => outcome(kv.delete_prefix(p).await, Outcome::Count),
+        Op::List(list) => outcome(kv.list(list_request(list)).await, |page| {
+            page_outcome(page, base)
+        }),
+        Op::Txn {
+            compares,
+            then,
+            otherwise,
+        } => {
+            let mut txn = Txn::new();
+            for cmp in compares {
+                txn = txn.when(compare(cmp, base));
+            }
+            for step in then {
+                txn = txn.then(txn_op(step));
+            }
+            for step in otherwise {
+                txn = txn.otherwise(txn_op(step));
+            }
+            outcome(kv.txn(txn).await, |done| txn_outcome(done, base))
+        }
+        &Op::Update(k, change) => {
+            let mut f = |current: Option<&str>| match change {
+                Change::Append(v) => Some(format!("{}{v}", current.unwrap_or(""))),
+                Change::Delete => None,
+            };
+            outcome(kv.update(k, &mut f).await, Outcome::Value)
+        }
     }
 }
 
-/// Everything under the handle's prefix.
-async fn everything(kv: &dyn Kvi) -> Outcome {
-    outcome(
-        kv.get_range("", "\u{10FFFF}\u{10FFFF}").await,
-        Outcome::Range,
-    )
+/// Everything under the handle's prefix, with metadata.
+async fn everything(kv: &dyn Kvi, base: i64) -> Outcome {
+    outcome(kv.get_range("", "\u{10FFFF}\u{10FFFF}").await, |kvs| {
+        Outcome::Range(Item::all(&kvs, base))
+    })
 }
 
 struct Differential {
@@ -178,11 +450,13 @@ impl Differential {
         let etcd = EtcdKvs::connect(&self.endpoints, &options)
             .await
             .map_err(|err| format!("opening etcd: {err}"))?;
+        let etcd_base = base_revision(&etcd).await?;
+        let mem_base = base_revision(&mem).await?;
         let mut report = String::new();
         let mut diverged = false;
         for (i, op) in ops.iter().enumerate() {
-            let expected = apply(&etcd, op).await;
-            let got = apply(&mem, op).await;
+            let expected = apply(&etcd, op, etcd_base).await;
+            let got = apply(&mem, op, mem_base).await;
             self.operations.fetch_add(1, Ordering::Relaxed);
             let _ = writeln!(report, "  #{i:<2} {op:?} -> etcd {expected:?}");
             if expected != got {
@@ -192,8 +466,8 @@ impl Differential {
             }
         }
         if !diverged {
-            let expected = everything(&etcd).await;
-            let got = everything(&mem).await;
+            let expected = everything(&etcd, etcd_base).await;
+            let got = everything(&mem, mem_base).await;
             if expected != got {
                 let _ = writeln!(
                     report,

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use hmetcd_core::{Error, KeyChange, Kvi, LockOptions, LostReason, WatchEvent, WatchStream};
+use hmetcd_core::{
+    Compare, Error, KeyChange, Kvi, LockOptions, LostReason, Op, Txn, WatchEvent, WatchStream,
+};
 use hmetcd_etcd::EtcdKvs;
 use hmetcd_mem::{Faults, MemKvs};
 use integration_tests::etcd_server::raw_client;
@@ -85,8 +87,20 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         |rig| Box::pin(leadership_lease_expiry(rig)),
     ),
     (
+        "lease_expiry_ends_guarded_writes_and_restores_store_temp_and_put_temp_values",
+        |rig| Box::pin(guarded_writes_lease_expiry(rig)),
+    ),
+    (
+        "watch_prefix_from_resumes_across_a_cut_missing_and_repeating_nothing",
+        |rig| Box::pin(history_across_a_cut(rig)),
+    ),
+    (
         "watcher_partitioned_behind_a_compaction_gets_compacted",
         |rig| Box::pin(compaction(rig)),
+    ),
+    (
+        "watch_prefix_from_below_the_compaction_is_compacted_and_from_it_replays",
+        |rig| Box::pin(history_compaction(rig)),
     ),
 ];
 
@@ -864,6 +878,197 @@ async fn compaction(mut rig: Box<dyn Rig>) {
         [put("c", "1"), put("c", "2"), put("c", "3")],
         "the callback saw nothing past the compaction"
     );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// Whether `compare` holds on `kv`, by a transaction that writes nothing.
+async fn holds(kv: &dyn Kvi, compare: Compare) -> bool {
+    kv.txn(Txn::new().when(compare).then(Op::get("probe")))
+        .await
+        .expect("txn")
+        .succeeded
+}
+
+/// At a lease expiry `Compare::held` and `Compare::leading` stop holding (on the handle that
+/// lost them and on another), so a lost holder cannot write through them; the temp keys of
+/// `store_temp` and of a txn's `Op::put_temp` are deleted with the lease and come back with
+/// their values, not `"1"`.
+async fn guarded_writes_lease_expiry(mut rig: Box<dyn Rig>) {
+    let a: Arc<dyn Kvi> = Arc::from(rig.open_faulty().await);
+    let b: Arc<dyn Kvi> = Arc::from(rig.open_other().await);
+    let mut temps = b.watch_prefix("t/").await.expect("watch t/");
+    a.store_temp("t/1", "addr-1").await.expect("store_temp");
+    let outcome = a
+        .txn(Txn::new().then(Op::put_temp("t/2", "addr-2")))
+        .await
+        .expect("txn with put_temp");
+    assert!(outcome.succeeded);
+    next_events(&mut temps, 2, "A's temp keys").await;
+    let guard = a.lock("jobs").await.expect("A locks jobs");
+    let leadership = a.campaign("boss", "a").await.expect("A campaigns");
+    let held = Compare::held(&guard);
+    let leading = Compare::leading(&leadership);
+    let write = Txn::new()
+        .when(held.clone())
+        .when(leading.clone())
+        .then(Op::put("state", "written by A"));
+    assert!(a.txn(write.clone()).await.expect("txn").succeeded);
+    assert!(holds(b.as_ref(), held.clone()).await, "held, seen from B");
+    assert!(
+        holds(b.as_ref(), leading.clone()).await,
+        "leading, seen from B"
+    );
+
+    rig.expire_lease("t/1").await;
+
+    let deleted = next_events(&mut temps, 2, "temp keys deleted").await;
+    assert_eq!(
+        deleted.iter().map(seen).collect::<Vec<_>>(),
+        [delete("t/1"), delete("t/2")]
+    );
+    assert!(
+        !holds(b.as_ref(), held.clone()).await,
+        "held after the expiry"
+    );
+    assert!(
+        !holds(b.as_ref(), leading.clone()).await,
+        "leading after the expiry"
+    );
+    let limit = LEASE_TTL + SETTLE;
+    let reason = tokio::time::timeout(limit, guard.lost())
+        .await
+        .expect("the guard's lost() resolves");
+    assert_eq!(reason, LostReason::SessionLost);
+    let reason = tokio::time::timeout(limit, leadership.lost())
+        .await
+        .expect("the leadership's lost() resolves");
+    assert_eq!(reason, LostReason::SessionLost);
+    let outcome = a
+        .txn(write.otherwise(Op::get("state")))
+        .await
+        .expect("A's guarded txn after the loss");
+    assert!(!outcome.succeeded, "A wrote through a lost lock");
+    assert!(!holds(a.as_ref(), held).await);
+    assert!(!holds(a.as_ref(), leading).await);
+
+    let mut restored: Vec<Seen> = next_events(&mut temps, 2, "temp keys restored")
+        .await
+        .iter()
+        .map(seen)
+        .collect();
+    restored.sort_by_key(|seen| format!("{seen:?}"));
+    assert_eq!(restored, [put("t/1", "addr-1"), put("t/2", "addr-2")]);
+    for key in ["t/1", "t/2"] {
+        let kv = b.get_kv(key).await.expect("get_kv").expect("restored");
+        assert_ne!(kv.lease, 0, "{key} is on A's new lease");
+        assert_eq!(kv.version, 1, "{key} was created again");
+    }
+    a.close().await.expect("close A");
+    assert_eq!(b.get_prefix("t/").await.expect("get_prefix"), []);
+    b.close().await.expect("close B");
+}
+
+/// A `watch_prefix_from` stream of the cut-off handle catches up once the link is back:
+/// every change under the prefix once, in order, the history before the cut included.
+async fn history_across_a_cut(mut rig: Box<dyn Rig>) {
+    let a = rig.open_faulty().await;
+    let b = rig.open_other().await;
+    b.store("r/00", "0").await.expect("store");
+    let from = b
+        .get_kv("r/00")
+        .await
+        .expect("get_kv")
+        .expect("r/00")
+        .mod_revision;
+    b.store("r/01", "1").await.expect("store");
+    let mut stream = a.watch_prefix_from("r/", from).await.expect("watch");
+    let mut got = next_events(&mut stream, 2, "the history").await;
+    rig.cut();
+    for i in 2..6 {
+        b.store(&format!("r/{i:02}"), &i.to_string())
+            .await
+            .expect("store");
+    }
+    b.store("elsewhere", "x").await.expect("store");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    rig.resume();
+    for i in 6..8 {
+        b.store(&format!("r/{i:02}"), &i.to_string())
+            .await
+            .expect("store");
+    }
+    got.extend(next_events(&mut stream, 6, "after the cut").await);
+    let expected: Vec<Seen> = (0..8)
+        .map(|i| put(&format!("r/{i:02}"), &i.to_string()))
+        .collect();
+    assert_eq!(got.iter().map(seen).collect::<Vec<_>>(), expected);
+    assert_eq!(got[0].revision(), from);
+    assert!(
+        got.windows(2).all(|p| p[0].revision() < p[1].revision()),
+        "revisions strictly increase: {got:?}"
+    );
+    no_event(&mut stream, "after every write").await;
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// After a compaction at C, `watch_prefix_from(p, rev)` with `rev < C` yields
+/// `Compacted { key: p, revision: rev, compact_revision: C }` as its first and last item;
+/// from C itself it replays C's change on, then goes live.
+async fn history_compaction(mut rig: Box<dyn Rig>) {
+    let a = rig.open_faulty().await;
+    let b = rig.open_other().await;
+    let mut revisions = Vec::new();
+    for i in 1..=3 {
+        let key = format!("h/{i}");
+        b.store(&key, &i.to_string()).await.expect("store");
+        let kv = b.get_kv(&key).await.expect("get_kv").expect("stored");
+        revisions.push(kv.mod_revision);
+    }
+    let compacted = revisions[1];
+    rig.compact(compacted).await;
+    for (kv, who) in [(&a, "A"), (&b, "B")] {
+        for from in [revisions[0], compacted - 1] {
+            let mut stream = kv
+                .watch_prefix_from("h/", from)
+                .await
+                .unwrap_or_else(|err| panic!("{who}: the call itself succeeds: {err}"));
+            match tokio::time::timeout(SETTLE, stream.next()).await {
+                Ok(Some(Err(Error::Compacted {
+                    key,
+                    revision,
+                    compact_revision,
+                }))) => {
+                    assert_eq!(key, "h/", "{who}");
+                    assert_eq!(revision, from, "{who}");
+                    assert_eq!(compact_revision, compacted, "{who}");
+                }
+                other => panic!("{who} from {from}: expected Compacted, got {other:?}"),
+            }
+            let after = tokio::time::timeout(SETTLE, stream.next()).await;
+            assert!(
+                matches!(after, Ok(None)),
+                "{who}: Compacted is the stream's last item: {after:?}"
+            );
+        }
+    }
+    let mut stream = a
+        .watch_prefix_from("h/", compacted)
+        .await
+        .expect("watch from the compaction revision");
+    let replayed = next_events(&mut stream, 2, "from the compaction revision").await;
+    assert_eq!(
+        replayed.iter().map(seen).collect::<Vec<_>>(),
+        [put("h/2", "2"), put("h/3", "3")]
+    );
+    assert_eq!(replayed[0].revision(), compacted);
+    b.store("h/4", "4").await.expect("store");
+    assert_eq!(
+        seen(&next_event(&mut stream, "live after the replay").await),
+        put("h/4", "4")
+    );
+    no_event(&mut stream, "after the live write").await;
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }

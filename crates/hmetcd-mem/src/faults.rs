@@ -7,13 +7,14 @@
 //! key that is still absent (one someone else wrote meanwhile is theirs). Its lock waiters then
 //! queue again on the new lease.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use hmetcd_core::{Error, LostReason, Result};
+use hmetcd_core::keys::KeyPrefix;
+use hmetcd_core::{Error, LostReason, Op, Result, Txn, TxnOutcome};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -21,7 +22,7 @@ use crate::guards::Guards;
 use crate::participants::{Link, Participants};
 use crate::store::{HandleId, Store};
 
-/// The value of every temp key, as in the Go package.
+/// The value of a `temp_key`, as in the Go package.
 pub(crate) const TEMP_VALUE: &str = "1";
 
 /// `status` bits: the handle was closed (or dropped).
@@ -54,8 +55,8 @@ pub(crate) struct Session {
     lease_ttl: Duration,
     pub(crate) participants: Arc<Participants>,
     pub(crate) guards: Arc<Guards>,
-    /// Stored keys of the handle's temp keys.
-    temp_keys: Mutex<BTreeSet<String>>,
+    /// Stored keys of the handle's temp keys, with the values to put back after a lost lease.
+    temp_keys: Mutex<BTreeMap<String, String>>,
     /// Whether `temp_keys` may have any; every plain write asks, most handles have none.
     has_temp_keys: AtomicBool,
     /// `CLOSED` and `CUT` bits: one load tells every call whether it may go on.
@@ -89,7 +90,7 @@ impl Session {
             lease_ttl,
             participants,
             guards: Arc::default(),
-            temp_keys: Mutex::new(BTreeSet::new()),
+            temp_keys: Mutex::new(BTreeMap::new()),
             has_temp_keys: AtomicBool::new(false),
             status: AtomicU8::new(0),
             partition: Mutex::new(None),
@@ -117,16 +118,20 @@ impl Session {
         }
     }
 
-    /// `temp_key`: puts `"1"` at `stored` on the lease and remembers it, to be put back if the
-    /// lease is lost.
-    pub(crate) fn put_temp_key(&self, stored: &str) -> Result<()> {
+    /// `temp_key` and `store_temp`: puts `value` at `stored` on the lease and remembers both,
+    /// to be put back if the lease is lost.
+    pub(crate) fn put_temp_key(&self, stored: &str, value: &str) -> Result<()> {
         let _serial = locked(&self.partition);
         self.check()?;
-        locked(&self.temp_keys).insert(stored.to_owned());
-        self.has_temp_keys.store(true, Ordering::Release);
+        self.remember_temp_key(stored, value);
         self.store
-            .put_on_lease(stored, TEMP_VALUE, self.participants.lease_cell());
+            .put_on_lease(stored, value, self.participants.lease_cell());
         Ok(())
+    }
+
+    fn remember_temp_key(&self, stored: &str, value: &str) {
+        locked(&self.temp_keys).insert(stored.to_owned(), value.to_owned());
+        self.has_temp_keys.store(true, Ordering::Release);
     }
 
     /// A plain write or delete of `stored` by this handle: no longer a temp key (it is not
@@ -137,9 +142,51 @@ impl Session {
         }
     }
 
+    /// A `delete_prefix` of `stored` by this handle: the temp keys under it are forgotten.
+    pub(crate) fn forget_temp_prefix(&self, stored: &str) {
+        if self.has_temp_keys.load(Ordering::Acquire) {
+            locked(&self.temp_keys).retain(|key, _| !key.starts_with(stored));
+        }
+    }
+
+    /// Runs `txn` (keys under `prefix`) in the store. The temp keys its branch put
+    /// (`Op::put_temp`, on the lease) are remembered like `store_temp`'s, the keys it wrote or
+    /// deleted otherwise are forgotten; a transaction with temp puts runs serialized with
+    /// lease changes, so its keys are never put on a lease that is already gone unremembered.
+    pub(crate) fn txn(&self, txn: &Txn, prefix: &KeyPrefix) -> Result<TxnOutcome> {
+        let temp = txn
+            .then_ops()
+            .iter()
+            .chain(txn.else_ops())
+            .any(|op| matches!(op, Op::PutTemp { .. }));
+        let _serial = temp.then(|| locked(&self.partition));
+        self.check()?;
+        let outcome = self
+            .store
+            .txn(txn, prefix, self.participants.lease_cell())?;
+        let ran = if outcome.succeeded {
+            txn.then_ops()
+        } else {
+            txn.else_ops()
+        };
+        for op in ran {
+            match op {
+                Op::PutTemp { key, value } => self.remember_temp_key(&prefix.apply(key), value),
+                Op::Put { key, .. } | Op::Delete { key } => {
+                    self.forget_temp_key(&prefix.stored(key));
+                }
+                Op::DeletePrefix { prefix: deleted } => {
+                    self.forget_temp_prefix(&prefix.stored(deleted));
+                }
+                _ => {}
+            }
+        }
+        Ok(outcome)
+    }
+
     /// Every key bound to the lease: temp keys and lock keys.
     fn lease_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = locked(&self.temp_keys).iter().cloned().collect();
+        let mut keys: Vec<String> = locked(&self.temp_keys).keys().cloned().collect();
         keys.extend(self.participants.keys());
         keys
     }
@@ -164,9 +211,12 @@ impl Session {
     /// Puts every temp key back on the (new) lease where it is absent; one someone else wrote
     /// since is theirs, and no longer a temp key of this handle.
     fn restore_temp_keys(&self) {
-        let keys: Vec<String> = locked(&self.temp_keys).iter().cloned().collect();
+        let keys: Vec<(String, String)> = locked(&self.temp_keys)
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
         let lease = self.participants.lease();
-        let taken = self.store.restore(lease, &keys, TEMP_VALUE);
+        let taken = self.store.restore(lease, &keys);
         let mut temp_keys = locked(&self.temp_keys);
         for key in taken {
             tracing::info!(key = %key, "a temp key was written by someone else while the lease was lost; it is theirs now");
@@ -281,7 +331,7 @@ impl Session {
         let reachable = partition.is_none();
         if reachable {
             let mut keys = std::mem::take(&mut *locked(&self.temp_keys))
-                .into_iter()
+                .into_keys()
                 .collect::<Vec<_>>();
             keys.extend(self.participants.keys());
             // As when etcd revokes the lease: temp keys and lock keys go in one revision.
@@ -432,12 +482,17 @@ impl Faults {
     }
 
     /// The store forgets history before `revision` (at most the store's current revision), as
-    /// etcd's compaction does. Store-wide: it concerns every handle on the store.
+    /// etcd's compaction does. Store-wide: it concerns every handle on the store. Compacting
+    /// below the store's compaction revision does nothing.
     ///
-    /// The memory store keeps no history but what partitioned watchers missed, so this
-    /// matters to them: a watcher whose next revision (the one after the last event it was
-    /// delivered, or after the revision it was registered at) is before `revision` gets
-    /// [`Error::Compacted`](hmetcd_core::Error) when its partition ends.
+    /// It compacts the same history the store keeps for
+    /// [`watch_prefix_from`](hmetcd_core::Kvi::watch_prefix_from) (see
+    /// [`MemKvs`](crate::MemKvs#history)), with etcd's meaning: afterwards a watch from
+    /// `revision` itself still works, one from an earlier revision gets
+    /// [`Error::Compacted`](hmetcd_core::Error) with `compact_revision == revision` as its
+    /// stream's first and last item. A partitioned watcher whose next revision (the one after
+    /// the last event it was delivered, or after the revision it was registered at) is before
+    /// `revision` gets `Error::Compacted` when its partition ends.
     pub fn compact(&self, revision: i64) {
         self.session.store.compact(revision);
     }

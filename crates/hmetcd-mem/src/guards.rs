@@ -111,10 +111,14 @@ impl MemLockRelease {
                     tokio::time::sleep(max_hold).await;
                     tracing::debug!(lock = %name, ?max_hold, "max_hold expired; releasing the lock");
                     if let Some(held) = take(&slot) {
-                        if held.is_held() {
+                        let was_held = held.is_held();
+                        // The key goes first, as on the etcd backend: once `lost()` resolves,
+                        // `Compare::held` fails (on a partitioned handle the delete waits for
+                        // the partition's end).
+                        drop(held);
+                        if was_held {
                             lost.fire(LostReason::MaxHold);
                         }
-                        drop(held);
                     }
                     release(id, &slot, &guards);
                 })

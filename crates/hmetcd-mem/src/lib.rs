@@ -35,6 +35,8 @@
 //! # }
 //! ```
 
+#[cfg(test)]
+mod data_tests;
 mod faults;
 mod guards;
 mod participants;
@@ -53,7 +55,8 @@ use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
     leader_stream, Candidate, CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
-    LockGuard, LockOptions, Options, Result, WatchCallback, WatchEvent, WatchHandle, WatchStream,
+    ListPage, ListRequest, LockGuard, LockOptions, Options, Result, Txn, TxnOutcome, WatchCallback,
+    WatchEvent, WatchHandle, WatchStream,
 };
 use participants::Held;
 pub use store::MISSED_EVENTS_LIMIT;
@@ -71,6 +74,33 @@ static NAMED_STORES: LazyLock<DashMap<String, Arc<Store>>> = LazyLock::new(DashM
 /// partitioned by [`Faults::partition`] leaves them to its lease, like a crashed process).
 ///
 /// Callback watchers ([`Kvi::watch_with_cb`]) run on the Tokio runtime they were started in.
+///
+/// # Metadata
+///
+/// Every key read with [`Kvi::get_range`], [`Kvi::get_kv`], [`Kvi::get_prefix`],
+/// [`Kvi::list`] or a [`Txn`]'s gets carries etcd's metadata: the store revision goes up by one
+/// per request that changes something (all the keys one request changes share it, a lease
+/// expiry or `close()` deleting several keys included), `create_revision` and `mod_revision`
+/// are the revisions of the key's creation and last write, `version` counts its puts since it
+/// was created, `lease` is its handle's lease id (0: none). As on a fresh etcd cluster, the
+/// first write of a store has revision 2. [`Kvi::leader`] and [`Kvi::observe`] leave the
+/// metadata at 0.
+///
+/// # History
+///
+/// The store keeps a log of its changes for [`Kvi::watch_prefix_from`], which replays it
+/// before the live changes. The log is bounded like etcd's periodic compaction: it keeps at
+/// least the last `history` revisions (the [`Options::history`] option, 10,000 by default);
+/// once it spans more than twice that, it drops all but the last `history` revisions (the
+/// store's compaction revision moves up). A watch from a revision below the compaction gets
+/// [`Error::Compacted`] as its stream's only item, as on etcd. [`Faults::compact`] compacts
+/// on demand.
+///
+/// Handles that share a named store share its history: the store keeps the largest `history`
+/// any handle opened on it asked for (and keeps it after that handle is closed; named stores
+/// live as long as the process). The log holds a copy of each change's key and value plus 24
+/// bytes, in chunks of 64 KiB that it reuses: a write allocates nothing for it. An event too
+/// big for it (a key or value of 4 GiB or more) compacts the history past it.
 pub struct MemKvs {
     /// The store, the lease with its temp keys and lock participants, the live guards.
     session: Arc<Session>,
@@ -141,6 +171,7 @@ impl MemKvs {
         let prefix = KeyPrefix::new(options.prefix.clone());
         // The lock lives under the prefix like every other key, as on etcd.
         let stored_lock_name = prefix.apply(&options.lock_name);
+        store.keep_history(options.history);
         let session = Arc::new(Session::new(
             store,
             store_name.as_deref(),
@@ -391,7 +422,8 @@ impl Kvi for MemKvs {
     async fn temp_key(&self, key: &str) -> Result<()> {
         self.check_open()?;
         check_key("key", key)?;
-        self.session.put_temp_key(&self.prefix.apply(key))
+        self.session
+            .put_temp_key(&self.prefix.apply(key), faults::TEMP_VALUE)
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
@@ -538,40 +570,69 @@ impl Kvi for MemKvs {
         Ok(leader_stream(name, candidates, events))
     }
 
-    async fn get_kv(&self, _key: &str) -> Result<Option<KeyValue>> {
-        Err(data_api_pending("get_kv"))
+    async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.check_open()?;
+        check_key("key", key)?;
+        Ok(self
+            .session
+            .store
+            .get_kv(&self.prefix.stored(key), self.prefix.as_str().len()))
     }
 
-    async fn get_prefix(&self, _prefix: &str) -> Result<Vec<KeyValue>> {
-        Err(data_api_pending("get_prefix"))
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        self.check_open()?;
+        Ok(self
+            .session
+            .store
+            .list(&ListRequest::prefix(prefix), &self.prefix)
+            .items)
     }
 
-    async fn list(&self, _request: hmetcd_core::ListRequest) -> Result<hmetcd_core::ListPage> {
-        Err(data_api_pending("list"))
+    async fn list(&self, request: ListRequest) -> Result<ListPage> {
+        self.check_open()?;
+        request.check()?;
+        Ok(self.session.store.list(&request, &self.prefix))
     }
 
-    async fn delete_prefix(&self, _prefix: &str) -> Result<u64> {
-        Err(data_api_pending("delete_prefix"))
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        self.check_open()?;
+        check_key("prefix", prefix)?;
+        let stored = self.prefix.stored(prefix);
+        let deleted = self.session.store.delete_prefix(&stored);
+        self.session.forget_temp_prefix(&stored);
+        Ok(u64::try_from(deleted.len()).unwrap_or(u64::MAX))
     }
 
-    async fn store_temp(&self, _key: &str, _value: &str) -> Result<()> {
-        Err(data_api_pending("store_temp"))
+    async fn store_temp(&self, key: &str, value: &str) -> Result<()> {
+        self.check_open()?;
+        check_key("key", key)?;
+        self.session.put_temp_key(&self.prefix.apply(key), value)
     }
 
-    async fn txn(&self, _txn: hmetcd_core::Txn) -> Result<hmetcd_core::TxnOutcome> {
-        Err(data_api_pending("txn"))
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
+        self.check_open()?;
+        txn.check()?;
+        self.session.txn(&txn, &self.prefix)
     }
 
-    async fn watch_prefix_from(&self, _prefix: &str, _revision: i64) -> Result<WatchStream> {
-        Err(data_api_pending("watch_prefix_from"))
-    }
-}
-
-// PENDING(data API): replaced by the implementations in this same change series.
-fn data_api_pending(what: &str) -> Error {
-    Error::NotSupported {
-        what: what.to_owned(),
-        reason: "not built yet".to_owned(),
+    async fn watch_prefix_from(&self, prefix: &str, revision: i64) -> Result<WatchStream> {
+        self.check_open()?;
+        if revision < 1 {
+            return Err(Error::InvalidArgument {
+                what: "watch revision".to_owned(),
+                reason: format!("{revision}: revisions start at 1"),
+            });
+        }
+        let stream = self.session.store.watch_from(
+            self.prefix.apply(prefix),
+            self.prefix.as_str().len(),
+            self.session.id,
+            revision,
+        );
+        // A close or partition that raced with this call may have missed it; dropping the
+        // stream unregisters it.
+        self.check_open()?;
+        Ok(Box::pin(stream))
     }
 }
 

@@ -6,10 +6,23 @@
 //! `delete`) takes it out of the queue and the next key's participant holds the lock at once,
 //! as an etcd waiter does when the key ahead of it is deleted.
 //!
+//! Every key carries etcd's metadata (create and mod revision, version, lease). The store
+//! revision goes up by one per write request that changes something: a put, a delete that
+//! deletes, a lease revoke that deletes keys, a transaction whose branch wrote; all the keys a
+//! request changes share its revision.
+//!
 //! Watchers get each event as it is written. A watcher of a partitioned handle keeps what it
 //! misses instead, and gets it when the partition ends, unless the store was compacted past
 //! the first revision it still needs: then `Error::Compacted`, as etcd answers a watch that
-//! reconnects behind a compaction. The store keeps no other history.
+//! reconnects behind a compaction.
+//!
+//! The store keeps a log of its events for `watch_prefix_from` (history first, then live):
+//! every event from the compaction revision on. Logging an event copies its key and value into
+//! chunks of bytes that the log fills in order and drops whole, so a write allocates nothing
+//! for it (but a new chunk per 64 KiB) and the map keeps its values in place. The log compacts
+//! itself like etcd's periodic compaction: once it spans more than twice `history` revisions
+//! (the largest `history` option of the handles opened on the store), it drops all but the
+//! last `history`; `Faults::compact` compacts it on demand.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
@@ -19,9 +32,10 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use hashbrown::HashMap;
-use hmetcd_core::keys::is_lease_suffix;
+use hmetcd_core::keys::{is_lease_suffix, KeyPrefix};
 use hmetcd_core::{
-    Candidate, CompareOp, Error, KeyValue, LostReason, LostSignal, Result, WatchEvent,
+    Candidate, CompareOp, Error, KeyValue, ListPage, ListRequest, LostReason, LostSignal, Op,
+    Result, Txn, TxnOutcome, WatchEvent,
 };
 use tokio::sync::{mpsc, OwnedMutexGuard};
 
@@ -38,6 +52,189 @@ struct Entry {
     lease: Option<LeaseId>,
     /// The revision that created the key: its place in a lock's queue.
     create_revision: i64,
+    /// The revision of the key's last write.
+    mod_revision: i64,
+    /// Puts since the key was created, from 1.
+    version: i64,
+}
+
+impl Entry {
+    /// The key as callers see it (`strip` leading bytes of `stored` removed), with its
+    /// metadata; its value left empty with `keys_only`.
+    fn key_value(&self, stored: &str, strip: usize, keys_only: bool) -> KeyValue {
+        let value = if keys_only { "" } else { &*self.value };
+        KeyValue::new(stored.get(strip..).unwrap_or_default(), value).with_metadata(
+            self.create_revision,
+            self.mod_revision,
+            self.version,
+            self.lease.map_or(0, lease_id),
+        )
+    }
+}
+
+/// A lease as `KeyValue::lease` shows it (etcd's lease ids are `i64`).
+fn lease_id(lease: LeaseId) -> i64 {
+    i64::try_from(lease).unwrap_or(i64::MAX)
+}
+
+/// The size of the log's chunks of bytes (a bigger event gets a chunk of its own size).
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// One event of the history log (24 bytes): a put or a delete of a key (stored form), whose
+/// key and value (for a put) lie one after the other in a chunk of the log.
+#[derive(Debug)]
+struct Logged {
+    revision: i64,
+    /// The sequence number of the chunk (wrapping).
+    chunk: u32,
+    /// Where the key starts in the chunk.
+    start: u32,
+    key_len: u32,
+    /// The value's length; [`DELETED`] for a delete.
+    value_len: u32,
+}
+
+/// `Logged::value_len` of a delete.
+const DELETED: u32 = u32::MAX;
+
+/// The history log: events oldest first, their keys and values in chunks.
+#[derive(Debug, Default)]
+struct Log {
+    events: VecDeque<Logged>,
+    chunks: VecDeque<String>,
+    /// The sequence number of `chunks[0]` (wrapping).
+    first_chunk: u32,
+    /// A chunk emptied by compaction, kept for the next one: in a steady state the log
+    /// neither allocates nor frees (freeing 64 KiB makes glibc consolidate its free lists).
+    spare: Option<String>,
+}
+
+impl Log {
+    /// Logs an event; `false` if it cannot be (a key or value of 4 GiB or more, or a chunk
+    /// that big): the caller compacts the history past it.
+    fn push(&mut self, revision: i64, key: &str, value: Option<&str>) -> bool {
+        let len = key.len() + value.map_or(0, str::len);
+        let (Ok(key_len), Ok(value_len)) = (
+            u32::try_from(key.len()),
+            value.map_or(Ok(DELETED), |value| u32::try_from(value.len())),
+        ) else {
+            return false;
+        };
+        if value_len == DELETED && value.is_some() {
+            return false;
+        }
+        let full = self
+            .chunks
+            .back()
+            .is_none_or(|chunk| chunk.capacity() - chunk.len() < len);
+        if full {
+            let chunk = match self.spare.take() {
+                Some(spare) if spare.capacity() >= len => spare,
+                _ => String::with_capacity(LOG_CHUNK.max(len)),
+            };
+            self.chunks.push_back(chunk);
+        }
+        let chunk = self
+            .first_chunk
+            .wrapping_add(u32::try_from(self.chunks.len()).unwrap_or(u32::MAX))
+            .wrapping_sub(1);
+        let Some(bytes) = self.chunks.back_mut() else {
+            return false;
+        };
+        let Ok(start) = u32::try_from(bytes.len()) else {
+            return false;
+        };
+        bytes.push_str(key);
+        if let Some(value) = value {
+            bytes.push_str(value);
+        }
+        self.events.push_back(Logged {
+            revision,
+            chunk,
+            start,
+            key_len,
+            value_len,
+        });
+        true
+    }
+
+    /// Drops the oldest event if it is before `revision`; `false` if there is none such.
+    fn pop_before(&mut self, revision: i64) -> bool {
+        let Some(oldest) = self.events.front() else {
+            return false;
+        };
+        if oldest.revision >= revision {
+            return false;
+        }
+        let chunk = oldest.chunk;
+        self.events.pop_front();
+        if self.events.front().is_none_or(|next| next.chunk != chunk) {
+            self.drop_chunks();
+        }
+        true
+    }
+
+    /// Drops the chunks before the oldest event's (the last one stays, to be filled), keeping
+    /// one for reuse.
+    #[cold]
+    fn drop_chunks(&mut self) {
+        let keep = self.events.front().map(|logged| logged.chunk);
+        while Some(self.first_chunk) != keep && self.chunks.len() > 1 {
+            if let Some(mut chunk) = self.chunks.pop_front() {
+                if self.spare.is_none() && chunk.capacity() == LOG_CHUNK {
+                    chunk.clear();
+                    self.spare = Some(chunk);
+                }
+            }
+            self.first_chunk = self.first_chunk.wrapping_add(1);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The key (stored form) and value of `logged`.
+    fn text(&self, logged: &Logged) -> Option<(&str, Option<&str>)> {
+        let index = usize::try_from(logged.chunk.wrapping_sub(self.first_chunk)).ok()?;
+        let chunk = self.chunks.get(index)?;
+        let start = usize::try_from(logged.start).ok()?;
+        let key_end = start + usize::try_from(logged.key_len).ok()?;
+        let key = chunk.get(start..key_end)?;
+        let value = match logged.value_len {
+            DELETED => None,
+            len => Some(chunk.get(key_end..key_end + usize::try_from(len).ok()?)?),
+        };
+        Some((key, value))
+    }
+
+    /// The events with revision `>= from` under `prefix` (stored form), `strip` leading bytes
+    /// of their keys removed, oldest first.
+    fn replay<'a>(
+        &'a self,
+        from: i64,
+        prefix: &'a str,
+        strip: usize,
+    ) -> impl Iterator<Item = WatchEvent> + 'a {
+        let first = self.events.partition_point(|logged| logged.revision < from);
+        self.events.range(first..).filter_map(move |logged| {
+            let (key, value) = self.text(logged)?;
+            if !key.starts_with(prefix) {
+                return None;
+            }
+            let key = key.get(strip..).unwrap_or_default().to_owned();
+            let revision = logged.revision;
+            Some(match value {
+                Some(value) => WatchEvent::Put {
+                    key,
+                    value: value.to_owned(),
+                    revision,
+                },
+                None => WatchEvent::Delete { key, revision },
+            })
+        })
+    }
 }
 
 /// Where a lock participant stands.
@@ -214,8 +411,15 @@ struct State {
     values: HashMap<String, Entry>,
     order: BTreeSet<String>,
     revision: i64,
-    /// Revisions before this one are forgotten (`Faults::compact`); 0: nothing compacted.
+    /// Revisions before this one are forgotten (`Faults::compact`, or the log compacting
+    /// itself); 0: nothing compacted.
     compacted: i64,
+    /// Every event from `compacted` on, oldest first, for `watch_prefix_from` (and a few
+    /// before it that `record` has yet to drop, which no watch replays).
+    log: Log,
+    /// How many revisions the log keeps at least (the largest `history` option of the
+    /// handles opened on the store); 0 until a handle says.
+    history: i64,
     watchers: Watchers,
     locks: LockQueues,
 }
@@ -228,6 +432,8 @@ impl Default for State {
             // As on a fresh etcd cluster: the first write gets revision 2.
             revision: 1,
             compacted: 0,
+            log: Log::default(),
+            history: 0,
             watchers: Watchers::default(),
             locks: LockQueues::default(),
         }
@@ -250,6 +456,9 @@ struct Watcher {
     tx: EventSender,
     /// The first revision not yet delivered: where an etcd watch resumes after a reconnect.
     next: i64,
+    /// The first revision the watcher wants (`watch_prefix_from` a future revision): earlier
+    /// events are not for it.
+    from: i64,
     /// While the owner is partitioned: the events it missed (boxed: rare, and the common
     /// watcher stays small).
     missed: Option<Box<Missed>>,
@@ -268,6 +477,9 @@ impl Watcher {
     /// Delivers `event` at `revision`, or keeps it while the owner is partitioned. `false`
     /// once the stream is gone.
     fn deliver(&mut self, event: WatchEvent, revision: i64) -> bool {
+        if revision < self.from {
+            return !self.tx.is_closed();
+        }
         match &mut self.missed {
             None => {
                 self.next = revision + 1;
@@ -426,7 +638,7 @@ impl Store {
             let queue = state.existing_lock_keys(name);
             state.locks.0.insert(name.to_owned(), queue);
         }
-        let revision = match state.values.get(key) {
+        let revision = match state.values.get(key.as_str()) {
             // As on etcd, whose waiter puts its key only if it is missing: a key already
             // there keeps its lease and its place in the queue; a candidate's value is its
             // own, as Go's Campaign proclaims it.
@@ -476,21 +688,95 @@ impl Store {
         self.read().values.get(key).map(|entry| entry.value.clone())
     }
 
-    /// Keys in `[start, end]` (stored form), sorted; `strip` leading bytes removed.
+    /// `key` (stored form) with its metadata; `strip` leading bytes removed.
+    pub(crate) fn get_kv(&self, key: &str, strip: usize) -> Option<KeyValue> {
+        self.read().key_value(key, strip)
+    }
+
+    /// Keys in `[start, end]` (stored form), sorted, with metadata; `strip` leading bytes
+    /// removed.
     pub(crate) fn range(&self, start: &str, end: &str, strip: usize) -> Vec<KeyValue> {
         use std::ops::Bound::Included;
         let state = self.read();
         state
             .order
             .range::<str, _>((Included(start), Included(end)))
-            .filter_map(|key| {
-                let entry = state.values.get(key)?;
-                Some(KeyValue::new(
-                    key.get(strip..).unwrap_or_default(),
-                    entry.value.clone(),
-                ))
-            })
+            .filter_map(|key| Some(state.values.get(key)?.key_value(key, strip, false)))
             .collect()
+    }
+
+    /// One page of `request` for a handle with `prefix`, read at one revision.
+    pub(crate) fn list(&self, request: &ListRequest, prefix: &KeyPrefix) -> ListPage {
+        use std::ops::Bound::{Included, Unbounded};
+        let state = self.read();
+        let Some(lower) = request.lower_bound() else {
+            return ListPage::new(Vec::new(), false, 0, state.revision);
+        };
+        let start = prefix.apply(&lower);
+        let strip = prefix.as_str().len();
+        let limit = request.page_limit().unwrap_or(usize::MAX);
+        let keys_only = request.is_keys_only();
+        let mut items = Vec::new();
+        let mut count = 0usize;
+        let range = request.key_range();
+        for stored in state
+            .order
+            .range::<str, _>((Included(start.as_str()), Unbounded))
+        {
+            let Some(key) = prefix.strip(stored) else {
+                break;
+            };
+            if !range.contains(key) {
+                // Sorted: nothing after a key past the range is in it.
+                break;
+            }
+            if !request.matches(key) {
+                continue;
+            }
+            count += 1;
+            if items.len() < limit {
+                if let Some(entry) = state.values.get(stored) {
+                    items.push(entry.key_value(stored, strip, keys_only));
+                }
+            }
+        }
+        let more = count > items.len();
+        ListPage::new(
+            items,
+            more,
+            i64::try_from(count).unwrap_or(i64::MAX),
+            state.revision,
+        )
+    }
+
+    /// Deletes every key starting with `prefix` (stored form) in one revision, in key order;
+    /// lock keys among them leave their queues as with `delete`. Returns the stored keys
+    /// deleted.
+    pub(crate) fn delete_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut state = self.write();
+        let keys = state.keys_with_prefix(prefix);
+        if !keys.is_empty() {
+            state.revision += 1;
+            let revision = state.revision;
+            for key in &keys {
+                state.delete_at(key, revision, Some(LostReason::KeyDeleted));
+            }
+        }
+        keys
+    }
+
+    /// Runs `txn` for a handle with `prefix` in one step; `Op::PutTemp` binds to the handle's
+    /// `lease`, read under the store's lock (see `enqueue`). `Err` (nothing written) for an
+    /// operation this backend does not know.
+    pub(crate) fn txn(
+        &self,
+        txn: &Txn,
+        prefix: &KeyPrefix,
+        lease: &AtomicU64,
+    ) -> Result<TxnOutcome> {
+        let mut state = self.write();
+        let lease = lease.load(std::sync::atomic::Ordering::Acquire);
+        state.txn(txn, prefix, lease)
     }
 
     pub(crate) fn put(&self, key: &str, value: &str) {
@@ -575,12 +861,7 @@ impl Store {
         state.revision += 1;
         let revision = state.revision;
         for key in owned {
-            if let Some(entry) = state.remove(key) {
-                state
-                    .locks
-                    .deleted(key, entry.create_revision, Some(reason));
-            }
-            state.watchers.notify(key, None, revision);
+            state.delete_at(key, revision, Some(reason));
         }
     }
 
@@ -588,7 +869,7 @@ impl Store {
     /// candidate proclaiming): `false` once the hold is lost.
     pub(crate) fn proclaim(&self, place: &Place, value: &str) -> bool {
         let mut state = self.write();
-        let lease = match state.values.get(&place.key) {
+        let lease = match state.values.get(place.key.as_str()) {
             Some(entry)
                 if entry.create_revision == place.revision && place.status() == Status::Holding =>
             {
@@ -629,22 +910,22 @@ impl Store {
         (candidates, stream)
     }
 
-    /// Puts `value` back at every key of `keys` that is absent, bound to `lease`, all in one
-    /// revision (etcd: one transaction of `create_revision == 0` guarded puts). Returns the
-    /// keys that were present: someone else wrote them since, they are theirs.
-    pub(crate) fn restore(&self, lease: LeaseId, keys: &[String], value: &str) -> Vec<String> {
+    /// Puts each value back at its key of `keys` where the key is absent, bound to `lease`,
+    /// all in one revision (etcd: one transaction of `create_revision == 0` guarded puts).
+    /// Returns the keys that were present: someone else wrote them since, they are theirs.
+    pub(crate) fn restore(&self, lease: LeaseId, keys: &[(String, String)]) -> Vec<String> {
         let mut state = self.write();
-        let (absent, present): (Vec<&String>, Vec<&String>) = keys
+        let (absent, present): (Vec<_>, Vec<_>) = keys
             .iter()
-            .partition(|key| !state.values.contains_key(key.as_str()));
+            .partition(|(key, _)| !state.values.contains_key(key.as_str()));
         if !absent.is_empty() {
             state.revision += 1;
             let revision = state.revision;
-            for key in absent {
+            for (key, value) in absent {
                 state.put_at(key, value, Some(lease), revision);
             }
         }
-        present.into_iter().cloned().collect()
+        present.into_iter().map(|(key, _)| key.clone()).collect()
     }
 
     /// Forgets history before `revision` (at most the current revision, as etcd refuses a
@@ -659,8 +940,16 @@ impl Store {
             );
         }
         let revision = revision.min(state.revision);
-        state.compacted = state.compacted.max(revision);
+        state.compact_to(revision);
         state.compacted
+    }
+
+    /// A handle asks the store to keep at least `revisions` revisions of history: the store
+    /// keeps the largest any handle asked for.
+    pub(crate) fn keep_history(&self, revisions: u64) {
+        let revisions = i64::try_from(revisions).unwrap_or(i64::MAX);
+        let mut state = self.write();
+        state.history = state.history.max(revisions);
     }
 
     /// The store's revision now.
@@ -698,6 +987,47 @@ impl Store {
         self.register(&mut state, target, strip, owner)
     }
 
+    /// A watcher of every change under `prefix` (stored form) with revision `>= from`: the
+    /// logged ones are in its stream before this returns, the later ones follow as they are
+    /// written. If `from` is below the compaction, the stream holds only `Error::Compacted`.
+    pub(crate) fn watch_from(
+        self: &Arc<Self>,
+        prefix: String,
+        strip: usize,
+        owner: HandleId,
+        from: i64,
+    ) -> MemWatchStream {
+        let mut state = self.write();
+        if from < state.compacted {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let _ = tx.send(Err(Error::Compacted {
+                key: prefix.get(strip..).unwrap_or_default().to_owned(),
+                revision: from,
+                compact_revision: state.compacted,
+            }));
+            return MemWatchStream {
+                rx,
+                // No watcher has id 0: dropping the stream unregisters nothing.
+                id: 0,
+                target: Target::Prefix(prefix),
+                store: Weak::new(),
+            };
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for event in state.log.replay(from, &prefix, strip) {
+            let _ = tx.send(Ok(event));
+        }
+        self.register_with(
+            &mut state,
+            Target::Prefix(prefix),
+            strip,
+            owner,
+            tx,
+            rx,
+            from,
+        )
+    }
+
     fn register(
         self: &Arc<Self>,
         state: &mut State,
@@ -706,13 +1036,28 @@ impl Store {
         owner: HandleId,
     ) -> MemWatchStream {
         let (tx, rx) = mpsc::unbounded_channel();
+        self.register_with(state, target, strip, owner, tx, rx, 0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register_with(
+        self: &Arc<Self>,
+        state: &mut State,
+        target: Target,
+        strip: usize,
+        owner: HandleId,
+        tx: EventSender,
+        rx: mpsc::UnboundedReceiver<Result<WatchEvent>>,
+        from: i64,
+    ) -> MemWatchStream {
         let id = self.next_id();
         let watcher = Watcher {
             id,
             owner,
             strip,
             tx,
-            next: state.revision + 1,
+            next: from.max(state.revision + 1),
+            from,
             missed: None,
         };
         match &target {
@@ -735,6 +1080,12 @@ impl Store {
     /// Ends every watch stream the handle `owner` opened (it was closed or dropped).
     pub(crate) fn unwatch_owner(&self, owner: HandleId) {
         self.write().watchers.retain_owned(owner, |_, _| false);
+    }
+
+    /// How many events the history log holds.
+    #[cfg(test)]
+    pub(crate) fn logged(&self) -> usize {
+        self.read().log.len()
     }
 
     #[cfg(test)]
@@ -761,6 +1112,8 @@ impl State {
                 entry.value.push_str(value);
                 // As in etcd, a put without a lease detaches the key from its old lease.
                 entry.lease = lease;
+                entry.mod_revision = revision;
+                entry.version += 1;
             }
             None => {
                 self.values.insert(
@@ -769,32 +1122,141 @@ impl State {
                         value: value.to_owned(),
                         lease,
                         create_revision: revision,
+                        mod_revision: revision,
+                        version: 1,
                     },
                 );
                 self.order.insert(key.to_owned());
                 self.locks.created(key, revision);
             }
         }
-        if !self.watchers.is_empty() {
-            self.watchers.notify(key, Some(value), revision);
-        }
+        self.record(key, Some(value), revision);
     }
 
     /// Deletes `key` in a revision of its own; a lock key leaves its lock's queue, and its
     /// participant is told `reason` (`None`: it deleted the key itself).
     fn delete(&mut self, key: &str, reason: Option<LostReason>) {
-        if let Some(entry) = self.remove(key) {
+        if self.values.contains_key(key) {
             self.revision += 1;
             let revision = self.revision;
-            self.locks.deleted(key, entry.create_revision, reason);
-            self.watchers.notify(key, None, revision);
+            self.delete_at(key, revision, reason);
         }
     }
 
-    fn remove(&mut self, key: &str) -> Option<Entry> {
-        let entry = self.values.remove(key)?;
+    /// Deletes `key` at `revision` (the current one: the deletes of one request share it), if
+    /// present; a lock key leaves its lock's queue, and its participant is told `reason`.
+    /// Whether it was present.
+    fn delete_at(&mut self, key: &str, revision: i64, reason: Option<LostReason>) -> bool {
+        let Some(entry) = self.values.remove(key) else {
+            return false;
+        };
         self.order.remove(key);
-        Some(entry)
+        self.locks.deleted(key, entry.create_revision, reason);
+        self.record(key, None, revision);
+        true
+    }
+
+    /// Logs an event and delivers it to the watchers. The log compacts itself once it spans
+    /// more than twice `history` revisions, down to the last `history`: the compaction
+    /// revision moves at once, the events before it go two per event logged (no write pays
+    /// for dropping thousands at a time; the log still shrinks, as every write logs at least
+    /// one event).
+    fn record(&mut self, key: &str, value: Option<&str>, revision: i64) {
+        if !self.watchers.is_empty() {
+            self.watchers.notify(key, value, revision);
+        }
+        if !self.log.push(revision, key, value) {
+            tracing::warn!(
+                revision,
+                "an event too big for the history log; the history is compacted past it"
+            );
+            self.compact_to(revision + 1);
+        }
+        if self.history > 0 && revision - self.compacted > self.history.saturating_mul(2) {
+            self.compacted = revision - self.history + 1;
+        }
+        if self.log.pop_before(self.compacted) {
+            self.log.pop_before(self.compacted);
+        }
+    }
+
+    /// Forgets the history before `revision` (`Faults::compact`), at once.
+    fn compact_to(&mut self, revision: i64) {
+        self.compacted = self.compacted.max(revision);
+        while self.log.pop_before(self.compacted) {}
+    }
+
+    /// `key` (stored form) with its metadata, `strip` leading bytes removed.
+    fn key_value(&self, key: &str, strip: usize) -> Option<KeyValue> {
+        Some(self.values.get(key)?.key_value(key, strip, false))
+    }
+
+    /// The stored keys starting with `prefix`, sorted.
+    fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        use std::ops::Bound::{Included, Unbounded};
+        self.order
+            .range::<str, _>((Included(prefix), Unbounded))
+            .take_while(|key| key.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// A transaction in one step (see `Store::txn`): compares on the keys' current state, then
+    /// the branch's operations in order at one revision, taken at its first change.
+    fn txn(&mut self, txn: &Txn, prefix: &KeyPrefix, lease: LeaseId) -> Result<TxnOutcome> {
+        let strip = prefix.as_str().len();
+        let succeeded = txn.compares().iter().all(|compare| {
+            let key = prefix.stored(compare.key());
+            compare.holds(self.key_value(&key, strip).as_ref())
+        });
+        let ops = if succeeded {
+            txn.then_ops()
+        } else {
+            txn.else_ops()
+        };
+        if let Some(op) = ops.iter().find(|op| !known(op)) {
+            return Err(Error::NotSupported {
+                what: format!("transaction operation {op:?}"),
+                reason: "the in-memory backend does not know it".to_owned(),
+            });
+        }
+        let before = self.revision;
+        let mut gets = Vec::new();
+        for op in ops {
+            let key = prefix.stored(op.key());
+            match op {
+                Op::Put { value, .. } => {
+                    let revision = self.write_revision(before);
+                    self.put_at(&key, value, None, revision);
+                }
+                Op::PutTemp { value, .. } => {
+                    let revision = self.write_revision(before);
+                    self.put_at(&key, value, Some(lease), revision);
+                }
+                Op::Delete { .. } if self.values.contains_key(&*key) => {
+                    let revision = self.write_revision(before);
+                    self.delete_at(&key, revision, Some(LostReason::KeyDeleted));
+                }
+                Op::DeletePrefix { .. } => {
+                    for stored in self.keys_with_prefix(&key) {
+                        let revision = self.write_revision(before);
+                        self.delete_at(&stored, revision, Some(LostReason::KeyDeleted));
+                    }
+                }
+                Op::Get { .. } => gets.push(self.key_value(&key, strip)),
+                // A delete of a missing key; other operations are refused above.
+                _ => {}
+            }
+        }
+        Ok(TxnOutcome::new(succeeded, self.revision, gets))
+    }
+
+    /// The revision of a transaction's writes: the store revision goes up at its first one.
+    fn write_revision(&mut self, before: i64) -> i64 {
+        if self.revision == before {
+            self.revision += 1;
+        }
+        self.revision
     }
 
     /// The queue of the lock `name` as the store has it now: every key `<name>/<lowercase
@@ -811,6 +1273,18 @@ impl State {
             .collect();
         Queue { keys, places: 0 }
     }
+}
+
+/// Whether the in-memory backend knows `op` (`Op` may grow).
+fn known(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Put { .. }
+            | Op::PutTemp { .. }
+            | Op::Delete { .. }
+            | Op::DeletePrefix { .. }
+            | Op::Get { .. }
+    )
 }
 
 /// The stream behind `watch_stream` and `watch_prefix`; dropping it unregisters the watcher.
@@ -841,6 +1315,47 @@ impl Drop for MemWatchStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_keeps_texts_in_chunks_and_drops_them_whole() {
+        let mut log = Log::default();
+        let big = "v".repeat(LOG_CHUNK + 10);
+        for revision in 2..2000 {
+            let value = match revision % 7 {
+                0 => None,
+                3 => Some(big.as_str()),
+                _ => Some("value-\u{e9}"),
+            };
+            log.push(revision, &format!("k/{revision}"), value);
+            while log.len() > 100 {
+                assert!(log.pop_before(revision));
+            }
+            assert!(log.chunks.len() <= 40, "{} chunks", log.chunks.len());
+        }
+        assert!(!log.pop_before(1900), "nothing before 1900 is left");
+        let replayed: Vec<WatchEvent> = log.replay(1995, "k/", 2).collect();
+        let shown: Vec<(String, Option<usize>, i64)> = replayed
+            .iter()
+            .map(|event| {
+                (
+                    event.key().to_owned(),
+                    event.value().map(str::len),
+                    event.revision(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("1995".to_owned(), None, 1995),
+                ("1996".to_owned(), Some(8), 1996),
+                ("1997".to_owned(), Some(8), 1997),
+                ("1998".to_owned(), Some(LOG_CHUNK + 10), 1998),
+                ("1999".to_owned(), Some(8), 1999),
+            ]
+        );
+        assert_eq!(log.replay(1995, "x", 0).count(), 0);
+    }
 
     #[test]
     fn only_name_slash_lowercase_hex_is_a_lock_key() {

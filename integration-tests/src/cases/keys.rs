@@ -2,7 +2,7 @@
 
 use hmetcd_core::{CompareOp, Error, KeyChange, KeyValue, Result};
 
-use super::{all_keys, within, PROMPTLY};
+use super::{all_keys, pairs, within, PROMPTLY};
 use crate::TestStore;
 
 #[track_caller]
@@ -82,8 +82,8 @@ pub async fn empty_value_round_trips(store: TestStore) {
     kv.store("empty", "").await.unwrap();
     assert_eq!(kv.get("empty").await.unwrap().as_deref(), Some(""));
     assert_eq!(
-        kv.get_range("empty", "empty").await.unwrap(),
-        [KeyValue::new("empty", "")]
+        pairs(&kv.get_range("empty", "empty").await.unwrap()),
+        [("empty", "")]
     );
     let other = store.open().await;
     assert_eq!(other.get("empty").await.unwrap().as_deref(), Some(""));
@@ -111,8 +111,8 @@ pub async fn store_creates_and_overwrites(store: TestStore) {
     kv.store("k", "").await.unwrap();
     assert_eq!(kv.get("k").await.unwrap().as_deref(), Some(""));
     assert_eq!(
-        kv.get_range("", super::LAST_KEY).await.unwrap(),
-        [KeyValue::new("k", "")]
+        pairs(&kv.get_range("", super::LAST_KEY).await.unwrap()),
+        [("k", "")]
     );
     kv.close().await.unwrap();
 }
@@ -157,7 +157,10 @@ pub async fn unusual_keys_and_values_round_trip(store: TestStore) {
     }
     let mut expected: Vec<KeyValue> = pairs.iter().map(|(k, v)| KeyValue::new(*k, *v)).collect();
     expected.sort();
-    assert_eq!(kv.get_range("", super::LAST_KEY).await.unwrap(), expected);
+    assert_eq!(
+        super::pairs(&kv.get_range("", super::LAST_KEY).await.unwrap()),
+        super::pairs(&expected)
+    );
     kv.close().await.unwrap();
 }
 

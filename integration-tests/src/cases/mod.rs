@@ -1,9 +1,11 @@
 //! Every conformance case, grouped by the contract's sections.
 
 pub mod conditional;
+pub mod data;
 pub mod election;
 pub mod fencing;
 pub mod go_data;
+pub mod history;
 pub mod keys;
 pub mod lifetime;
 pub mod lock;
@@ -12,6 +14,7 @@ pub mod options;
 pub mod ranges;
 pub mod streams;
 pub mod temp_keys;
+pub mod txn;
 pub mod watch;
 pub mod watch_end;
 
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use hmetcd_core::{Kvi, WatchCallback, WatchEvent, WatchStream};
+use hmetcd_core::{KeyValue, Kvi, WatchCallback, WatchEvent, WatchStream};
 
 use crate::{case, Case};
 
@@ -162,8 +165,36 @@ pub fn all() -> Vec<Case> {
         case!(go_data::deleted_key_reads_none),
         case!(go_data::transaction_table),
         case!(go_data::test_and_set_table),
+        case!(data::metadata_has_etcds_meanings),
+        case!(data::revisions_strictly_increase_across_every_kind_of_write),
+        case!(data::get_prefix_includes_keys_sorting_after_tilde),
+        case!(data::get_prefix_reads_thousands_of_keys),
+        case!(data::list_pages_say_count_more_and_revision),
+        case!(data::list_paging_visits_every_key_once_while_others_write),
+        case!(data::delete_prefix_counts_and_refuses_an_empty_prefix),
+        case!(data::store_temp_keeps_its_value_and_vanishes_on_close),
+        case!(data::data_calls_check_keys_and_fail_closed_after_close),
+        case!(txn::malformed_transactions_are_refused_and_write_nothing),
+        case!(txn::compares_decide_like_etcd),
+        case!(txn::ops_run_in_order_and_gets_see_earlier_writes),
+        case!(txn::put_temp_in_a_txn_vanishes_on_close),
+        case!(txn::held_holds_only_while_the_lock_is_held),
+        case!(txn::leading_holds_only_while_leading),
+        case!(txn::update_writes_what_f_returns_and_none_deletes),
+        case!(history::watch_prefix_from_replays_history_then_goes_live),
+        case!(history::watch_prefix_from_misses_nothing_while_others_write),
+        case!(history::watch_prefix_from_below_one_is_invalid_argument),
     ]
 }
+
+/// The cases that take longer than a case may (each has [`SLOW_CASE_LIMIT`]): on etcd, 64
+/// tasks contending for one key retry their transactions some 400,000 times in all.
+pub fn slow() -> Vec<Case> {
+    vec![case!(txn::update_loses_no_write_under_contention)]
+}
+
+/// How long one of the [`slow`] cases may run.
+pub const SLOW_CASE_LIMIT: Duration = Duration::from_secs(300);
 
 /// A key above every key the cases write, for "the whole store" ranges.
 pub(crate) const LAST_KEY: &str = "\u{10FFFF}";
@@ -327,6 +358,12 @@ pub(crate) async fn next_event(
         Some(Err(err)) => panic!("{what}: the stream failed: {err}"),
         None => panic!("{what}: the stream ended"),
     }
+}
+
+/// The `(key, value)` pairs of `kvs`, without their metadata: what to compare when only the
+/// data matters (the metadata holds store revisions, which differ from run to run).
+pub(crate) fn pairs(kvs: &[KeyValue]) -> Vec<(&str, &str)> {
+    kvs.iter().map(KeyValue::pair).collect()
 }
 
 /// A `Put` event's key and value, or panics.

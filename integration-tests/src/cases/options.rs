@@ -1,7 +1,7 @@
 //! Opening: the options string and the `prefix` option.
 
 use futures::StreamExt;
-use hmetcd_core::{Error, KeyValue, Kvi};
+use hmetcd_core::{Error, Kvi};
 
 use super::{all_keys, next_event, put_of, within, PROMPTLY};
 use crate::TestStore;
@@ -60,12 +60,12 @@ pub async fn prefix_is_hidden_from_callers(store: TestStore) {
     assert_eq!(outer.get("inner/k").await.unwrap().as_deref(), Some("v"));
     assert_eq!(outer.get("k").await.unwrap(), None);
     assert_eq!(
-        inner.get_range("", super::LAST_KEY).await.unwrap(),
-        [KeyValue::new("k", "v")]
+        super::pairs(&inner.get_range("", super::LAST_KEY).await.unwrap()),
+        [("k", "v")]
     );
     assert_eq!(
-        outer.get_range("inner/", "inner/~").await.unwrap(),
-        [KeyValue::new("inner/k", "v")]
+        super::pairs(&outer.get_range("inner/", "inner/~").await.unwrap()),
+        [("inner/k", "v")]
     );
     let event = next_event(
         &mut inner_events,

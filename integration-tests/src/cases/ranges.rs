@@ -1,6 +1,6 @@
 //! `get_range`: inclusive at both ends, byte-wise, sorted ascending.
 
-use hmetcd_core::{KeyValue, Kvi};
+use hmetcd_core::Kvi;
 
 use super::LAST_KEY;
 use crate::TestStore;
@@ -109,8 +109,8 @@ pub async fn empty_end_is_empty_without_a_prefix(store: TestStore) {
     assert_eq!(kv.get_range(&mine("a"), "").await.unwrap(), []);
     assert_eq!(kv.get_range(&mine("b"), &mine("a")).await.unwrap(), []);
     assert_eq!(
-        kv.get_range(&mine("a"), &mine("b")).await.unwrap(),
-        [KeyValue::new(mine("a"), "1"), KeyValue::new(mine("b"), "2")]
+        super::pairs(&kv.get_range(&mine("a"), &mine("b")).await.unwrap()),
+        [(mine("a").as_str(), "1"), (mine("b").as_str(), "2")]
     );
     kv.close().await.unwrap();
 }
