@@ -45,6 +45,8 @@ const UPDATE_RATIO_TARGET: f64 = 0.90;
 enum DataOp {
     Prefix100,
     Prefix10k,
+    /// The same `get_prefix`, against raw etcd-client paging the way hmetcd does.
+    Prefix10kPaged,
     Txn4,
     ListScan,
 }
@@ -54,6 +56,9 @@ impl DataOp {
         match self {
             DataOp::Prefix100 => "get_prefix, 100 keys",
             DataOp::Prefix10k => "get_prefix, 10,000 keys",
+            DataOp::Prefix10kPaged => {
+                "get_prefix, 10,000 keys; raw paged like hmetcd (1,000 keys, then the rest at that revision)"
+            }
             DataOp::Txn4 => "txn: compare + 2 puts + 2 gets",
             DataOp::ListScan => "list 100,000 keys by 1,000 (whole scan, 100 pages)",
         }
@@ -63,7 +68,7 @@ impl DataOp {
     fn per_block(self, block: usize) -> usize {
         match self {
             DataOp::Prefix100 | DataOp::Txn4 => block,
-            DataOp::Prefix10k => (block / 25).max(1),
+            DataOp::Prefix10k | DataOp::Prefix10kPaged => (block / 25).max(1),
             DataOp::ListScan => 1,
         }
     }
@@ -103,6 +108,7 @@ pub(super) async fn data_part(
     for op in [
         DataOp::Prefix100,
         DataOp::Prefix10k,
+        DataOp::Prefix10kPaged,
         DataOp::Txn4,
         DataOp::ListScan,
     ] {
@@ -240,7 +246,7 @@ async fn hm_call(kv: &dyn Kvi, op: DataOp) -> Result<(), String> {
             let found = kv.get_prefix(SMALL).await.map_err(err)?;
             expect_len("get_prefix", found.len(), SMALL_KEYS)
         }
-        DataOp::Prefix10k => {
+        DataOp::Prefix10k | DataOp::Prefix10kPaged => {
             let found = kv.get_prefix(MID).await.map_err(err)?;
             expect_len("get_prefix", found.len(), MID_KEYS)
         }
@@ -290,6 +296,30 @@ async fn raw_call(kv: &mut KvClient, op: DataOp) -> Result<(), String> {
                 .map_err(err)?;
             let found = all_owned(answer.take_kvs())?;
             expect_len("range", found.len(), expected)
+        }
+        DataOp::Prefix10kPaged => {
+            // hmetcd's shape: a first page of 1,000 keys, then the rest in one page read at
+            // the first page's revision.
+            let end = prefix_end(&format!("{PREFIX}{MID}"));
+            let options = GetOptions::new().with_range(end.clone()).with_limit(1_000);
+            let mut first = kv
+                .get(format!("{PREFIX}{MID}"), Some(options))
+                .await
+                .map_err(err)?;
+            let revision = first.header().map_or(0, |header| header.revision());
+            let mut found = all_owned(first.take_kvs())?;
+            if let Some(last) = found.last().filter(|_| first.more()) {
+                let options = GetOptions::new()
+                    .with_range(end)
+                    .with_limit(MID_KEYS as i64)
+                    .with_revision(revision);
+                let mut rest = kv
+                    .get(format!("{PREFIX}{}\0", last.key), Some(options))
+                    .await
+                    .map_err(err)?;
+                found.extend(all_owned(rest.take_kvs())?);
+            }
+            expect_len("raw paged range", found.len(), MID_KEYS)
         }
         DataOp::Txn4 => {
             let answer = kv.txn(raw_txn()).await.map_err(err)?;
