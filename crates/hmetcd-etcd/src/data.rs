@@ -304,7 +304,7 @@ impl Shared {
     /// made on a lease that was lost meanwhile (the session's generation moved on, so the
     /// restore may have run already) is put again on the live lease.
     async fn apply_effects(&self, ops: &[Op], generation: u64) -> Result<()> {
-        let moved_on = self.session.state().generation != generation;
+        let moved_on = has_temp_puts(ops) && self.session.state().generation != generation;
         for op in ops {
             match op {
                 // Without temp keys (the usual case) forgetting takes no lock.

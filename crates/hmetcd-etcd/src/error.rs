@@ -74,8 +74,9 @@ impl ErrorContext {
             Code::Unavailable | Code::Cancelled => {
                 self.unavailable(format!("{operation}: {message}"), err)
             }
-            // tonic's wrapping of a broken connection (etcd 3.4 closing on a TLS client it refuses).
-            Code::Unknown if message == "transport error" => {
+            // tonic's wrapping of a broken connection (etcd 3.4 closing on a TLS client it
+            // refuses; "Service was not ready: transport error" for a server going away).
+            Code::Unknown if message.ends_with("transport error") => {
                 self.unavailable(format!("{operation}: {err}"), err)
             }
             Code::DeadlineExceeded => self.timeout(request),
@@ -224,6 +225,13 @@ mod tests {
         ));
         assert!(matches!(
             cx.map(get, status(Code::Unknown, "transport error")),
+            Error::Unavailable { .. }
+        ));
+        assert!(matches!(
+            cx.map(
+                get,
+                status(Code::Unknown, "Service was not ready: transport error")
+            ),
             Error::Unavailable { .. }
         ));
         assert!(matches!(

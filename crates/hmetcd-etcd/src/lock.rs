@@ -137,9 +137,14 @@ impl Hold {
     /// held (for the caller to delete where that is needed).
     fn lose(&self, reason: LostReason) -> Option<HeldKey> {
         let key = locked(&self.key).take()?;
+        self.fire_lost(reason);
+        Some(key)
+    }
+
+    /// Says the lock is lost, once its key is taken.
+    fn fire_lost(&self, reason: LostReason) {
         self.lost.fire(reason);
         tracing::warn!(lock = %self.name, %reason, token = self.revision, "lost the lock");
-        Some(key)
     }
 }
 
@@ -777,14 +782,25 @@ async fn monitor(shared: Arc<Shared>, hold: Arc<Hold>, max_hold: Option<Duration
             held.take();
         }
     }
-    let Some(held) = hold.lose(reason) else {
-        return;
-    };
     if reason == LostReason::MaxHold {
+        // The key goes before `lost()` says so (one attempt, bounded by request_timeout): a
+        // holder told `MaxHold` can no longer write through `Compare::held`/`leading`. Nobody
+        // may abort this task from here on (a release finds the key taken and leaves it to us).
+        locked(&hold.monitor).take();
+        let Some(held) = locked(&hold.key).take() else {
+            return;
+        };
         tracing::debug!(lock = %hold.name, ?max_hold, "max_hold expired; releasing the lock");
-        shared.delete_lock_key_until_done(held).await;
-    } else {
-        // Gone with its lease, deleted by someone else, or going with the lease at close.
+        let deleted = shared.delete_lock_key(&held.name, &held.key).await;
+        hold.fire_lost(reason);
+        match deleted {
+            Ok(()) => shared.drop_held(held),
+            Err(_) => shared.delete_lock_key_until_done(held).await,
+        }
+        return;
+    }
+    // Gone with its lease, deleted by someone else, or going with the lease at close.
+    if let Some(held) = hold.lose(reason) {
         shared.drop_held(held);
     }
 }

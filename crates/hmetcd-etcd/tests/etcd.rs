@@ -1385,3 +1385,26 @@ async fn temp_values_come_back_with_their_values() {
     assert!(observer.get_prefix("tv/").await.unwrap().is_empty());
     observer.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_lost_to_max_hold_fences_at_once() {
+    use hmetcd_core::{Compare, LostReason, Op, Txn};
+
+    let server = EtcdServer::start().await;
+    let kv = open(&server, "").await;
+    let guard = kv
+        .lock_with(
+            "fenced",
+            LockOptions::new().max_hold(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let held = Compare::held(&guard);
+    let write = |compare: Compare| Txn::new().when(compare).then(Op::put("fenced/out", "x"));
+    assert!(kv.txn(write(held.clone())).await.unwrap().succeeded);
+    assert_eq!(guard.lost().await, LostReason::MaxHold);
+    // Once lost() says so, the key is gone: the fence holds without waiting.
+    assert!(!kv.txn(write(held)).await.unwrap().succeeded);
+    drop(guard);
+    kv.close().await.unwrap();
+}
