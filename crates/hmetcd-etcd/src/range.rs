@@ -263,7 +263,8 @@ impl Shared {
         let mut count: i64 = 0;
         loop {
             if let Some(wanted) = wanted(items.len()) {
-                limit = limit.min(wanted);
+                // Never 0: etcd reads a limit of 0 as "no limit".
+                limit = limit.min(wanted).max(1);
             }
             let mut options = GetOptions::new()
                 .with_range(range.end.clone())
@@ -274,7 +275,7 @@ impl Shared {
             if shape.keys_only {
                 options = options.with_keys_only();
             }
-            let page = match self.read_page(request, &from, options, limit).await? {
+            let mut page = match self.read_page(request, &from, options, limit).await? {
                 Ok(page) => page,
                 Err(found) => {
                     // How many keys the refused page held: the limit, or fewer when the
@@ -293,7 +294,6 @@ impl Shared {
                     continue;
                 }
             };
-            let mut page = page;
             if revision == 0 {
                 revision = revision_of(page.header(), request).map_err(PageError::Failed)?;
                 count = page.count();
