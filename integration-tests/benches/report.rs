@@ -5,8 +5,9 @@
 //! Measured here, where criterion's per-iteration model does not fit: sequential operations
 //! (interleaved A/B blocks, so drift biases neither side), throughput with 1, 16 and 64 tasks on
 //! one handle, watch and lock handoff latency (median and p99), leader handover and `observe`
-//! latency (against etcd's own election service), `open()` and the resident memory of one
-//! handle with 1,000 watchers. Writes `results.md` and `throughput.csv` to
+//! latency (against etcd's own election service), `open()`, the resident memory of one
+//! handle with 1,000 watchers, and the data API (`get_prefix`, `txn`, `update` under
+//! contention, `list` paging; see `report/data.rs`). Writes `results.md` and `throughput.csv` to
 //! `HMETCD_BENCH_OUT` (default `docs/bench` in the workspace); `scripts/bench.sh` runs it and
 //! draws the chart.
 //!
@@ -26,6 +27,9 @@ use futures::StreamExt;
 use hmetcd_core::{CompareOp, KeyChange, Kvi};
 use hmetcd_mem::MemKvs;
 use integration_tests::etcd_server::EtcdServer;
+
+#[path = "report/data.rs"]
+mod data;
 
 /// Every key of the run lives under this prefix.
 const PREFIX: &str = "bench/";
@@ -120,7 +124,8 @@ impl Settings {
         }
     }
 
-    /// Whether to run `part`: memory, sequential, open, throughput, watch, lock or election.
+    /// Whether to run `part`: memory, sequential, open, throughput, data, watch, lock or
+    /// election.
     fn runs(&self, part: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|only| only == part)
     }
@@ -182,6 +187,11 @@ async fn run(server: &EtcdServer, settings: &Settings, report: &mut Report) {
 
     if settings.runs("throughput") {
         throughput_part(&kv, &raw, &mem, settings, report).await;
+    }
+
+    if settings.runs("data") {
+        let metrics_url = endpoints.split(',').next();
+        data::data_part(&kv, &raw, metrics_url, settings, report).await;
     }
 
     let watcher: Arc<dyn Kvi> = Arc::new(must(
