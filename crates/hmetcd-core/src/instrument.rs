@@ -31,7 +31,7 @@ use std::time::Duration;
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use crate::{Error, Result};
+use crate::{Error, KeyRange, ListRequest, Result, Txn};
 
 /// Characters of a key that a span shows.
 const SHOWN_KEY_CHARS: usize = 100;
@@ -96,6 +96,24 @@ impl Call {
     /// The call's span, for work the call hands to a task of its own.
     pub fn span(&self) -> &Span {
         &self.span
+    }
+}
+
+/// The key a span names for a transaction: its first compare's, else its first operation's.
+pub fn txn_key(txn: &Txn) -> &str {
+    txn.compares()
+        .first()
+        .map(|compare| compare.key())
+        .or_else(|| txn.then_ops().first().map(|op| op.key()))
+        .or_else(|| txn.else_ops().first().map(|op| op.key()))
+        .unwrap_or("")
+}
+
+/// The key a span names for a list request: its prefix or its range's start.
+pub fn list_key(request: &ListRequest) -> &str {
+    match request.key_range() {
+        KeyRange::Prefix(prefix) => prefix,
+        KeyRange::Inclusive { start, .. } => start,
     }
 }
 

@@ -72,6 +72,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{Client, Compare, Txn, TxnOp};
+use hmetcd_core::instrument::Call;
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
     CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
@@ -371,86 +372,126 @@ impl Shared {
     }
 }
 
+impl EtcdKvs {
+    /// The span (and metrics) of one call: see `hmetcd_core::instrument`.
+    fn call(&self, operation: &'static str, key: &str) -> Call {
+        Call::start("etcd", Some(&self.shared.errors.endpoints), operation, key)
+    }
+}
+
 #[async_trait]
 impl Kvi for EtcdKvs {
     async fn dist_lock(&self) -> Result<()> {
-        self.shared.ensure_open()?;
-        self.shared.acquire_lock(None).await
+        self.call("dist_lock", "")
+            .run(async {
+                self.shared.ensure_open()?;
+                self.shared.acquire_lock(None).await
+            })
+            .await
     }
 
     async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
-        self.shared.ensure_open()?;
-        self.shared
-            .acquire_lock(lock::deadline_after(Some(timeout)))
+        self.call("dist_timed_lock", "")
+            .run(async {
+                self.shared.ensure_open()?;
+                self.shared
+                    .acquire_lock(lock::deadline_after(Some(timeout)))
+                    .await
+            })
             .await
     }
 
     async fn dist_unlock(&self) -> Result<()> {
-        self.shared.ensure_open()?;
-        self.shared.release_lock().await
+        self.call("dist_unlock", "")
+            .run(async {
+                self.shared.ensure_open()?;
+                self.shared.release_lock().await
+            })
+            .await
     }
 
     async fn store(&self, key: &str, value: &str) -> Result<()> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        check_key("key", key)?;
-        let stored = shared.prefix.apply(key);
-        // A plain put detaches the key from the lease: it is no longer temporary.
-        shared.session.forget_temp_key(&stored);
-        shared
-            .kv_request(Request::new("put", key), async |kv| {
-                kv.put(stored, value, None).await
+        self.call("store", key)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                check_key("key", key)?;
+                let stored = shared.prefix.apply(key);
+                // A plain put detaches the key from the lease: it is no longer temporary.
+                shared.session.forget_temp_key(&stored);
+                shared
+                    .kv_request(Request::new("put", key), async |kv| {
+                        kv.put(stored, value, None).await
+                    })
+                    .await?;
+                Ok(())
             })
-            .await?;
-        Ok(())
+            .await
     }
 
     async fn temp_key(&self, key: &str) -> Result<()> {
-        self.shared.ensure_open()?;
-        check_key("key", key)?;
-        self.shared.put_temp_key(key, session::TEMP_VALUE).await
+        self.call("temp_key", key)
+            .run(async {
+                self.shared.ensure_open()?;
+                check_key("key", key)?;
+                self.shared.put_temp_key(key, session::TEMP_VALUE).await
+            })
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        check_key("key", key)?;
-        let answer = shared
-            .kv_request(Request::new("get", key), async |kv| {
-                kv.get(shared.prefix.apply(key), None).await
+        self.call("get", key)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                check_key("key", key)?;
+                let answer = shared
+                    .kv_request(Request::new("get", key), async |kv| {
+                        kv.get(shared.prefix.apply(key), None).await
+                    })
+                    .await?;
+                answer
+                    .kvs()
+                    .first()
+                    .map(|found| shared.text(key, found.value()))
+                    .transpose()
             })
-            .await?;
-        answer
-            .kvs()
-            .first()
-            .map(|found| shared.text(key, found.value()))
-            .transpose()
+            .await
     }
 
     async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        // Answered here: etcd reads a range end of exactly "\0" as "every key from start on".
-        let Some(range) = range::StoredRange::inclusive(&shared.prefix, key_start, key_end) else {
-            return Ok(Vec::new());
-        };
-        shared
-            .read_range(Request::new("get range from", key_start), &range)
+        self.call("get_range", key_start)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                // Answered here: etcd reads a range end of exactly "\0" as "every key from start on".
+                let Some(range) = range::StoredRange::inclusive(&shared.prefix, key_start, key_end)
+                else {
+                    return Ok(Vec::new());
+                };
+                shared
+                    .read_range(Request::new("get range from", key_start), &range)
+                    .await
+            })
             .await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        check_key("key", key)?;
-        let stored = shared.prefix.apply(key);
-        shared.session.forget_temp_key(&stored);
-        shared
-            .kv_request(Request::new("delete", key), async |kv| {
-                kv.delete(stored, None).await
+        self.call("delete", key)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                check_key("key", key)?;
+                let stored = shared.prefix.apply(key);
+                shared.session.forget_temp_key(&stored);
+                shared
+                    .kv_request(Request::new("delete", key), async |kv| {
+                        kv.delete(stored, None).await
+                    })
+                    .await?;
+                Ok(())
             })
-            .await?;
-        Ok(())
+            .await
     }
 
     async fn transaction(
@@ -463,60 +504,70 @@ impl Kvi for EtcdKvs {
         else_key: &str,
         else_value: &str,
     ) -> Result<bool> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        check_key("key", key)?;
-        check_key("then_key", then_key)?;
-        check_key("else_key", else_key)?;
-        let stored = shared.prefix.apply(key);
-        let (then_stored, else_stored) =
-            (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
-        // etcd's value comparison on a missing key is false for every operator (there is no
-        // value to compare), which is the contract's rule: one comparison says it all.
-        let txn = Txn::new()
-            .when([Compare::value(stored.as_str(), compare_op(op), value)])
-            .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
-            .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
-        let answer = shared
-            .kv_request(Request::new("transaction on", key), async |kv| {
-                kv.txn(txn).await
+        self.call("transaction", key)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                check_key("key", key)?;
+                check_key("then_key", then_key)?;
+                check_key("else_key", else_key)?;
+                let stored = shared.prefix.apply(key);
+                let (then_stored, else_stored) =
+                    (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
+                // etcd's value comparison on a missing key is false for every operator (there is no
+                // value to compare), which is the contract's rule: one comparison says it all.
+                let txn = Txn::new()
+                    .when([Compare::value(stored.as_str(), compare_op(op), value)])
+                    .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
+                    .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
+                let answer = shared
+                    .kv_request(Request::new("transaction on", key), async |kv| {
+                        kv.txn(txn).await
+                    })
+                    .await?;
+                let written = if answer.succeeded() {
+                    &then_stored
+                } else {
+                    &else_stored
+                };
+                shared.session.forget_temp_key(written);
+                Ok(answer.succeeded())
             })
-            .await?;
-        let written = if answer.succeeded() {
-            &then_stored
-        } else {
-            &else_stored
-        };
-        shared.session.forget_temp_key(written);
-        Ok(answer.succeeded())
+            .await
     }
 
     async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        check_key("key", key)?;
-        let stored = shared.prefix.apply(key);
-        // A missing key fails the value comparison: test-and-set on it is false.
-        let txn = Txn::new()
-            .when([Compare::value(
-                stored.as_str(),
-                etcd_client::CompareOp::Equal,
-                test_value,
-            )])
-            .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
-        let answer = shared
-            .kv_request(Request::new("test-and-set", key), async |kv| {
-                kv.txn(txn).await
+        self.call("tas", key)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                check_key("key", key)?;
+                let stored = shared.prefix.apply(key);
+                // A missing key fails the value comparison: test-and-set on it is false.
+                let txn = Txn::new()
+                    .when([Compare::value(
+                        stored.as_str(),
+                        etcd_client::CompareOp::Equal,
+                        test_value,
+                    )])
+                    .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
+                let answer = shared
+                    .kv_request(Request::new("test-and-set", key), async |kv| {
+                        kv.txn(txn).await
+                    })
+                    .await?;
+                if answer.succeeded() {
+                    shared.session.forget_temp_key(&stored);
+                }
+                Ok(answer.succeeded())
             })
-            .await?;
-        if answer.succeeded() {
-            shared.session.forget_temp_key(&stored);
-        }
-        Ok(answer.succeeded())
+            .await
     }
 
     async fn watch(&self, key: &str) -> Result<WatchEvent> {
-        hmetcd_core::watch::first_event(self.watch_stream(key).await?).await
+        self.call("watch", key)
+            .run(async { hmetcd_core::watch::first_event(self.watch_stream(key).await?).await })
+            .await
     }
 
     async fn watch_with_cb(
@@ -525,11 +576,15 @@ impl Kvi for EtcdKvs {
         change: KeyChange,
         cb: WatchCallback,
     ) -> Result<WatchHandle> {
-        Ok(hmetcd_core::watch::spawn_callback_watcher(
-            self.watch_stream(key).await?,
-            change,
-            cb,
-        ))
+        self.call("watch_with_cb", key)
+            .run(async {
+                Ok(hmetcd_core::watch::spawn_callback_watcher(
+                    self.watch_stream(key).await?,
+                    change,
+                    cb,
+                ))
+            })
+            .await
     }
 
     fn watch_cb_cancel(&self, handle: WatchHandle) {
@@ -537,58 +592,74 @@ impl Kvi for EtcdKvs {
     }
 
     async fn close(&self) -> Result<()> {
-        let shared = &self.shared;
-        if shared.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        shared.shutdown.send_replace(true);
-        self.stop_background();
-        shared.lock.forget();
-        // Once the owner has stopped nothing grants a lease again: the one revoked here is the
-        // last, and keys put on it by calls racing this close go with it.
-        self.stop_session_owner().await;
-        // Revoking the lease removes the temp keys and the lock keys at once; so does revoking
-        // a lost lease that etcd may still keep.
-        let mut outcome = Ok(());
-        for lease in shared.session.close() {
-            let mut leases = shared.client.lease_client();
-            let request = Request::keyless("lease revoke");
-            let revoked = match shared.bounded(request, leases.revoke(lease)).await {
-                Ok(Ok(_)) => Ok(()),
-                // Already gone (expired while etcd was unreachable): nothing left to remove.
-                Ok(Err(err)) if error::is_lease_not_found(&err) => Ok(()),
-                Ok(Err(err)) => Err(shared.errors.map(request, err)),
-                Err(timeout) => Err(timeout),
-            };
-            if outcome.is_ok() {
-                outcome = revoked;
-            }
-        }
-        outcome
+        self.call("close", "")
+            .run(async {
+                let shared = &self.shared;
+                if shared.closed.swap(true, Ordering::SeqCst) {
+                    return Ok(());
+                }
+                shared.shutdown.send_replace(true);
+                self.stop_background();
+                shared.lock.forget();
+                // Once the owner has stopped nothing grants a lease again: the one revoked here is the
+                // last, and keys put on it by calls racing this close go with it.
+                self.stop_session_owner().await;
+                // Revoking the lease removes the temp keys and the lock keys at once; so does revoking
+                // a lost lease that etcd may still keep.
+                let mut outcome = Ok(());
+                for lease in shared.session.close() {
+                    let mut leases = shared.client.lease_client();
+                    let request = Request::keyless("lease revoke");
+                    let revoked = match shared.bounded(request, leases.revoke(lease)).await {
+                        Ok(Ok(_)) => Ok(()),
+                        // Already gone (expired while etcd was unreachable): nothing left to remove.
+                        Ok(Err(err)) if error::is_lease_not_found(&err) => Ok(()),
+                        Ok(Err(err)) => Err(shared.errors.map(request, err)),
+                        Err(timeout) => Err(timeout),
+                    };
+                    if outcome.is_ok() {
+                        outcome = revoked;
+                    }
+                }
+                outcome
+            })
+            .await
     }
 
     async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
-        self.shared.watch_key(key).await
+        self.call("watch_stream", key)
+            .run(async { self.shared.watch_key(key).await })
+            .await
     }
 
     async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
-        let shared = &self.shared;
-        shared.ensure_open()?;
-        shared
-            .open_watch_stream(watch::Target::prefix(prefix, &shared.prefix))
+        self.call("watch_prefix", prefix)
+            .run(async {
+                let shared = &self.shared;
+                shared.ensure_open()?;
+                shared
+                    .open_watch_stream(watch::Target::prefix(prefix, &shared.prefix))
+                    .await
+            })
             .await
     }
 
     async fn lock(&self, name: &str) -> Result<LockGuard> {
-        self.shared.lock_named(name, LockOptions::new()).await
+        self.call("lock", name)
+            .run(async { self.shared.lock_named(name, LockOptions::new()).await })
+            .await
     }
 
     async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
-        self.shared.lock_named(name, options).await
+        self.call("lock_with", name)
+            .run(async { self.shared.lock_named(name, options).await })
+            .await
     }
 
     async fn campaign(&self, name: &str, value: &str) -> Result<Leadership> {
-        self.shared.campaign(name, value, LockOptions::new()).await
+        self.call("campaign", name)
+            .run(async { self.shared.campaign(name, value, LockOptions::new()).await })
+            .await
     }
 
     async fn campaign_with(
@@ -597,45 +668,67 @@ impl Kvi for EtcdKvs {
         value: &str,
         options: LockOptions,
     ) -> Result<Leadership> {
-        self.shared.campaign(name, value, options).await
+        self.call("campaign_with", name)
+            .run(async { self.shared.campaign(name, value, options).await })
+            .await
     }
 
     async fn leader(&self, name: &str) -> Result<Option<KeyValue>> {
-        self.shared.leader(name).await
+        self.call("leader", name)
+            .run(async { self.shared.leader(name).await })
+            .await
     }
 
     async fn observe(&self, name: &str) -> Result<LeaderStream> {
-        self.shared.observe(name).await
+        self.call("observe", name)
+            .run(async { self.shared.observe(name).await })
+            .await
     }
 
     async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
-        self.shared.get_kv(key).await
+        self.call("get_kv", key)
+            .run(async { self.shared.get_kv(key).await })
+            .await
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
-        self.shared.get_prefix(prefix).await
+        self.call("get_prefix", prefix)
+            .run(async { self.shared.get_prefix(prefix).await })
+            .await
     }
 
     async fn list(&self, request: ListRequest) -> Result<ListPage> {
-        self.shared.list(request).await
+        self.call("list", hmetcd_core::instrument::list_key(&request))
+            .run(async { self.shared.list(request).await })
+            .await
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
-        self.shared.delete_prefix(prefix).await
+        self.call("delete_prefix", prefix)
+            .run(async { self.shared.delete_prefix(prefix).await })
+            .await
     }
 
     async fn store_temp(&self, key: &str, value: &str) -> Result<()> {
-        self.shared.ensure_open()?;
-        check_key("key", key)?;
-        self.shared.put_temp_key(key, value).await
+        self.call("store_temp", key)
+            .run(async {
+                self.shared.ensure_open()?;
+                check_key("key", key)?;
+                self.shared.put_temp_key(key, value).await
+            })
+            .await
     }
 
     async fn txn(&self, txn: hmetcd_core::Txn) -> Result<TxnOutcome> {
-        self.shared.txn(txn).await
+        self.call("txn", hmetcd_core::instrument::txn_key(&txn))
+            .run(async { self.shared.txn(txn).await })
+            .await
     }
 
     async fn watch_prefix_from(&self, prefix: &str, revision: i64) -> Result<WatchStream> {
-        self.shared.watch_prefix_from(prefix, revision).await
+        self.call("watch_prefix_from", prefix)
+            .run(async { self.shared.watch_prefix_from(prefix, revision).await })
+            .await
     }
 }
 
