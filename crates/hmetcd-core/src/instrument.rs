@@ -26,12 +26,15 @@
 //! Without the feature, or without a recorder installed, recording costs next to nothing.
 
 use std::future::Future;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use crate::{Error, KeyRange, ListRequest, Result, Txn};
+use crate::{Error, KeyRange, ListRequest, Result, Txn, WatchEvent};
 
 /// Characters of a key that a span shows.
 const SHOWN_KEY_CHARS: usize = 100;
@@ -176,6 +179,83 @@ pub fn watch_delivered(backend: &'static str, lag: Duration) {
     metrics::histogram!("hmetcd_watch_delivery_lag_seconds", "backend" => backend)
         .record(lag.as_secs_f64());
     let _ = (backend, lag);
+}
+
+/// When an event entered a watcher's channel; nothing at all without the `metrics` feature.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    #[cfg(feature = "metrics")]
+    at: std::time::Instant,
+}
+
+impl Stamp {
+    #[inline]
+    fn now() -> Self {
+        Stamp {
+            #[cfg(feature = "metrics")]
+            at: std::time::Instant::now(),
+        }
+    }
+}
+
+/// The channel from a backend to one watcher: counts the watcher in `hmetcd_watchers_open`
+/// while its receiving end lives, and each event's time in the channel in
+/// `hmetcd_watch_delivery_lag_seconds`.
+pub fn event_channel(backend: &'static str) -> (EventSender, EventReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    watchers_changed(backend, 1.0);
+    (EventSender { tx }, EventReceiver { rx, backend })
+}
+
+/// The sending end of [`event_channel`].
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    tx: mpsc::UnboundedSender<(Stamp, Result<WatchEvent>)>,
+}
+
+/// The watcher is gone: the event was not delivered.
+#[derive(Debug)]
+pub struct Gone;
+
+impl EventSender {
+    /// Sends `item` to the watcher; `Err` once it is gone.
+    #[inline]
+    pub fn send(&self, item: Result<WatchEvent>) -> std::result::Result<(), Gone> {
+        self.tx.send((Stamp::now(), item)).map_err(|_| Gone)
+    }
+
+    /// Whether the watcher is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The receiving end of [`event_channel`].
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: mpsc::UnboundedReceiver<(Stamp, Result<WatchEvent>)>,
+    backend: &'static str,
+}
+
+impl EventReceiver {
+    /// The next event, as `UnboundedReceiver::poll_recv`.
+    #[inline]
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<WatchEvent>>> {
+        self.rx.poll_recv(cx).map(|item| {
+            item.map(|(stamp, item)| {
+                #[cfg(feature = "metrics")]
+                watch_delivered(self.backend, stamp.at.elapsed());
+                let _ = stamp;
+                item
+            })
+        })
+    }
+}
+
+impl Drop for EventReceiver {
+    fn drop(&mut self) {
+        watchers_changed(self.backend, -1.0);
+    }
 }
 
 impl Error {

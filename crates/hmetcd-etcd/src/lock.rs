@@ -85,6 +85,8 @@ struct HeldKey {
 
 /// One held lock: the handle's lock or a guard's.
 pub(crate) struct Hold {
+    /// When the lock was taken, for `hmetcd_lock_hold_seconds`.
+    since: std::time::Instant,
     id: u64,
     /// The name as the caller wrote it.
     pub(crate) name: String,
@@ -118,6 +120,9 @@ impl Hold {
         let key = locked(&self.key).take();
         if let Some(monitor) = locked(&self.monitor).take() {
             monitor.abort();
+        }
+        if key.is_some() {
+            hmetcd_core::instrument::lock_ended("etcd", self.since.elapsed());
         }
         key
     }
@@ -347,6 +352,7 @@ impl Shared {
         deadline: Deadline,
         max_hold: Option<Duration>,
     ) -> Result<Arc<Hold>> {
+        let asked = std::time::Instant::now();
         let local = self.lock.local_mutex(name);
         let mut shutdown = self.shutdown.subscribe();
         let taken = by_deadline(name, deadline, async {
@@ -370,7 +376,10 @@ impl Shared {
                 return Err(err);
             }
         };
+        hmetcd_core::instrument::lock_taken("etcd", asked.elapsed());
+        tracing::debug!(lock = name, token = revision, waited = ?asked.elapsed(), "took the lock");
         let hold = Arc::new(Hold {
+            since: std::time::Instant::now(),
             id: self.lock.next_hold.fetch_add(1, Ordering::Relaxed),
             name: name.to_owned(),
             lease,

@@ -333,6 +333,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             return;
         }
         tracing::warn!(lease = %lease_hex(lease), reason = ?end, "the lease is lost; taking a new one");
+        hmetcd_core::instrument::lease_lost("etcd");
         session.publish(|state| {
             if state.generation == generation {
                 state.phase = Phase::Lost;

@@ -60,6 +60,7 @@
 //! In every state the task ends when the handle is closed or dropped (`shutdown`), which ends
 //! every watcher's stream. The task holds no reference to the handle.
 
+use hmetcd_core::instrument::{event_channel, EventReceiver, EventSender};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -132,7 +133,7 @@ enum Command {
         id: WatcherId,
         target: Target,
         start: i64,
-        events: mpsc::UnboundedSender<Result<WatchEvent>>,
+        events: EventSender,
         confirmed: oneshot::Sender<Result<()>>,
         /// Whether the key existed at `start - 1` (unused for a prefix watch).
         present: bool,
@@ -187,7 +188,7 @@ impl Shared {
         let request = Request::new("watch", &shown);
         let commands = self.watch_commands();
         let id = self.watches.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, receiver) = mpsc::unbounded_channel();
+        let (events, receiver) = event_channel("etcd");
         let (confirmed, confirmation) = oneshot::channel();
         commands
             .send(Command::Register {
@@ -233,6 +234,7 @@ impl Shared {
             watchers: BTreeMap::new(),
             connection: None,
             reconnect_at: None,
+            broken: false,
             backoff: Backoff::new(),
         };
         let task = AbortOnDrop(tokio::spawn(multiplexer.run()));
@@ -257,12 +259,14 @@ struct Multiplexer {
     connection: Option<Connection>,
     /// When to connect next; `None` while connected or idle.
     reconnect_at: Option<Instant>,
+    /// The stream broke since it was last open: the next one is a reconnect.
+    broken: bool,
     backoff: Backoff,
 }
 
 struct Watcher {
     target: Target,
-    events: mpsc::UnboundedSender<Result<WatchEvent>>,
+    events: EventSender,
     /// The registering call, until etcd has confirmed the watch.
     confirmed: Option<oneshot::Sender<Result<()>>>,
     /// The first revision not yet delivered.
@@ -611,11 +615,12 @@ impl Multiplexer {
     /// Drops the etcd stream; every watcher is created again on the next one, after a pause.
     fn disconnect(&mut self, reason: &str) {
         if self.connection.take().is_some() {
-            tracing::debug!(
+            tracing::info!(
                 reason,
                 watchers = self.watchers.len(),
                 "the etcd watch stream broke; reconnecting"
             );
+            self.broken = true;
         }
         for watcher in self.watchers.values_mut() {
             watcher.etcd_id = None;
@@ -672,10 +677,21 @@ impl Multiplexer {
         for (&id, watcher) in self.watchers.iter_mut().skip(1) {
             connection.create(id, watcher);
         }
-        tracing::debug!(
-            watchers = self.watchers.len(),
-            "opened the etcd watch stream"
-        );
+        if std::mem::take(&mut self.broken) {
+            hmetcd_core::instrument::watch_reconnected("etcd");
+            for watcher in self.watchers.values() {
+                tracing::info!(
+                    watch = %watcher.target.shown,
+                    resume_revision = watcher.next,
+                    "the watch resumes on the new etcd watch stream"
+                );
+            }
+        } else {
+            tracing::debug!(
+                watchers = self.watchers.len(),
+                "opened the etcd watch stream"
+            );
+        }
         self.connection = Some(connection);
     }
 
@@ -839,7 +855,7 @@ impl Drop for Registration {
 
 /// The stream handed to callers: the watcher's events, routed by the multiplexer.
 struct EventStream {
-    events: mpsc::UnboundedReceiver<Result<WatchEvent>>,
+    events: EventReceiver,
     _registration: Registration,
 }
 

@@ -98,11 +98,21 @@ impl Session {
     }
 
     /// `Ok` while the handle is open and reaches its store.
+    #[inline]
     pub(crate) fn check(&self) -> Result<()> {
         match self.status.load(Ordering::Acquire) {
             0 => Ok(()),
-            status if status & CLOSED != 0 => Err(Error::Closed),
-            _ => Err(self.unavailable()),
+            status => Err(self.refusal(status)),
+        }
+    }
+
+    /// Why a call is refused: closed, or partitioned. Off the hot path.
+    #[cold]
+    fn refusal(&self, status: u8) -> Error {
+        if status & CLOSED != 0 {
+            Error::Closed
+        } else {
+            self.unavailable()
         }
     }
 
@@ -136,10 +146,17 @@ impl Session {
 
     /// A plain write or delete of `stored` by this handle: no longer a temp key (it is not
     /// put back after a lost lease), as on etcd. Without temp keys this takes no lock.
+    #[inline]
     pub(crate) fn forget_temp_key(&self, stored: &str) {
         if self.has_temp_keys.load(Ordering::Acquire) {
-            locked(&self.temp_keys).remove(stored);
+            self.forget_remembered(stored);
         }
+    }
+
+    /// The slow half of `forget_temp_key`, for handles that have temp keys.
+    #[cold]
+    fn forget_remembered(&self, stored: &str) {
+        locked(&self.temp_keys).remove(stored);
     }
 
     /// A `delete_prefix` of `stored` by this handle: the temp keys under it are forgotten.
@@ -197,6 +214,7 @@ impl Session {
         let lease = self.participants.lease();
         let next = renew.then(|| self.store.next_id());
         tracing::warn!(lease = %format_args!("{lease:x}"), "the lease is lost");
+        hmetcd_core::instrument::lease_lost("mem");
         self.store.revoke(
             lease,
             &self.lease_keys(),

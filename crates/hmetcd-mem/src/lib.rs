@@ -42,6 +42,7 @@ mod guards;
 mod participants;
 mod store;
 
+use hmetcd_core::instrument::Call;
 use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
@@ -387,70 +388,108 @@ impl Drop for MemKvs {
     }
 }
 
+impl MemKvs {
+    /// The span (and metrics) of one call: see `hmetcd_core::instrument`.
+    #[inline]
+    fn call(&self, operation: &'static str, key: &str) -> Call {
+        Call::start("mem", None, operation, key)
+    }
+}
+
 #[async_trait]
 impl Kvi for MemKvs {
     async fn dist_lock(&self) -> Result<()> {
-        self.acquire().await
+        self.call("dist_lock", "")
+            .run(async { self.acquire().await })
+            .await
     }
 
     async fn dist_timed_lock(&self, timeout: Duration) -> Result<()> {
-        match tokio::time::timeout(timeout, self.acquire()).await {
-            Ok(result) => result,
-            // Dropping the wait takes this handle out of the queue: no trace is left.
-            Err(_) => Err(Error::LockTimeout {
-                lock: self.options.lock_name.clone(),
-                timeout,
-            }),
-        }
+        self.call("dist_timed_lock", "")
+            .run(async {
+                match tokio::time::timeout(timeout, self.acquire()).await {
+                    Ok(result) => result,
+                    // Dropping the wait takes this handle out of the queue: no trace is left.
+                    Err(_) => Err(Error::LockTimeout {
+                        lock: self.options.lock_name.clone(),
+                        timeout,
+                    }),
+                }
+            })
+            .await
     }
 
     async fn dist_unlock(&self) -> Result<()> {
-        self.check_open()?;
-        self.release_lock();
-        Ok(())
+        self.call("dist_unlock", "")
+            .run(async {
+                self.check_open()?;
+                self.release_lock();
+                Ok(())
+            })
+            .await
     }
 
     async fn store(&self, key: &str, value: &str) -> Result<()> {
-        self.check_open()?;
-        check_key("key", key)?;
-        let stored = self.prefix.stored(key);
-        self.session.store.put(&stored, value);
-        self.session.forget_temp_key(&stored);
-        Ok(())
+        self.call("store", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                let stored = self.prefix.stored(key);
+                self.session.store.put(&stored, value);
+                self.session.forget_temp_key(&stored);
+                Ok(())
+            })
+            .await
     }
 
     async fn temp_key(&self, key: &str) -> Result<()> {
-        self.check_open()?;
-        check_key("key", key)?;
-        self.session
-            .put_temp_key(&self.prefix.apply(key), faults::TEMP_VALUE)
+        self.call("temp_key", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                self.session
+                    .put_temp_key(&self.prefix.apply(key), faults::TEMP_VALUE)
+            })
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
-        self.check_open()?;
-        check_key("key", key)?;
-        Ok(self.session.store.get(&self.prefix.stored(key)))
+        self.call("get", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                Ok(self.session.store.get(&self.prefix.stored(key)))
+            })
+            .await
     }
 
     async fn get_range(&self, key_start: &str, key_end: &str) -> Result<Vec<KeyValue>> {
-        self.check_open()?;
-        Ok(match self.prefix.range(key_start, key_end) {
-            Some((start, end)) => {
-                self.session
-                    .store
-                    .range(&start, &end, self.prefix.as_str().len())
-            }
-            None => Vec::new(),
-        })
+        self.call("get_range", key_start)
+            .run(async {
+                self.check_open()?;
+                Ok(match self.prefix.range(key_start, key_end) {
+                    Some((start, end)) => {
+                        self.session
+                            .store
+                            .range(&start, &end, self.prefix.as_str().len())
+                    }
+                    None => Vec::new(),
+                })
+            })
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        self.check_open()?;
-        check_key("key", key)?;
-        let stored = self.prefix.stored(key);
-        self.session.store.delete(&stored);
-        self.session.forget_temp_key(&stored);
-        Ok(())
+        self.call("delete", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                let stored = self.prefix.stored(key);
+                self.session.store.delete(&stored);
+                self.session.forget_temp_key(&stored);
+                Ok(())
+            })
+            .await
     }
 
     async fn transaction(
@@ -463,40 +502,50 @@ impl Kvi for MemKvs {
         else_key: &str,
         else_value: &str,
     ) -> Result<bool> {
-        self.check_open()?;
-        check_key("key", key)?;
-        check_key("then_key", then_key)?;
-        check_key("else_key", else_key)?;
-        let (key, then_key, else_key) = (
-            self.prefix.stored(key),
-            self.prefix.stored(then_key),
-            self.prefix.stored(else_key),
-        );
-        let then = self.session.store.transaction(
-            &key,
-            op,
-            value,
-            (&then_key, then_value),
-            (&else_key, else_value),
-        );
-        self.session
-            .forget_temp_key(if then { &then_key } else { &else_key });
-        Ok(then)
+        self.call("transaction", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                check_key("then_key", then_key)?;
+                check_key("else_key", else_key)?;
+                let (key, then_key, else_key) = (
+                    self.prefix.stored(key),
+                    self.prefix.stored(then_key),
+                    self.prefix.stored(else_key),
+                );
+                let then = self.session.store.transaction(
+                    &key,
+                    op,
+                    value,
+                    (&then_key, then_value),
+                    (&else_key, else_value),
+                );
+                self.session
+                    .forget_temp_key(if then { &then_key } else { &else_key });
+                Ok(then)
+            })
+            .await
     }
 
     async fn tas(&self, key: &str, test_value: &str, set_value: &str) -> Result<bool> {
-        self.check_open()?;
-        check_key("key", key)?;
-        let stored = self.prefix.stored(key);
-        let set = self.session.store.tas(&stored, test_value, set_value);
-        if set {
-            self.session.forget_temp_key(&stored);
-        }
-        Ok(set)
+        self.call("tas", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                let stored = self.prefix.stored(key);
+                let set = self.session.store.tas(&stored, test_value, set_value);
+                if set {
+                    self.session.forget_temp_key(&stored);
+                }
+                Ok(set)
+            })
+            .await
     }
 
     async fn watch(&self, key: &str) -> Result<WatchEvent> {
-        first_event(self.watch_stream(key).await?).await
+        self.call("watch", key)
+            .run(async { first_event(self.watch_stream(key).await?).await })
+            .await
     }
 
     async fn watch_with_cb(
@@ -505,11 +554,15 @@ impl Kvi for MemKvs {
         change: KeyChange,
         cb: WatchCallback,
     ) -> Result<WatchHandle> {
-        Ok(spawn_callback_watcher(
-            self.watch_stream(key).await?,
-            change,
-            cb,
-        ))
+        self.call("watch_with_cb", key)
+            .run(async {
+                Ok(spawn_callback_watcher(
+                    self.watch_stream(key).await?,
+                    change,
+                    cb,
+                ))
+            })
+            .await
     }
 
     fn watch_cb_cancel(&self, handle: WatchHandle) {
@@ -517,38 +570,54 @@ impl Kvi for MemKvs {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.session.is_closed() {
-            return Ok(());
-        }
-        self.closing.send_replace(true);
-        if self.release() {
-            Ok(())
-        } else {
-            // As on etcd when the lease revoke cannot reach the server: closed here, but the
-            // keys stay until the lease expires.
-            Err(self.session.unreachable_close())
-        }
+        self.call("close", "")
+            .run(async {
+                if self.session.is_closed() {
+                    return Ok(());
+                }
+                self.closing.send_replace(true);
+                if self.release() {
+                    Ok(())
+                } else {
+                    // As on etcd when the lease revoke cannot reach the server: closed here, but the
+                    // keys stay until the lease expires.
+                    Err(self.session.unreachable_close())
+                }
+            })
+            .await
     }
 
     async fn watch_stream(&self, key: &str) -> Result<WatchStream> {
-        check_key("key", key)?;
-        self.watch_target(Target::Key(self.prefix.apply(key)))
+        self.call("watch_stream", key)
+            .run(async {
+                check_key("key", key)?;
+                self.watch_target(Target::Key(self.prefix.apply(key)))
+            })
+            .await
     }
 
     async fn watch_prefix(&self, prefix: &str) -> Result<WatchStream> {
-        self.watch_target(Target::Prefix(self.prefix.apply(prefix)))
+        self.call("watch_prefix", prefix)
+            .run(async { self.watch_target(Target::Prefix(self.prefix.apply(prefix))) })
+            .await
     }
 
     async fn lock(&self, name: &str) -> Result<LockGuard> {
-        self.lock_named(name, LockOptions::new()).await
+        self.call("lock", name)
+            .run(async { self.lock_named(name, LockOptions::new()).await })
+            .await
     }
 
     async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
-        self.lock_named(name, options).await
+        self.call("lock_with", name)
+            .run(async { self.lock_named(name, options).await })
+            .await
     }
 
     async fn campaign(&self, name: &str, value: &str) -> Result<Leadership> {
-        self.campaign_named(name, value, LockOptions::new()).await
+        self.call("campaign", name)
+            .run(async { self.campaign_named(name, value, LockOptions::new()).await })
+            .await
     }
 
     async fn campaign_with(
@@ -557,82 +626,120 @@ impl Kvi for MemKvs {
         value: &str,
         options: LockOptions,
     ) -> Result<Leadership> {
-        self.campaign_named(name, value, options).await
+        self.call("campaign_with", name)
+            .run(async { self.campaign_named(name, value, options).await })
+            .await
     }
 
     async fn leader(&self, name: &str) -> Result<Option<KeyValue>> {
-        let (candidates, _) = self.candidates(name)?;
-        Ok(candidates.into_iter().next().map(KeyValue::from))
+        self.call("leader", name)
+            .run(async {
+                let (candidates, _) = self.candidates(name)?;
+                Ok(candidates.into_iter().next().map(KeyValue::from))
+            })
+            .await
     }
 
     async fn observe(&self, name: &str) -> Result<LeaderStream> {
-        let (candidates, events) = self.candidates(name)?;
-        Ok(leader_stream(name, candidates, events))
+        self.call("observe", name)
+            .run(async {
+                let (candidates, events) = self.candidates(name)?;
+                Ok(leader_stream(name, candidates, events))
+            })
+            .await
     }
 
     async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
-        self.check_open()?;
-        check_key("key", key)?;
-        Ok(self
-            .session
-            .store
-            .get_kv(&self.prefix.stored(key), self.prefix.as_str().len()))
+        self.call("get_kv", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                Ok(self
+                    .session
+                    .store
+                    .get_kv(&self.prefix.stored(key), self.prefix.as_str().len()))
+            })
+            .await
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>> {
-        self.check_open()?;
-        Ok(self
-            .session
-            .store
-            .list(&ListRequest::prefix(prefix), &self.prefix)
-            .items)
+        self.call("get_prefix", prefix)
+            .run(async {
+                self.check_open()?;
+                Ok(self
+                    .session
+                    .store
+                    .list(&ListRequest::prefix(prefix), &self.prefix)
+                    .items)
+            })
+            .await
     }
 
     async fn list(&self, request: ListRequest) -> Result<ListPage> {
-        self.check_open()?;
-        request.check()?;
-        Ok(self.session.store.list(&request, &self.prefix))
+        self.call("list", hmetcd_core::instrument::list_key(&request))
+            .run(async {
+                self.check_open()?;
+                request.check()?;
+                Ok(self.session.store.list(&request, &self.prefix))
+            })
+            .await
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
-        self.check_open()?;
-        check_key("prefix", prefix)?;
-        let stored = self.prefix.stored(prefix);
-        let deleted = self.session.store.delete_prefix(&stored);
-        self.session.forget_temp_prefix(&stored);
-        Ok(u64::try_from(deleted.len()).unwrap_or(u64::MAX))
+        self.call("delete_prefix", prefix)
+            .run(async {
+                self.check_open()?;
+                check_key("prefix", prefix)?;
+                let stored = self.prefix.stored(prefix);
+                let deleted = self.session.store.delete_prefix(&stored);
+                self.session.forget_temp_prefix(&stored);
+                Ok(u64::try_from(deleted.len()).unwrap_or(u64::MAX))
+            })
+            .await
     }
 
     async fn store_temp(&self, key: &str, value: &str) -> Result<()> {
-        self.check_open()?;
-        check_key("key", key)?;
-        self.session.put_temp_key(&self.prefix.apply(key), value)
+        self.call("store_temp", key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                self.session.put_temp_key(&self.prefix.apply(key), value)
+            })
+            .await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
-        self.check_open()?;
-        txn.check()?;
-        self.session.txn(&txn, &self.prefix)
+        self.call("txn", hmetcd_core::instrument::txn_key(&txn))
+            .run(async {
+                self.check_open()?;
+                txn.check()?;
+                self.session.txn(&txn, &self.prefix)
+            })
+            .await
     }
 
     async fn watch_prefix_from(&self, prefix: &str, revision: i64) -> Result<WatchStream> {
-        self.check_open()?;
-        if revision < 1 {
-            return Err(Error::InvalidArgument {
-                what: "watch revision".to_owned(),
-                reason: format!("{revision}: revisions start at 1"),
-            });
-        }
-        let stream = self.session.store.watch_from(
-            self.prefix.apply(prefix),
-            self.prefix.as_str().len(),
-            self.session.id,
-            revision,
-        );
-        // A close or partition that raced with this call may have missed it; dropping the
-        // stream unregisters it.
-        self.check_open()?;
-        Ok(Box::pin(stream))
+        self.call("watch_prefix_from", prefix)
+            .run(async {
+                self.check_open()?;
+                if revision < 1 {
+                    return Err(Error::InvalidArgument {
+                        what: "watch revision".to_owned(),
+                        reason: format!("{revision}: revisions start at 1"),
+                    });
+                }
+                let stream = self.session.store.watch_from(
+                    self.prefix.apply(prefix),
+                    self.prefix.as_str().len(),
+                    self.session.id,
+                    revision,
+                );
+                // A close or partition that raced with this call may have missed it; dropping the
+                // stream unregisters it.
+                self.check_open()?;
+                Ok(Box::pin(stream) as WatchStream)
+            })
+            .await
     }
 }
 

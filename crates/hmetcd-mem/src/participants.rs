@@ -136,6 +136,7 @@ impl Participants {
     /// the participant leaves both queues and its key is deleted. `None` if the handle's lease
     /// was revoked meanwhile (the handle is closing).
     pub(crate) async fn acquire(self: &Arc<Self>, stored_name: &str, value: &str) -> Option<Held> {
+        let asked = std::time::Instant::now();
         let mut pending = Pending {
             participants: Arc::clone(self),
             stored_name: stored_name.to_owned(),
@@ -166,10 +167,12 @@ impl Participants {
             match place.status() {
                 Status::Holding => {
                     pending.place = None;
+                    hmetcd_core::instrument::lock_taken("mem", asked.elapsed());
                     return Some(Held {
                         participants: Arc::clone(self),
                         stored_name: stored_name.to_owned(),
                         place,
+                        since: std::time::Instant::now(),
                     });
                 }
                 Status::Gone(Some(reason @ (LostReason::KeyDeleted | LostReason::SessionLost))) => {
@@ -220,6 +223,8 @@ pub(crate) struct Held {
     participants: Arc<Participants>,
     stored_name: String,
     place: Arc<Place>,
+    /// When the hold began, for `hmetcd_lock_hold_seconds`.
+    since: std::time::Instant,
 }
 
 impl Held {
@@ -256,5 +261,6 @@ impl Drop for Held {
         // handle's own next participant for the name queues in the store only after that.
         // A lost hold's key is gone already, and whatever now has the key is not ours.
         self.participants.let_go(&self.place, &self.stored_name);
+        hmetcd_core::instrument::lock_ended("mem", self.since.elapsed());
     }
 }

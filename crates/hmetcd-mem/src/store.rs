@@ -37,7 +37,7 @@ use hmetcd_core::{
     Candidate, CompareOp, Error, KeyValue, ListPage, ListRequest, LostReason, LostSignal, Op,
     Result, Txn, TxnOutcome, WatchEvent,
 };
-use tokio::sync::{mpsc, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
 /// A lease of a handle: what its temp keys and lock keys are bound to. A handle takes a new
 /// one when its lease expires (`Faults`).
@@ -440,7 +440,7 @@ impl Default for State {
     }
 }
 
-type EventSender = mpsc::UnboundedSender<Result<WatchEvent>>;
+use hmetcd_core::instrument::{event_channel, EventReceiver, EventSender};
 
 /// How many events a watcher of a partitioned handle keeps for when the partition ends. One
 /// more, and its missed history counts as compacted: it gets `Error::Compacted` at the end of
@@ -473,9 +473,26 @@ struct Missed {
     overrun: Option<i64>,
 }
 
+impl Missed {
+    /// Keeps `event` at `revision` for the end of the partition, up to the limit. Only
+    /// partitioned handles get here.
+    #[cold]
+    fn keep(&mut self, event: WatchEvent, revision: i64) {
+        if self.overrun.is_none() {
+            if self.events.len() < MISSED_EVENTS_LIMIT {
+                self.events.push_back(event);
+            } else {
+                self.events = VecDeque::new();
+                self.overrun = Some(revision);
+            }
+        }
+    }
+}
+
 impl Watcher {
     /// Delivers `event` at `revision`, or keeps it while the owner is partitioned. `false`
     /// once the stream is gone.
+    #[inline]
     fn deliver(&mut self, event: WatchEvent, revision: i64) -> bool {
         if revision < self.from {
             return !self.tx.is_closed();
@@ -486,14 +503,7 @@ impl Watcher {
                 self.tx.send(Ok(event)).is_ok()
             }
             Some(missed) => {
-                if missed.overrun.is_none() {
-                    if missed.events.len() < MISSED_EVENTS_LIMIT {
-                        missed.events.push_back(event);
-                    } else {
-                        missed.events = VecDeque::new();
-                        missed.overrun = Some(revision);
-                    }
-                }
+                missed.keep(event, revision);
                 !self.tx.is_closed()
             }
         }
@@ -999,7 +1009,7 @@ impl Store {
     ) -> MemWatchStream {
         let mut state = self.write();
         if from < state.compacted {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = event_channel("mem");
             let _ = tx.send(Err(Error::Compacted {
                 key: prefix.get(strip..).unwrap_or_default().to_owned(),
                 revision: from,
@@ -1013,7 +1023,7 @@ impl Store {
                 store: Weak::new(),
             };
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = event_channel("mem");
         for event in state.log.replay(from, &prefix, strip) {
             let _ = tx.send(Ok(event));
         }
@@ -1035,7 +1045,7 @@ impl Store {
         strip: usize,
         owner: HandleId,
     ) -> MemWatchStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = event_channel("mem");
         self.register_with(state, target, strip, owner, tx, rx, 0)
     }
 
@@ -1047,7 +1057,7 @@ impl Store {
         strip: usize,
         owner: HandleId,
         tx: EventSender,
-        rx: mpsc::UnboundedReceiver<Result<WatchEvent>>,
+        rx: EventReceiver,
         from: i64,
     ) -> MemWatchStream {
         let id = self.next_id();
@@ -1290,7 +1300,7 @@ fn known(op: &Op) -> bool {
 /// The stream behind `watch_stream` and `watch_prefix`; dropping it unregisters the watcher.
 #[derive(Debug)]
 pub(crate) struct MemWatchStream {
-    rx: mpsc::UnboundedReceiver<Result<WatchEvent>>,
+    rx: EventReceiver,
     id: u64,
     target: Target,
     store: Weak<Store>,
