@@ -38,7 +38,8 @@ async fn main() -> hmetcd::Result<()> {
     tracing::info!(%endpoint, %me, "starting");
 
     // 1. Membership: a temp key, gone within lease_ttl if this process dies.
-    kv.store_temp(&format!("members/{me}"), "10.0.0.7:8080").await?;
+    kv.store_temp(&format!("members/{me}"), "10.0.0.7:8080")
+        .await?;
 
     // 2. Configuration: read it once, then watch from the revision after that read.
     let config = follow_config(Arc::clone(&kv)).await?;
@@ -72,7 +73,11 @@ async fn follow_config(kv: Arc<dyn Kvi>) -> hmetcd::Result<tokio::task::JoinHand
     Ok(tokio::spawn(async move {
         while let Some(change) = changes.next().await {
             match change {
-                Ok(WatchEvent::Put { key, value, revision }) => {
+                Ok(WatchEvent::Put {
+                    key,
+                    value,
+                    revision,
+                }) => {
                     tracing::info!(%key, %value, revision, "config changed")
                 }
                 Ok(WatchEvent::Delete { key, revision }) => {
