@@ -1,5 +1,5 @@
 //! What every backend reports about its calls: one `tracing` span per operation (target
-//! `hmetcd`), and with the cargo feature `metrics`, figures through the [`metrics`] crate's
+//! `hmetcd`), and with the cargo feature `metrics`, figures through the `metrics` crate's
 //! facade, so that any exporter (Prometheus, OpenTelemetry, statsd) can collect them.
 //!
 //! # Spans

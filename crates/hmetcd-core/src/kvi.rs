@@ -26,6 +26,38 @@ pub type UpdateFn<'a> = dyn FnMut(Option<&str>) -> Option<String> + Send + 'a;
 ///
 /// Each handle is one participant in its distributed lock (the `lock_name` option) and
 /// owns one lease for its temporary keys.
+///
+/// # The methods, as a caller writes them
+///
+/// The trait is `#[async_trait]` (so that `Box<dyn Kvi>` works), which is why the method
+/// pages below show boxed futures. Every method is an `async fn` returning
+/// [`Result`](crate::Result):
+///
+/// | call | gives | in short |
+/// |---|---|---|
+/// | `get(key)` | `Option<String>` | the value; `None` when absent |
+/// | `get_kv(key)` | `Option<KeyValue>` | the value with etcd's metadata |
+/// | `store(key, value)` | `()` | create or overwrite |
+/// | `delete(key)` | `()` | an absent key is `Ok` |
+/// | `get_range(start, end)` | `Vec<KeyValue>` | both ends inclusive, sorted |
+/// | `get_prefix(prefix)` | `Vec<KeyValue>` | every key under the prefix, sorted |
+/// | `list(ListRequest)` | `ListPage` | one page; paging visits each key once |
+/// | `delete_prefix(prefix)` | `u64` | how many were deleted; `""` refused |
+/// | `transaction(key, op, value, then_key, then_value, else_key, else_value)` | `bool` | one compare, one write |
+/// | `tas(key, test, set)` | `bool` | test-and-set; a missing key stays missing |
+/// | `txn(Txn)` | `TxnOutcome` | compares and operations in one atomic step |
+/// | `update(key, &mut f)` | `Option<String>` | read-modify-write that loses no concurrent write |
+/// | `temp_key(key)`, `store_temp(key, value)` | `()` | gone with the handle (its lease) |
+/// | `watch(key)` | `WatchEvent` | the next change |
+/// | `watch_stream(key)`, `watch_prefix(prefix)` | `WatchStream` | every change from now on |
+/// | `watch_prefix_from(prefix, revision)` | `WatchStream` | history from `revision`, then live |
+/// | `watch_with_cb(key, change, cb)` | `WatchHandle` | a callback per change; `watch_cb_cancel` stops it |
+/// | `dist_lock()`, `dist_timed_lock(t)`, `dist_unlock()` | `()` | the handle's own lock |
+/// | `lock(name)`, `lock_with(name, LockOptions)` | `LockGuard` | a named lock with a fencing token |
+/// | `campaign(name, value)`, `campaign_with(..)` | `Leadership` | leader election |
+/// | `leader(name)` | `Option<KeyValue>` | the current leader |
+/// | `observe(name)` | `LeaderStream` | the leader, then every change |
+/// | `close()` | `()` | releases everything; later calls are `Error::Closed` |
 #[async_trait]
 pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// Takes the handle's distributed lock, waiting as long as it takes (first come, first
