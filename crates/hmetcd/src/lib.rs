@@ -17,7 +17,7 @@
 //! it to the letter. Errors are one enum, [`Error`].
 //!
 //! **Cargo features.** `mem` (default): the in-memory store, [`MemKvs`]. `etcd`: the etcd
-//! backend, [`EtcdKvs`]; its build needs `protoc`, the Protocol Buffers compiler
+//! backend, `EtcdKvs`; its build needs `protoc`, the Protocol Buffers compiler
 //! (`apt install protobuf-compiler libprotobuf-dev`, or set `PROTOC`). Tests of a service can
 //! depend on `hmetcd-mem` alone, whose `MemKvs::faults()` causes lease expiry, partitions and
 //! compaction on demand.
