@@ -96,10 +96,7 @@ impl Call {
         #[cfg(feature = "metrics")]
         {
             let (operation, backend) = self.labels;
-            metrics::counter!("hmetcd_calls_total", "operation" => operation, "outcome" => outcome, "backend" => backend)
-                .increment(1);
-            metrics::histogram!("hmetcd_call_duration_seconds", "operation" => operation, "backend" => backend)
-                .record(self.started.elapsed().as_secs_f64());
+            figures::call(operation, outcome, backend, self.started.elapsed());
         }
     }
 
@@ -146,46 +143,170 @@ fn shown(key: &str) -> &str {
 /// A session of `backend` lost its lease.
 pub fn lease_lost(backend: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("hmetcd_leases_lost_total", "backend" => backend).increment(1);
+    figures::count("hmetcd_leases_lost_total", backend);
     let _ = backend;
 }
 
 /// A lock or leadership of `backend` was taken after waiting `waited`.
 pub fn lock_taken(backend: &'static str, waited: Duration) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("hmetcd_lock_wait_seconds", "backend" => backend)
-        .record(waited.as_secs_f64());
+    figures::record("hmetcd_lock_wait_seconds", backend, waited);
     let _ = (backend, waited);
 }
 
 /// A lock or leadership of `backend` ended after being held `held`.
 pub fn lock_ended(backend: &'static str, held: Duration) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("hmetcd_lock_hold_seconds", "backend" => backend)
-        .record(held.as_secs_f64());
+    figures::record("hmetcd_lock_hold_seconds", backend, held);
     let _ = (backend, held);
 }
 
 /// A watcher of `backend` opened (`+1`) or closed (`-1`).
 pub fn watchers_changed(backend: &'static str, by: f64) {
     #[cfg(feature = "metrics")]
-    metrics::gauge!("hmetcd_watchers_open", "backend" => backend).increment(by);
+    figures::gauge("hmetcd_watchers_open", backend, by);
     let _ = (backend, by);
 }
 
 /// A watch stream of `backend` was re-established after a broken link.
 pub fn watch_reconnected(backend: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("hmetcd_watch_reconnects_total", "backend" => backend).increment(1);
+    figures::count("hmetcd_watch_reconnects_total", backend);
     let _ = backend;
 }
 
 /// An event reached its watcher `lag` after the backend received it.
 pub fn watch_delivered(backend: &'static str, lag: Duration) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("hmetcd_watch_delivery_lag_seconds", "backend" => backend)
-        .record(lag.as_secs_f64());
+    figures::record("hmetcd_watch_delivery_lag_seconds", backend, lag);
     let _ = (backend, lag);
+}
+
+/// The figures, recorded without building a key per call: the `metrics` macros allocate and
+/// hash each figure's key before asking for the recorder, which on the in-memory store costs
+/// more than the call itself. Keys here are made once: the per-backend ones at compile time,
+/// one pair per (operation, outcome, backend) on first use, then kept (a bounded set: the
+/// methods times the error kinds times the backends).
+#[cfg(feature = "metrics")]
+mod figures {
+    use std::sync::{OnceLock, PoisonError, RwLock};
+    use std::time::Duration;
+
+    use metrics::{Key, Label, Level, Metadata};
+
+    static METADATA: Metadata<'static> = Metadata::new("hmetcd", Level::INFO, Some(module_path!()));
+    static MEM: [Label; 1] = [Label::from_static_parts("backend", "mem")];
+    static ETCD: [Label; 1] = [Label::from_static_parts("backend", "etcd")];
+
+    /// The per-backend figures, keys made at compile time.
+    macro_rules! backend_keys {
+        ($($name:literal),* $(,)?) => {
+            /// The key of the per-backend figure `name`.
+            fn backend_key(name: &'static str, backend: &'static str) -> Option<&'static Key> {
+                match (name, backend) {
+                    $(
+                        ($name, "mem") => {
+                            static KEY: Key = Key::from_static_parts($name, &MEM);
+                            Some(&KEY)
+                        }
+                        ($name, "etcd") => {
+                            static KEY: Key = Key::from_static_parts($name, &ETCD);
+                            Some(&KEY)
+                        }
+                    )*
+                    _ => None,
+                }
+            }
+        };
+    }
+
+    backend_keys!(
+        "hmetcd_leases_lost_total",
+        "hmetcd_lock_wait_seconds",
+        "hmetcd_lock_hold_seconds",
+        "hmetcd_watchers_open",
+        "hmetcd_watch_reconnects_total",
+        "hmetcd_watch_delivery_lag_seconds",
+    );
+
+    /// The keys of one call's two figures: (calls_total, call_duration_seconds).
+    type CallKeys = (Key, Key);
+    type CallKind = (&'static str, &'static str, &'static str);
+
+    fn call_keys(
+        operation: &'static str,
+        outcome: &'static str,
+        backend: &'static str,
+    ) -> &'static CallKeys {
+        static KNOWN: OnceLock<RwLock<hashbrown::HashMap<CallKind, &'static CallKeys>>> =
+            OnceLock::new();
+        let known = KNOWN.get_or_init(Default::default);
+        let kind = (operation, outcome, backend);
+        if let Some(keys) = known
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&kind)
+        {
+            return keys;
+        }
+        let mut known = known.write().unwrap_or_else(PoisonError::into_inner);
+        known.entry(kind).or_insert_with(|| {
+            let calls: &'static [Label] = Box::leak(Box::new([
+                Label::from_static_parts("operation", operation),
+                Label::from_static_parts("outcome", outcome),
+                Label::from_static_parts("backend", backend),
+            ]));
+            let durations: &'static [Label] = Box::leak(Box::new([
+                Label::from_static_parts("operation", operation),
+                Label::from_static_parts("backend", backend),
+            ]));
+            Box::leak(Box::new((
+                Key::from_static_parts("hmetcd_calls_total", calls),
+                Key::from_static_parts("hmetcd_call_duration_seconds", durations),
+            )))
+        })
+    }
+
+    pub(super) fn call(
+        operation: &'static str,
+        outcome: &'static str,
+        backend: &'static str,
+        took: Duration,
+    ) {
+        let (calls, durations) = call_keys(operation, outcome, backend);
+        metrics::with_recorder(|recorder| {
+            recorder.register_counter(calls, &METADATA).increment(1);
+            recorder
+                .register_histogram(durations, &METADATA)
+                .record(took.as_secs_f64());
+        });
+    }
+
+    pub(super) fn count(name: &'static str, backend: &'static str) {
+        if let Some(key) = backend_key(name, backend) {
+            metrics::with_recorder(|recorder| {
+                recorder.register_counter(key, &METADATA).increment(1)
+            });
+        }
+    }
+
+    pub(super) fn record(name: &'static str, backend: &'static str, value: Duration) {
+        if let Some(key) = backend_key(name, backend) {
+            metrics::with_recorder(|recorder| {
+                recorder
+                    .register_histogram(key, &METADATA)
+                    .record(value.as_secs_f64())
+            });
+        }
+    }
+
+    pub(super) fn gauge(name: &'static str, backend: &'static str, by: f64) {
+        if let Some(key) = backend_key(name, backend) {
+            metrics::with_recorder(|recorder| {
+                recorder.register_gauge(key, &METADATA).increment(by)
+            });
+        }
+    }
 }
 
 /// When an event entered a watcher's channel; nothing at all without the `metrics` feature.

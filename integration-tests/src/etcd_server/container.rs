@@ -298,11 +298,23 @@ fn split_reference(reference: &str) -> (String, String) {
     }
 }
 
+/// A free port never handed out before in this process, so that two servers of one test
+/// binary never share one (the OS may give a just-released port again).
 fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind(("0.0.0.0", 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|err| format!("finding a free host port: {err}"))
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind(("0.0.0.0", 0))
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .map_err(|err| format!("finding a free host port: {err}"))?;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -211,11 +211,23 @@ fn setpriv() -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// A free port never handed out before in this process, so that two servers of one test
+/// binary never share one (the OS may give a just-released port again).
 fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|err| format!("finding a free loopback port: {err}"))
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .map_err(|err| format!("finding a free loopback port: {err}"))?;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 /// The last lines of a log file, for error messages.

@@ -20,9 +20,22 @@ pub(crate) struct EtcdServer {
     child: Option<Child>,
 }
 
+/// A free loopback port never handed out before in this process: the OS may give a port
+/// that one test's etcd released (or has not bound yet) to another test, whose raw client
+/// then talks to the wrong server (a peer port answers gRPC with a connection reset).
 fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
-    listener.local_addr().expect("no local address").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("no free loopback port");
+        let port = listener.local_addr().expect("no local address").port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn binary() -> PathBuf {
