@@ -20,6 +20,27 @@ use crate::{Error, KeyChange, Result, WatchEvent};
 pub type WatchStream = BoxStream<'static, Result<WatchEvent>>;
 
 /// The callback of [`Kvi::watch_with_cb`](crate::Kvi::watch_with_cb): return `false` to stop watching.
+///
+/// Callbacks are plain functions and may block: each runs where blocking is allowed (on a
+/// multi-thread runtime in place, its worker's other tasks handed to another thread, as
+/// `tokio::task::block_in_place` does; on a current-thread runtime on the blocking pool). A slow
+/// callback therefore holds up only its own watcher's later events, never the runtime or other
+/// watchers, and a callback may use a store handle synchronously:
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use hmetcd_core::{KeyChange, Kvi, WatchEvent};
+/// # async fn example(kv: Arc<dyn Kvi>) -> hmetcd_core::Result<()> {
+/// let copier = Arc::clone(&kv);
+/// let _handle = kv
+///     .watch_with_cb("config", KeyChange::Put, Box::new(move |event: &WatchEvent| {
+///         let copy = copier.store("config.copy", event.value().unwrap_or_default());
+///         tokio::runtime::Handle::current().block_on(copy).is_ok()
+///     }))
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
 pub type WatchCallback = Box<dyn FnMut(&WatchEvent) -> bool + Send + 'static>;
 
 /// Why a callback watcher stopped, as [`WatchHandle::finish_reason`] tells it.
@@ -95,6 +116,22 @@ impl Control {
                 tracing::error!(key = event.key(), "watch callback panicked; the watch ends");
                 Some(WatchEnd::CallbackPanicked)
             }
+        }
+    }
+
+    /// Runs the callback where blocking is allowed, so that a slow callback holds up only its
+    /// own watcher: on a multi-thread runtime in place, after handing this worker's other tasks
+    /// to another thread (`block_in_place`); on any other runtime on the blocking pool.
+    async fn call_off_the_workers(control: &Arc<Self>, event: WatchEvent) -> Option<WatchEnd> {
+        let flavor = tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor());
+        if let Ok(tokio::runtime::RuntimeFlavor::MultiThread) = flavor {
+            return tokio::task::block_in_place(|| control.call(&event));
+        }
+        let control = Arc::clone(control);
+        match tokio::task::spawn_blocking(move || control.call(&event)).await {
+            Ok(outcome) => outcome,
+            // The runtime is shutting down and never ran it.
+            Err(_) => Some(WatchEnd::Closed),
         }
     }
 
@@ -204,12 +241,13 @@ async fn drive(mut stream: WatchStream, change: KeyChange, control: Arc<Control>
                 break WatchEnd::Failed(Arc::new(err));
             }
         };
+        let deleted = event.change() == KeyChange::Delete;
         if event.change() == change {
-            if let Some(reason) = control.call(&event) {
+            if let Some(reason) = Control::call_off_the_workers(&control, event).await {
                 break reason;
             }
         }
-        if event.change() == KeyChange::Delete {
+        if deleted {
             break WatchEnd::KeyDeleted;
         }
     };

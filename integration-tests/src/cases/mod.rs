@@ -147,6 +147,8 @@ pub fn all() -> Vec<Case> {
         case!(watch::close_stops_watchers),
         case!(watch::events_carry_increasing_revisions),
         case!(watch_end::callbacks_cancelling_each_other_do_not_deadlock),
+        case!(watch_end::a_blocked_callback_stalls_no_other_watcher),
+        case!(watch_end::a_callback_may_call_the_store_synchronously),
         case!(watch_end::finish_reason_says_the_callback_returned_false),
         case!(watch_end::finish_reason_says_the_key_was_deleted),
         case!(watch_end::finish_reason_says_the_handle_was_closed),

@@ -52,6 +52,21 @@ impl Rendezvous {
     }
 }
 
+/// Waits until `counter` reaches `target` or `limit` passes, on a thread of its own (blocked
+/// callbacks could hold every worker of the runtime, and with them its timers); the count then.
+async fn count_reaches(counter: &Arc<AtomicUsize>, target: usize, limit: Duration) -> usize {
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    let counter = Arc::clone(counter);
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while counter.load(Ordering::SeqCst) < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = done.send(counter.load(Ordering::SeqCst));
+    });
+    outcome.await.unwrap_or(0)
+}
+
 /// Two callback watchers whose callbacks run at the same moment and each cancel the other's
 /// handle: neither waits for the other, and both calls return at once (no deadlock).
 pub async fn callbacks_cancelling_each_other_do_not_deadlock(store: TestStore) {
@@ -87,22 +102,114 @@ pub async fn callbacks_cancelling_each_other_do_not_deadlock(store: TestStore) {
     writer.store("k0", "1").await.unwrap();
     writer.store("k1", "1").await.unwrap();
 
-    // Waited for on a thread of its own: a deadlock would block every worker of the runtime,
-    // and with them its timers.
-    let (done, outcome) = tokio::sync::oneshot::channel();
-    let counter = Arc::clone(&returned);
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + PROMPTLY;
-        while counter.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = done.send(counter.load(Ordering::SeqCst));
-    });
-    let calls = outcome.await.unwrap_or(0);
+    let calls = count_reaches(&returned, 2, PROMPTLY).await;
     assert_eq!(
         calls, 2,
         "two callbacks cancelling each other: {calls} of 2 returned within {PROMPTLY:?} (a deadlock)"
     );
+    kv.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+/// Callbacks run where blocking is allowed: two callbacks that block until a third watcher's
+/// callback has run (as many as the case's runtime has worker threads) stall neither that
+/// watcher nor the writes that feed it.
+pub async fn a_blocked_callback_stalls_no_other_watcher(store: TestStore) {
+    const GIVE_UP: Duration = Duration::from_secs(3);
+    let kv = store.open().await;
+    let writer = store.open().await;
+    let third_ran = Arc::new((Mutex::new(false), Condvar::new()));
+    let (started, waited_it_out) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut watchers = Vec::new();
+    for blocked in ["k0", "k1"] {
+        let (third_ran, waited_it_out) = (Arc::clone(&third_ran), Arc::clone(&waited_it_out));
+        let started = Arc::clone(&started);
+        let callback = Box::new(move |_: &WatchEvent| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let (ran, signal) = &*third_ran;
+            let ran = ran.lock().unwrap_or_else(|p| p.into_inner());
+            let (ran, _) = signal
+                .wait_timeout_while(ran, GIVE_UP, |ran| !*ran)
+                .unwrap_or_else(|p| p.into_inner());
+            if *ran {
+                waited_it_out.fetch_add(1, Ordering::SeqCst);
+            }
+            false
+        });
+        watchers.push(
+            kv.watch_with_cb(blocked, KeyChange::Put, callback)
+                .await
+                .unwrap(),
+        );
+    }
+    let signal = Arc::clone(&third_ran);
+    let third = Box::new(move |_: &WatchEvent| {
+        let (ran, wake) = &*signal;
+        *ran.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        wake.notify_all();
+        false
+    });
+    watchers.push(kv.watch_with_cb("k2", KeyChange::Put, third).await.unwrap());
+    writer.store("k0", "1").await.unwrap();
+    writer.store("k1", "1").await.unwrap();
+    // Both callbacks are blocked before the third watcher's key changes.
+    let blocked = count_reaches(&started, 2, GIVE_UP / 2).await;
+    writer.store("k2", "1").await.unwrap();
+
+    let calls = count_reaches(&waited_it_out, 2, PROMPTLY).await;
+    assert_eq!(
+        calls, 2,
+        "two callbacks blocked until a third watcher's callback ran: {calls} of 2 saw it run \
+         within {GIVE_UP:?}, {blocked} of 2 were running before it (callbacks block the \
+         runtime's workers)"
+    );
+    kv.close().await.unwrap();
+    writer.close().await.unwrap();
+}
+
+/// A callback may use a store handle synchronously, through the runtime's `block_on`: here
+/// it copies every value it sees to another key.
+pub async fn a_callback_may_call_the_store_synchronously(store: TestStore) {
+    let kv = store.open().await;
+    let writer: Arc<dyn hmetcd_core::Kvi> = Arc::from(store.open().await);
+    let copier = Arc::clone(&writer);
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::clone(&failures);
+    let callback = Box::new(move |event: &WatchEvent| {
+        let copy = copier.store("copy", event.value().unwrap_or_default());
+        match tokio::runtime::Handle::current().block_on(copy) {
+            Ok(()) => true,
+            Err(err) => {
+                failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(err.to_string());
+                false
+            }
+        }
+    });
+    let handle = kv
+        .watch_with_cb("k", KeyChange::Put, callback)
+        .await
+        .unwrap();
+    for value in ["1", "2", "3"] {
+        writer.store("k", value).await.unwrap();
+    }
+    eventually(PROMPTLY, "the callback to copy the last value", || async {
+        writer.get("copy").await.ok().flatten().as_deref() == Some("3")
+    })
+    .await;
+    assert!(
+        !handle.is_finished(),
+        "the copying watcher ended: {:?}",
+        handle.finish_reason()
+    );
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        failures.is_empty(),
+        "stores from the callback failed: {failures:?}"
+    );
+    handle.cancel();
     kv.close().await.unwrap();
     writer.close().await.unwrap();
 }
