@@ -152,3 +152,45 @@ fn calls_locks_leases_and_watchers_are_counted() {
         Some(DebugValue::Gauge((-1.0).into()))
     );
 }
+
+/// Calls made while no recorder is installed cost no clock reads and are not counted; a recorder
+/// installed afterwards counts the calls from then on.
+#[test]
+fn a_recorder_installed_later_counts_the_calls_after_it() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => panic!("runtime: {err}"),
+    };
+    let kv = MemKvs::new();
+    runtime.block_on(async {
+        kv.store("a", "1").await.ok();
+        kv.get("a").await.ok();
+    });
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            kv.get("a").await.ok();
+        })
+    });
+    let seen = snapshot(&snapshotter);
+    assert_eq!(
+        counter(
+            &seen,
+            "hmetcd_calls_total",
+            &[("operation", "get"), ("outcome", "ok")]
+        ),
+        1
+    );
+    assert!(value(
+        &seen,
+        MetricKind::Counter,
+        "hmetcd_calls_total",
+        &[("operation", "store")]
+    )
+    .is_none());
+    assert_eq!(samples(&seen, "hmetcd_call_duration_seconds"), 1);
+}
