@@ -168,18 +168,21 @@ pub fn lease_lost(backend: &'static str) {
     let _ = backend;
 }
 
-/// A lock or leadership of `backend` was taken after waiting `waited`.
-pub fn lock_taken(backend: &'static str, waited: Duration) {
+/// The lock or leadership `lock` of `backend` was taken, with the fencing token `token`, after
+/// waiting `waited`: a `DEBUG` event, and `hmetcd_lock_wait_seconds`.
+pub fn lock_taken(backend: &'static str, lock: &str, token: i64, waited: Duration) {
+    tracing::debug!(backend, lock, token, ?waited, "took the lock");
     #[cfg(feature = "metrics")]
     figures::record("hmetcd_lock_wait_seconds", backend, waited);
-    let _ = (backend, waited);
 }
 
-/// A lock or leadership of `backend` ended after being held `held`.
-pub fn lock_ended(backend: &'static str, held: Duration) {
+/// The hold of `lock` (fencing token `token`) of `backend` ended after `held`, released or
+/// lost (a loss has a `WARN` event of its own): a `DEBUG` event, and
+/// `hmetcd_lock_hold_seconds`. The next waiter, if any, takes the lock over from here.
+pub fn lock_ended(backend: &'static str, lock: &str, token: i64, held: Duration) {
+    tracing::debug!(backend, lock, token, ?held, "let go of the lock");
     #[cfg(feature = "metrics")]
     figures::record("hmetcd_lock_hold_seconds", backend, held);
-    let _ = (backend, held);
 }
 
 /// A watcher of `backend` opened (`+1`) or closed (`-1`).
