@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hmetcd_core::Kvi;
+use hmetcd_core::{Kvi, Op, Txn};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -191,4 +191,47 @@ pub async fn check_lock_handover(
         "{events:#?}"
     );
     (events, [first_token, second_token])
+}
+
+/// Makes the same calls on `kv` as on every backend (a store, a get, an invalid key, a get of a
+/// 300-character key, a txn, an update, a close, a get once closed) and checks that each is one
+/// closed span of `backend` with its operation, key (cut to 100 characters) and outcome, in the
+/// order they ended. Returns the spans, for what one backend shows besides.
+pub async fn check_call_spans(kv: &dyn Kvi, captured: &Captured, backend: &str) -> Vec<Fields> {
+    captured.clear();
+    kv.store("nodes/a", "up").await.ok();
+    assert_eq!(
+        kv.get("nodes/a").await.ok().flatten().as_deref(),
+        Some("up")
+    );
+    assert!(kv.store("", "v").await.is_err());
+    let long = "k".repeat(300);
+    kv.get(&long).await.ok();
+    kv.txn(Txn::new().then(Op::put("nodes/b", "up"))).await.ok();
+    kv.update("nodes/c", &mut |_| Some("up".to_owned()))
+        .await
+        .ok();
+    kv.close().await.ok();
+    assert!(kv.get("nodes/a").await.is_err());
+
+    let seen = captured.take_spans();
+    let cut = "k".repeat(100);
+    let expected: Vec<(&str, &str, &str, &str)> = [
+        ("store", "nodes/a", "ok"),
+        ("get", "nodes/a", "ok"),
+        ("store", "", "invalid_key"),
+        ("get", cut.as_str(), "ok"),
+        ("txn", "nodes/b", "ok"),
+        // update's own span closes after those of the calls it makes.
+        ("get_kv", "nodes/c", "ok"),
+        ("txn", "nodes/c", "ok"),
+        ("update", "nodes/c", "ok"),
+        ("close", "", "ok"),
+        ("get", "nodes/a", "closed"),
+    ]
+    .into_iter()
+    .map(|(operation, key, outcome)| (operation, key, backend, outcome))
+    .collect();
+    assert_eq!(calls(&seen), expected);
+    seen
 }

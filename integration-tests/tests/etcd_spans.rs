@@ -5,10 +5,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hmetcd_core::{Kvi, Op, Txn};
+use hmetcd_core::Kvi;
 use integration_tests::backends;
 use integration_tests::run_limited;
-use integration_tests::spans::{calls, check_lock_handover, field, with_message, Captured};
+use integration_tests::spans::{
+    check_call_spans, check_lock_handover, field, with_message, Captured,
+};
 use libtest_mimic::{Arguments, Trial};
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -38,34 +40,9 @@ fn main() -> ExitCode {
                     Ok(kv) => kv,
                     Err(err) => panic!("connect: {err}"),
                 };
-                spans.clear();
-                kv.store("nodes/a", "up").await.ok();
-                kv.get("nodes/a").await.ok();
-                assert!(kv.store("", "v").await.is_err());
-                kv.txn(Txn::new().then(Op::put("nodes/b", "up"))).await.ok();
-                kv.update("nodes/c", &mut |_| Some("up".to_owned()))
-                    .await
-                    .ok();
-                kv.close().await.ok();
-                assert!(kv.get("nodes/a").await.is_err());
-                let seen = spans.take_spans();
-                for span in &seen {
-                    assert_eq!(field(span, "endpoint"), endpoints, "{span:?}");
+                for span in check_call_spans(&kv, &spans, "etcd").await {
+                    assert_eq!(field(&span, "endpoint"), endpoints, "{span:?}");
                 }
-                assert_eq!(
-                    calls(&seen),
-                    [
-                        ("store", "nodes/a", "etcd", "ok"),
-                        ("get", "nodes/a", "etcd", "ok"),
-                        ("store", "", "etcd", "invalid_key"),
-                        ("txn", "nodes/b", "etcd", "ok"),
-                        ("get_kv", "nodes/c", "etcd", "ok"),
-                        ("txn", "nodes/c", "etcd", "ok"),
-                        ("update", "nodes/c", "etcd", "ok"),
-                        ("close", "", "etcd", "ok"),
-                        ("get", "nodes/a", "etcd", "closed"),
-                    ]
-                );
                 lock_handover_events(&endpoints, &spans).await;
             })
         },

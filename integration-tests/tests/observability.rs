@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use hmetcd_core::{Kvi, LockOptions, LostReason, Op, Txn};
+use hmetcd_core::{Kvi, LockOptions, LostReason};
 use hmetcd_mem::MemKvs;
-use integration_tests::spans::{calls, check_lock_handover, with_message, Captured};
+use integration_tests::spans::{check_call_spans, check_lock_handover, with_message, Captured};
 use tracing::Level;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -20,42 +20,8 @@ fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn every_call_is_one_span_with_its_outcome() {
-    let (spans, _guard) = capture();
-
-    let kv = MemKvs::new();
-    kv.store("nodes/a", "up").await.ok();
-    assert_eq!(
-        kv.get("nodes/a").await.ok().flatten().as_deref(),
-        Some("up")
-    );
-    assert!(kv.store("", "v").await.is_err());
-    let long = "k".repeat(300);
-    kv.get(&long).await.ok();
-    kv.txn(Txn::new().then(Op::put("nodes/b", "up"))).await.ok();
-    kv.update("nodes/c", &mut |_| Some("up".to_owned()))
-        .await
-        .ok();
-    kv.close().await.ok();
-    assert!(kv.get("nodes/a").await.is_err());
-
-    let seen = spans.take_spans();
-    let cut = "k".repeat(100);
-    assert_eq!(
-        calls(&seen),
-        [
-            ("store", "nodes/a", "mem", "ok"),
-            ("get", "nodes/a", "mem", "ok"),
-            ("store", "", "mem", "invalid_key"),
-            ("get", cut.as_str(), "mem", "ok"),
-            ("txn", "nodes/b", "mem", "ok"),
-            // update's own span closes after those of the calls it makes.
-            ("get_kv", "nodes/c", "mem", "ok"),
-            ("txn", "nodes/c", "mem", "ok"),
-            ("update", "nodes/c", "mem", "ok"),
-            ("close", "", "mem", "ok"),
-            ("get", "nodes/a", "mem", "closed"),
-        ]
-    );
+    let (captured, _guard) = capture();
+    check_call_spans(&MemKvs::new(), &captured, "mem").await;
 }
 
 #[tokio::test(flavor = "current_thread")]
