@@ -12,6 +12,10 @@
 //! draws the chart.
 //!
 //! `cargo bench -p integration-tests --bench report`
+//!
+//! With `HMETCD_BENCH_RECORDER=debugging`, `metrics-util`'s debugging recorder is installed
+//! first, so the `metrics` feature's figures are recorded (the cost of a recorder); without it
+//! no recorder is installed.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -55,6 +59,12 @@ const RSS_TARGET_KB: u64 = 20 * 1024;
 
 fn main() {
     let settings = Settings::from_env();
+    if settings.recorder {
+        must(
+            metrics_util::debugging::DebuggingRecorder::new().install(),
+            "installing the debugging recorder",
+        );
+    }
     let mut server = must(EtcdServer::from_env(), "no etcd for the benchmark");
     let runtime = must(
         tokio::runtime::Builder::new_multi_thread()
@@ -95,6 +105,8 @@ struct Settings {
     block: usize,
     /// The parts to run (`HMETCD_BENCH_ONLY`, comma-separated); empty: all.
     only: Vec<String>,
+    /// Whether a metrics recorder is installed (`HMETCD_BENCH_RECORDER=debugging`).
+    recorder: bool,
 }
 
 impl Settings {
@@ -121,6 +133,7 @@ impl Settings {
                 .map(|part| part.trim().to_owned())
                 .filter(|part| !part.is_empty())
                 .collect(),
+            recorder: std::env::var("HMETCD_BENCH_RECORDER").as_deref() == Ok("debugging"),
         }
     }
 
@@ -1242,7 +1255,8 @@ impl Report {
              - machine: {cpu}, {cores} cores, {}, Linux {}\n\
              - etcd {} {}\n\
              - load average at start: {load_at_start}\n\
-             - settings: {} rounds, blocks of {} calls; {} pairs of throughput runs of {} s\n",
+             - settings: {} rounds, blocks of {} calls; {} pairs of throughput runs of {} s\n\
+             - metrics: {}\n",
             memory
                 .split_whitespace()
                 .skip(1)
@@ -1255,6 +1269,11 @@ impl Report {
             settings.block,
             settings.throughput_rounds,
             settings.throughput_secs,
+            if settings.recorder {
+                "the debugging recorder installed"
+            } else {
+                "no recorder installed"
+            },
         );
         Report {
             markdown,

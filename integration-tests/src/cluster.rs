@@ -5,14 +5,13 @@
 //!
 //! The binary is `HMETCD_ETCD_BIN` if set, else `etcd` on `PATH`, else `/usr/bin/etcd`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use etcd_client::ConnectOptions;
 
-use crate::etcd_server::MemberCommand;
+use crate::etcd_server::{free_port, MemberCommand};
 
 /// The etcd binary these tests run: `HMETCD_ETCD_BIN`, `etcd` on `PATH`, or `/usr/bin/etcd`.
 pub fn etcd_binary() -> Result<PathBuf, String> {
@@ -389,15 +388,7 @@ pub async fn member_status(
     })
 }
 
-/// `count` distinct free loopback ports (all bound at once, so none repeats).
+/// `count` free loopback ports, none handed out before in this process.
 fn free_ports(count: usize) -> Result<Vec<u16>, String> {
-    let listeners = (0..count)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| format!("finding a free loopback port: {err}"))?;
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().map(|addr| addr.port()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| format!("finding a free loopback port: {err}"))
+    (0..count).map(|_| free_port("127.0.0.1")).collect()
 }

@@ -10,6 +10,7 @@ pub mod cases;
 pub mod cluster;
 pub mod etcd_server;
 pub mod faults;
+pub mod spans;
 
 use std::sync::Arc;
 use std::time::Duration;

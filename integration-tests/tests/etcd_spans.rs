@@ -1,71 +1,18 @@
 //! What an operator sees of the etcd backend: one `hmetcd` span per call with its operation,
-//! key, backend `etcd`, the endpoints and the outcome. A binary of its own: it installs a
-//! tracing subscriber for the whole process.
+//! key, backend `etcd`, the endpoints and the outcome; and a lock's wait, hold and handover as
+//! events. A binary of its own: it installs a tracing subscriber for the whole process.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hmetcd_core::{Kvi, Op, Txn};
+use hmetcd_core::Kvi;
 use integration_tests::backends;
 use integration_tests::run_limited;
+use integration_tests::spans::{
+    check_call_spans, check_lock_handover, field, with_message, Captured,
+};
 use libtest_mimic::{Arguments, Trial};
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::Subscriber;
-use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
-
-type Fields = BTreeMap<String, String>;
-
-#[derive(Clone, Default)]
-struct Spans(Arc<Mutex<Vec<Fields>>>);
-
-struct Collect<'a>(&'a mut Fields);
-
-impl Visit for Collect<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-}
-
-impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        if attrs.metadata().target() != "hmetcd" {
-            return;
-        }
-        let mut fields = Fields::new();
-        attrs.record(&mut Collect(&mut fields));
-        if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(fields);
-        }
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(id) {
-            if let Some(fields) = span.extensions_mut().get_mut::<Fields>() {
-                values.record(&mut Collect(fields));
-            }
-        }
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        if let Some(span) = ctx.span(&id) {
-            if let Some(fields) = span.extensions_mut().remove::<Fields>() {
-                self.0
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(fields);
-            }
-        }
-    }
-}
+use tracing_subscriber::layer::SubscriberExt;
 
 fn main() -> ExitCode {
     let args = Arguments::from_args();
@@ -74,7 +21,7 @@ fn main() -> ExitCode {
         Err(exit) => return exit,
     };
     let endpoints = server.endpoints().to_owned();
-    let spans = Spans::default();
+    let spans = Captured::default();
     if let Err(err) =
         tracing::subscriber::set_global_default(tracing_subscriber::registry().with(spans.clone()))
     {
@@ -83,7 +30,7 @@ fn main() -> ExitCode {
     }
     let trial = Trial::test(
         format!(
-            "etcd-{}::spans::every_call_is_one_span_with_its_outcome",
+            "etcd-{}::spans::calls_are_spans_and_lock_handovers_are_events",
             server.version()
         ),
         move || {
@@ -93,48 +40,37 @@ fn main() -> ExitCode {
                     Ok(kv) => kv,
                     Err(err) => panic!("connect: {err}"),
                 };
-                spans
-                    .0
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clear();
-                kv.store("nodes/a", "up").await.ok();
-                kv.get("nodes/a").await.ok();
-                assert!(kv.store("", "v").await.is_err());
-                kv.txn(Txn::new().then(Op::put("nodes/b", "up"))).await.ok();
-                kv.close().await.ok();
-                assert!(kv.get("nodes/a").await.is_err());
-                let seen =
-                    std::mem::take(&mut *spans.0.lock().unwrap_or_else(PoisonError::into_inner));
-                let field = |span: &Fields, name: &str| span.get(name).cloned().unwrap_or_default();
-                let calls: Vec<(String, String, String, String)> = seen
-                    .iter()
-                    .map(|span| {
-                        assert_eq!(field(span, "endpoint"), endpoints, "{span:?}");
-                        (
-                            field(span, "operation"),
-                            field(span, "key"),
-                            field(span, "backend"),
-                            field(span, "outcome"),
-                        )
-                    })
-                    .collect();
-                let expected: Vec<(String, String, String, String)> = [
-                    ("store", "nodes/a", "etcd", "ok"),
-                    ("get", "nodes/a", "etcd", "ok"),
-                    ("store", "", "etcd", "invalid_key"),
-                    ("txn", "nodes/b", "etcd", "ok"),
-                    ("close", "", "etcd", "ok"),
-                    ("get", "nodes/a", "etcd", "closed"),
-                ]
-                .iter()
-                .map(|(a, b, c, d)| ((*a).into(), (*b).into(), (*c).into(), (*d).into()))
-                .collect();
-                assert_eq!(calls, expected);
+                for span in check_call_spans(&kv, &spans, "etcd").await {
+                    assert_eq!(field(&span, "endpoint"), endpoints, "{span:?}");
+                }
+                lock_handover_events(&endpoints, &spans).await;
             })
         },
     );
     let code = libtest_mimic::run(&args, vec![trial]).exit_code();
     drop(server);
     code
+}
+
+/// One handle holds a lock while another waits for it, then hands it over: both takes (token,
+/// wait), the wait behind the key ahead, and the end of the first hold are events.
+async fn lock_handover_events(endpoints: &str, captured: &Captured) {
+    let connect = || hmetcd_etcd::EtcdKvs::connect(endpoints, "prefix=etcd-spans/");
+    let (first, second) = match (connect().await, connect().await) {
+        (Ok(first), Ok(second)) => (first, second),
+        (Err(err), _) | (_, Err(err)) => panic!("connect: {err}"),
+    };
+    let (events, [_, second_token]) = check_lock_handover(
+        &first,
+        &second,
+        Duration::from_millis(300),
+        captured,
+        "etcd",
+    )
+    .await;
+    let waiting = with_message(&events, "waiting for the lock: the key ahead goes first");
+    assert!(!waiting.is_empty(), "{events:#?}");
+    assert_eq!(waiting[0].field("token"), second_token.to_string());
+    first.close().await.ok();
+    second.close().await.ok();
 }

@@ -23,7 +23,13 @@
 //! | `hmetcd_watch_reconnects_total` | counter | `backend` | watch streams re-established after a broken link |
 //! | `hmetcd_watch_delivery_lag_seconds` | histogram | `backend` | time from the backend receiving an event to the watcher taking it |
 //!
-//! Without the feature, or without a recorder installed, recording costs next to nothing.
+//! Without the feature, or without a recorder installed, recording costs next to nothing: each
+//! call asks the `metrics` facade which recorder is current (a thread-local and an atomic load)
+//! and, when that is the facade's no-op recorder, neither reads the clock nor looks up a figure.
+//! A recorder installed later, globally or for a scope with `metrics::with_local_recorder`, is
+//! seen from the next call on. The no-op recorder is told apart by its size: it is the facade's
+//! only recorder of zero size, so a recorder of your own must hold some state (every exporter
+//! does) for hmetcd to report to it.
 
 use std::future::Future;
 use std::task::{Context, Poll};
@@ -43,10 +49,18 @@ const SHOWN_KEY_CHARS: usize = 100;
 #[derive(Debug)]
 pub struct Call {
     span: Span,
+    /// What the call's figures need, if a recorder was installed when it started.
     #[cfg(feature = "metrics")]
-    labels: (&'static str, &'static str),
-    #[cfg(feature = "metrics")]
+    timing: Option<Timing>,
+}
+
+/// A call's start and labels, for its figures.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+struct Timing {
     started: std::time::Instant,
+    operation: &'static str,
+    backend: &'static str,
 }
 
 impl Call {
@@ -70,9 +84,11 @@ impl Call {
         Call {
             span,
             #[cfg(feature = "metrics")]
-            labels: (operation, backend),
-            #[cfg(feature = "metrics")]
-            started: std::time::Instant::now(),
+            timing: figures::recording().then(|| Timing {
+                started: std::time::Instant::now(),
+                operation,
+                backend,
+            }),
         }
     }
 
@@ -89,14 +105,19 @@ impl Call {
     }
 
     /// Records the end of a call that is not a future (a synchronous method).
+    #[inline]
     pub fn finish(self, outcome: &'static str) {
         if !self.span.is_disabled() {
             self.span.record("outcome", outcome);
         }
         #[cfg(feature = "metrics")]
-        {
-            let (operation, backend) = self.labels;
-            figures::call(operation, outcome, backend, self.started.elapsed());
+        if let Some(timing) = self.timing {
+            figures::call(
+                timing.operation,
+                outcome,
+                timing.backend,
+                timing.started.elapsed(),
+            );
         }
     }
 
@@ -147,18 +168,21 @@ pub fn lease_lost(backend: &'static str) {
     let _ = backend;
 }
 
-/// A lock or leadership of `backend` was taken after waiting `waited`.
-pub fn lock_taken(backend: &'static str, waited: Duration) {
+/// The lock or leadership `lock` of `backend` was taken, with the fencing token `token`, after
+/// waiting `waited`: a `DEBUG` event, and `hmetcd_lock_wait_seconds`.
+pub fn lock_taken(backend: &'static str, lock: &str, token: i64, waited: Duration) {
+    tracing::debug!(backend, lock, token, ?waited, "took the lock");
     #[cfg(feature = "metrics")]
     figures::record("hmetcd_lock_wait_seconds", backend, waited);
-    let _ = (backend, waited);
 }
 
-/// A lock or leadership of `backend` ended after being held `held`.
-pub fn lock_ended(backend: &'static str, held: Duration) {
+/// The hold of `lock` (fencing token `token`) of `backend` ended after `held`, released or
+/// lost (a loss has a `WARN` event of its own): a `DEBUG` event, and
+/// `hmetcd_lock_hold_seconds`. The next waiter, if any, takes the lock over from here.
+pub fn lock_ended(backend: &'static str, lock: &str, token: i64, held: Duration) {
+    tracing::debug!(backend, lock, token, ?held, "let go of the lock");
     #[cfg(feature = "metrics")]
     figures::record("hmetcd_lock_hold_seconds", backend, held);
-    let _ = (backend, held);
 }
 
 /// A watcher of `backend` opened (`+1`) or closed (`-1`).
@@ -192,11 +216,19 @@ mod figures {
     use std::sync::{OnceLock, PoisonError, RwLock};
     use std::time::Duration;
 
-    use metrics::{Key, Label, Level, Metadata};
+    use metrics::{Key, Label, Level, Metadata, Recorder};
 
     static METADATA: Metadata<'static> = Metadata::new("hmetcd", Level::INFO, Some(module_path!()));
     static MEM: [Label; 1] = [Label::from_static_parts("backend", "mem")];
     static ETCD: [Label; 1] = [Label::from_static_parts("backend", "etcd")];
+
+    /// Whether a recorder other than the facade's no-op one is current (on this thread, or
+    /// globally). The no-op recorder is the facade's only recorder of zero size; the facade
+    /// offers no other way to tell it apart.
+    #[inline]
+    pub(super) fn recording() -> bool {
+        metrics::with_recorder(|recorder: &dyn Recorder| std::mem::size_of_val(recorder) != 0)
+    }
 
     /// The per-backend figures, keys made at compile time.
     macro_rules! backend_keys {
@@ -267,6 +299,7 @@ mod figures {
         })
     }
 
+    #[inline(never)]
     pub(super) fn call(
         operation: &'static str,
         outcome: &'static str,
@@ -309,11 +342,12 @@ mod figures {
     }
 }
 
-/// When an event entered a watcher's channel; nothing at all without the `metrics` feature.
+/// When an event entered a watcher's channel, if a recorder was installed then; nothing at
+/// all without the `metrics` feature.
 #[derive(Debug, Clone, Copy)]
 struct Stamp {
     #[cfg(feature = "metrics")]
-    at: std::time::Instant,
+    at: Option<std::time::Instant>,
 }
 
 impl Stamp {
@@ -321,7 +355,7 @@ impl Stamp {
     fn now() -> Self {
         Stamp {
             #[cfg(feature = "metrics")]
-            at: std::time::Instant::now(),
+            at: figures::recording().then(std::time::Instant::now),
         }
     }
 }
@@ -372,7 +406,9 @@ impl EventReceiver {
         self.rx.poll_recv(cx).map(|item| {
             item.map(|(stamp, item)| {
                 #[cfg(feature = "metrics")]
-                watch_delivered(self.backend, stamp.at.elapsed());
+                if let Some(at) = stamp.at {
+                    watch_delivered(self.backend, at.elapsed());
+                }
                 let _ = stamp;
                 item
             })

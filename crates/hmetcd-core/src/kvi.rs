@@ -297,27 +297,11 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// The backends run [`update_with_txn`] in a span of its own (operation `update`); this
+    /// provided version runs it as it is.
     async fn update(&self, key: &str, f: &mut UpdateFn<'_>) -> Result<Option<String>> {
-        check_key("key", key)?;
-        let mut current = self.get_kv(key).await?;
-        loop {
-            let next = f(current.as_ref().map(|kv| kv.value.as_str()));
-            let seen = current.as_ref().map_or(0, |kv| kv.mod_revision);
-            let write = match &next {
-                Some(value) => Op::put(key, value.as_str()),
-                None => Op::delete(key),
-            };
-            let txn = Txn::new()
-                .when(Compare::mod_revision(key, CompareOp::Equal, seen))
-                .then(write)
-                .otherwise(Op::get(key));
-            let outcome = self.txn(txn).await?;
-            if outcome.succeeded {
-                return Ok(next);
-            }
-            // Another writer got there first: start again from what it wrote.
-            current = outcome.gets.into_iter().next().flatten();
-        }
+        update_with_txn(self, key, f).await
     }
 
     /// Every change to a key starting with `prefix` with revision `>= revision`: history first,
@@ -326,6 +310,36 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument). Resume a watch after a
     /// restart from the last revision handled plus one.
     async fn watch_prefix_from(&self, prefix: &str, revision: i64) -> Result<WatchStream>;
+}
+
+/// [`Kvi::update`] on any backend, through [`Kvi::get_kv`] and [`Kvi::txn`]: a
+/// compare-and-set loop on the key's `mod_revision`, where a failed attempt's `Op::get` hands
+/// back the fresh value, so a retry needs no second read.
+pub async fn update_with_txn<K: Kvi + ?Sized>(
+    kv: &K,
+    key: &str,
+    f: &mut UpdateFn<'_>,
+) -> Result<Option<String>> {
+    check_key("key", key)?;
+    let mut current = kv.get_kv(key).await?;
+    loop {
+        let next = f(current.as_ref().map(|kv| kv.value.as_str()));
+        let seen = current.as_ref().map_or(0, |kv| kv.mod_revision);
+        let write = match &next {
+            Some(value) => Op::put(key, value.as_str()),
+            None => Op::delete(key),
+        };
+        let txn = Txn::new()
+            .when(Compare::mod_revision(key, CompareOp::Equal, seen))
+            .then(write)
+            .otherwise(Op::get(key));
+        let outcome = kv.txn(txn).await?;
+        if outcome.succeeded {
+            return Ok(next);
+        }
+        // Another writer got there first: start again from what it wrote.
+        current = outcome.gets.into_iter().next().flatten();
+    }
 }
 
 /// The future every `Kvi` method returns (what `#[async_trait]` makes of an `async fn`).

@@ -31,7 +31,7 @@ pub use data::{
 pub use election::{leader_stream, Candidacy, Candidate, LeaderStream, Leadership};
 pub use endpoint::{Endpoint, EtcdUrl, Scheme};
 pub use error::{BoxError, Error, Result};
-pub use kvi::{Kvi, UpdateFn};
+pub use kvi::{update_with_txn, Kvi, UpdateFn};
 pub use lock::{LockGuard, LockOptions, LockRelease, LostReason, LostSignal};
 pub use options::{Options, Password, DEFAULT_HISTORY, DEFAULT_LOCK_NAME};
 pub use types::{CompareOp, KeyChange, KeyValue, WatchEvent};

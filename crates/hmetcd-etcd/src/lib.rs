@@ -76,8 +76,8 @@ use hmetcd_core::instrument::Call;
 use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::{
     CompareOp, Endpoint, Error, EtcdUrl, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
-    ListPage, ListRequest, LockGuard, LockOptions, Options, Result, TxnOutcome, WatchCallback,
-    WatchEvent, WatchHandle, WatchStream,
+    ListPage, ListRequest, LockGuard, LockOptions, Options, Result, TxnOutcome, UpdateFn,
+    WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 
 use crate::error::{ErrorContext, Request};
@@ -377,6 +377,17 @@ impl EtcdKvs {
     fn call(&self, operation: &'static str, key: &str) -> Call {
         Call::start("etcd", Some(&self.shared.errors.endpoints), operation, key)
     }
+
+    /// `temp_key` and `store_temp` (the span's `operation`): `value` on `key`, on the lease.
+    async fn put_temp(&self, operation: &'static str, key: &str, value: &str) -> Result<()> {
+        self.call(operation, key)
+            .run(async {
+                self.shared.ensure_open()?;
+                check_key("key", key)?;
+                self.shared.put_temp_key(key, value).await
+            })
+            .await
+    }
 }
 
 #[async_trait]
@@ -430,13 +441,7 @@ impl Kvi for EtcdKvs {
     }
 
     async fn temp_key(&self, key: &str) -> Result<()> {
-        self.call("temp_key", key)
-            .run(async {
-                self.shared.ensure_open()?;
-                check_key("key", key)?;
-                self.shared.put_temp_key(key, session::TEMP_VALUE).await
-            })
-            .await
+        self.put_temp("temp_key", key, session::TEMP_VALUE).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
@@ -710,12 +715,12 @@ impl Kvi for EtcdKvs {
     }
 
     async fn store_temp(&self, key: &str, value: &str) -> Result<()> {
-        self.call("store_temp", key)
-            .run(async {
-                self.shared.ensure_open()?;
-                check_key("key", key)?;
-                self.shared.put_temp_key(key, value).await
-            })
+        self.put_temp("store_temp", key, value).await
+    }
+
+    async fn update(&self, key: &str, f: &mut UpdateFn<'_>) -> Result<Option<String>> {
+        self.call("update", key)
+            .run(hmetcd_core::update_with_txn(self, key, f))
             .await
     }
 

@@ -122,7 +122,7 @@ impl Hold {
             monitor.abort();
         }
         if key.is_some() {
-            hmetcd_core::instrument::lock_ended("etcd", self.since.elapsed());
+            self.ended();
         }
         key
     }
@@ -149,7 +149,18 @@ impl Hold {
     /// Says the lock is lost, once its key is taken.
     fn fire_lost(&self, reason: LostReason) {
         self.lost.fire(reason);
-        tracing::warn!(lock = %self.name, %reason, token = self.revision, "lost the lock");
+        tracing::warn!(lock = %self.name, %reason, token = self.revision, held = ?self.since.elapsed(), "lost the lock");
+        self.ended();
+    }
+
+    /// The hold ended (its key taken out, released or lost).
+    fn ended(&self) {
+        hmetcd_core::instrument::lock_ended(
+            "etcd",
+            &self.name,
+            self.revision,
+            self.since.elapsed(),
+        );
     }
 }
 
@@ -376,8 +387,7 @@ impl Shared {
                 return Err(err);
             }
         };
-        hmetcd_core::instrument::lock_taken("etcd", asked.elapsed());
-        tracing::debug!(lock = name, token = revision, waited = ?asked.elapsed(), "took the lock");
+        hmetcd_core::instrument::lock_taken("etcd", name, revision, asked.elapsed());
         let hold = Arc::new(Hold {
             since: std::time::Instant::now(),
             id: self.lock.next_hold.fetch_add(1, Ordering::Relaxed),
@@ -689,6 +699,7 @@ impl Shared {
             let Some(ahead) = ahead else {
                 return Ok(Attempt::Acquired(my_revision));
             };
+            tracing::debug!(lock = request.key, token = my_revision, ahead = %String::from_utf8_lossy(&ahead), "waiting for the lock: the key ahead goes first");
             if self
                 .wait_deleted(&ahead, revision + 1, request, &mut shutdown)
                 .await?

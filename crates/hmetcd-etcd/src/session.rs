@@ -479,10 +479,10 @@ async fn renew(shared: &Shared, lease: i64) -> LeaseEnd {
             }
             Ok(Err(err)) if is_lease_not_found(&err) => return LeaseEnd::Gone,
             Ok(Err(err)) => {
-                tracing::debug!(error = %err, lease = %lease_hex(lease), "lease keep-alive failed; retrying");
+                tracing::warn!(error = %err, lease = %lease_hex(lease), "lease keep-alive failed; retrying");
             }
             Err(err) => {
-                tracing::debug!(error = %err, lease = %lease_hex(lease), "lease keep-alive timed out; retrying");
+                tracing::warn!(error = %err, lease = %lease_hex(lease), "lease keep-alive timed out; retrying");
             }
         }
         tokio::time::sleep(backoff.next_pause().min(interval)).await;
@@ -520,11 +520,11 @@ async fn renew_until_broken(
             Ok(Ok(Some(_))) => return true,
             Ok(Ok(None)) => return false,
             Ok(Err(err)) => {
-                tracing::debug!(error = %err, lease = %lease_hex(lease), "lease keep-alive stream broke");
+                tracing::warn!(error = %err, lease = %lease_hex(lease), "lease keep-alive stream broke");
                 return false;
             }
             Err(_) => {
-                tracing::debug!(lease = %lease_hex(lease), "no keep-alive answer in time; reopening the stream");
+                tracing::warn!(lease = %lease_hex(lease), "no keep-alive answer in time; reopening the stream");
                 return false;
             }
         }

@@ -37,6 +37,7 @@ impl Guards {
             if let Some(held) = take(&guard.slot) {
                 if held.is_held() {
                     guard.lost.fire(reason);
+                    lost_the_lock(held.stored_key(), reason, held.fencing_token());
                 }
                 drop(held);
             }
@@ -49,6 +50,11 @@ impl Guards {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
     }
+}
+
+/// The `WARN` event of a lock lost (as the etcd backend's).
+fn lost_the_lock(lock: &str, reason: LostReason, token: i64) {
+    tracing::warn!(lock, %reason, token, "lost the lock");
 }
 
 fn take(slot: &Slot) -> Option<Held> {
@@ -112,12 +118,14 @@ impl MemLockRelease {
                     tracing::debug!(lock = %name, ?max_hold, "max_hold expired; releasing the lock");
                     if let Some(held) = take(&slot) {
                         let was_held = held.is_held();
+                        let (key, token) = (held.stored_key().to_owned(), held.fencing_token());
                         // The key goes first, as on the etcd backend: once `lost()` resolves,
                         // `Compare::held` fails (on a partitioned handle the delete waits for
                         // the partition's end).
                         drop(held);
                         if was_held {
                             lost.fire(LostReason::MaxHold);
+                            lost_the_lock(&key, LostReason::MaxHold, token);
                         }
                     }
                     release(id, &slot, &guards);

@@ -56,8 +56,8 @@ use hmetcd_core::keys::{check_key, KeyPrefix};
 use hmetcd_core::watch::{first_event, spawn_callback_watcher};
 use hmetcd_core::{
     leader_stream, Candidate, CompareOp, Error, KeyChange, KeyValue, Kvi, LeaderStream, Leadership,
-    ListPage, ListRequest, LockGuard, LockOptions, Options, Result, Txn, TxnOutcome, WatchCallback,
-    WatchEvent, WatchHandle, WatchStream,
+    ListPage, ListRequest, LockGuard, LockOptions, Options, Result, Txn, TxnOutcome, UpdateFn,
+    WatchCallback, WatchEvent, WatchHandle, WatchStream,
 };
 use participants::Held;
 pub use store::MISSED_EVENTS_LIMIT;
@@ -394,6 +394,17 @@ impl MemKvs {
     fn call(&self, operation: &'static str, key: &str) -> Call {
         Call::start("mem", None, operation, key)
     }
+
+    /// `temp_key` and `store_temp` (the span's `operation`): `value` on `key`, on the lease.
+    async fn put_temp(&self, operation: &'static str, key: &str, value: &str) -> Result<()> {
+        self.call(operation, key)
+            .run(async {
+                self.check_open()?;
+                check_key("key", key)?;
+                self.session.put_temp_key(&self.prefix.apply(key), value)
+            })
+            .await
+    }
 }
 
 #[async_trait]
@@ -443,14 +454,7 @@ impl Kvi for MemKvs {
     }
 
     async fn temp_key(&self, key: &str) -> Result<()> {
-        self.call("temp_key", key)
-            .run(async {
-                self.check_open()?;
-                check_key("key", key)?;
-                self.session
-                    .put_temp_key(&self.prefix.apply(key), faults::TEMP_VALUE)
-            })
-            .await
+        self.put_temp("temp_key", key, faults::TEMP_VALUE).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>> {
@@ -699,12 +703,12 @@ impl Kvi for MemKvs {
     }
 
     async fn store_temp(&self, key: &str, value: &str) -> Result<()> {
-        self.call("store_temp", key)
-            .run(async {
-                self.check_open()?;
-                check_key("key", key)?;
-                self.session.put_temp_key(&self.prefix.apply(key), value)
-            })
+        self.put_temp("store_temp", key, value).await
+    }
+
+    async fn update(&self, key: &str, f: &mut UpdateFn<'_>) -> Result<Option<String>> {
+        self.call("update", key)
+            .run(hmetcd_core::update_with_txn(self, key, f))
             .await
     }
 

@@ -167,7 +167,8 @@ impl Participants {
             match place.status() {
                 Status::Holding => {
                     pending.place = None;
-                    hmetcd_core::instrument::lock_taken("mem", asked.elapsed());
+                    let token = place.revision();
+                    hmetcd_core::instrument::lock_taken("mem", stored_name, token, asked.elapsed());
                     return Some(Held {
                         participants: Arc::clone(self),
                         stored_name: stored_name.to_owned(),
@@ -261,6 +262,7 @@ impl Drop for Held {
         // handle's own next participant for the name queues in the store only after that.
         // A lost hold's key is gone already, and whatever now has the key is not ours.
         self.participants.let_go(&self.place, &self.stored_name);
-        hmetcd_core::instrument::lock_ended("mem", self.since.elapsed());
+        let token = self.place.revision();
+        hmetcd_core::instrument::lock_ended("mem", &self.stored_name, token, self.since.elapsed());
     }
 }

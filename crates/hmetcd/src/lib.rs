@@ -56,8 +56,8 @@ pub mod backend {
     pub use hmetcd_core::keys;
     pub use hmetcd_core::watch::{first_event, spawn_callback_watcher};
     pub use hmetcd_core::{
-        leader_stream, BoxError, Candidacy, Candidate, Endpoint, EtcdUrl, LockRelease, LostSignal,
-        Password, Scheme,
+        leader_stream, update_with_txn, BoxError, Candidacy, Candidate, Endpoint, EtcdUrl,
+        LockRelease, LostSignal, Password, Scheme,
     };
 }
 

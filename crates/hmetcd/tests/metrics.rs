@@ -80,18 +80,23 @@ fn watchers_gauge(seen: &Seen) -> Option<DebugValue> {
     )
 }
 
-/// The debugging recorder's snapshots hold what changed since the one before.
-#[test]
-fn calls_locks_leases_and_watchers_are_counted() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// A current-thread runtime: a local recorder is seen only on its own thread.
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(err) => panic!("runtime: {err}"),
-    };
+    }
+}
+
+/// The debugging recorder's snapshots hold what changed since the one before.
+#[test]
+fn calls_locks_leases_and_watchers_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = runtime();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
             let kv = MemKvs::new();
@@ -151,4 +156,40 @@ fn calls_locks_leases_and_watchers_are_counted() {
         watchers_gauge(&seen),
         Some(DebugValue::Gauge((-1.0).into()))
     );
+}
+
+/// Calls made while no recorder is installed cost no clock reads and are not counted; a recorder
+/// installed afterwards counts the calls from then on.
+#[test]
+fn a_recorder_installed_later_counts_the_calls_after_it() {
+    let runtime = runtime();
+    let kv = MemKvs::new();
+    runtime.block_on(async {
+        kv.store("a", "1").await.ok();
+        kv.get("a").await.ok();
+    });
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            kv.get("a").await.ok();
+        })
+    });
+    let seen = snapshot(&snapshotter);
+    assert_eq!(
+        counter(
+            &seen,
+            "hmetcd_calls_total",
+            &[("operation", "get"), ("outcome", "ok")]
+        ),
+        1
+    );
+    assert!(value(
+        &seen,
+        MetricKind::Counter,
+        "hmetcd_calls_total",
+        &[("operation", "store")]
+    )
+    .is_none());
+    assert_eq!(samples(&seen, "hmetcd_call_duration_seconds"), 1);
 }

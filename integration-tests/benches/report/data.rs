@@ -124,6 +124,11 @@ pub(super) async fn data_part(
     whole_big_prefix(&**kv, raw, settings, report).await;
     update_part(kv, raw, settings, report).await;
     // The 110,000 keys would only slow the parts that follow.
+    delete_data_keys(raw).await;
+}
+
+/// Deletes every key of the part.
+async fn delete_data_keys(raw: &Client) {
     raw.kv_client()
         .delete(
             format!("{PREFIX}data/"),
@@ -135,13 +140,7 @@ pub(super) async fn data_part(
 
 /// Puts the three key sets, 100 puts per txn, 16 txns at a time.
 async fn preload(raw: &Client) {
-    raw.kv_client()
-        .delete(
-            format!("{PREFIX}data/"),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await
-        .ok();
+    delete_data_keys(raw).await;
     let mut keys: Vec<String> = Vec::with_capacity(SMALL_KEYS + MID_KEYS + BIG_KEYS + 4);
     keys.extend((0..SMALL_KEYS).map(|i| format!("{PREFIX}{SMALL}{i:03}")));
     keys.extend((0..MID_KEYS).map(|i| format!("{PREFIX}{MID}{i:05}")));

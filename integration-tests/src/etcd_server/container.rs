@@ -13,6 +13,7 @@ use testcontainers::runners::{AsyncBuilder, AsyncRunner};
 use testcontainers::{ContainerAsync, GenericBuildableImage, GenericImage, ImageExt};
 
 use super::docker::Engine;
+use super::free_port;
 
 /// The image used when there is no static etcd binary to build one from.
 pub(crate) const DEFAULT_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
@@ -73,7 +74,7 @@ impl EtcdContainer {
         if engine.local {
             reap_leftovers().await;
         }
-        let host_port = free_port()?;
+        let host_port = free_port("0.0.0.0")?;
         let mut request = image
             .with_entrypoint(ETCD_PATH)
             .with_exposed_port(CLIENT_PORT.tcp())
@@ -300,23 +301,6 @@ fn split_reference(reference: &str) -> (String, String) {
 
 /// A free port never handed out before in this process, so that two servers of one test
 /// binary never share one (the OS may give a just-released port again).
-fn free_port() -> Result<u16, String> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind(("0.0.0.0", 0))
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .map_err(|err| format!("finding a free host port: {err}"))?;
-        let mut given = GIVEN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !given.contains(&port) {
-            given.push(port);
-            return Ok(port);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -433,3 +433,23 @@ fn known_static_paths() -> Vec<PathBuf> {
 fn is_file(path: &Path) -> bool {
     path.metadata().map(|meta| meta.is_file()).unwrap_or(false)
 }
+
+/// A free port on `addr` never handed out before in this process, so that two servers of one
+/// test binary never share one (the OS may give a just-released port again, to a server
+/// started later while a client of the earlier one still dials it).
+pub(crate) fn free_port(addr: &str) -> Result<u16, String> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind((addr, 0))
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .map_err(|err| format!("finding a free port on {addr}: {err}"))?;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+}

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use super::free_port;
+
 /// How long etcd may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -28,11 +30,8 @@ impl EtcdProcess {
             .prefix("hmetcd-etcd-")
             .tempdir()
             .map_err(|err| format!("creating a data directory for etcd: {err}"))?;
-        let client_port = free_port()?;
-        let mut peer_port = free_port()?;
-        while peer_port == client_port {
-            peer_port = free_port()?;
-        }
+        let client_port = free_port("127.0.0.1")?;
+        let peer_port = free_port("127.0.0.1")?;
         let mut process = EtcdProcess {
             bin: bin.to_owned(),
             dir,
@@ -209,25 +208,6 @@ fn setpriv() -> Option<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .find(|path| path.is_file())
-}
-
-/// A free port never handed out before in this process, so that two servers of one test
-/// binary never share one (the OS may give a just-released port again).
-fn free_port() -> Result<u16, String> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .map_err(|err| format!("finding a free loopback port: {err}"))?;
-        let mut given = GIVEN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !given.contains(&port) {
-            given.push(port);
-            return Ok(port);
-        }
-    }
 }
 
 /// The last lines of a log file, for error messages.
