@@ -385,3 +385,99 @@ fn copy_error(err: &EtcdError) -> EtcdError {
         other => EtcdError::InvalidArgs(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(ops: Vec<PlainOp>) -> (VecDeque<Pending>, Vec<oneshot::Receiver<Answer>>) {
+        let mut queue = VecDeque::new();
+        let mut answers = Vec::new();
+        for op in ops {
+            let (reply, answer) = oneshot::channel();
+            queue.push_back(Pending { op, reply });
+            answers.push(answer);
+        }
+        (queue, answers)
+    }
+
+    fn put(key: &str, value_len: usize) -> PlainOp {
+        PlainOp::Put(key.as_bytes().to_vec(), vec![b'v'; value_len])
+    }
+
+    fn keys(batch: &[Pending]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|pending| String::from_utf8_lossy(pending.op.key()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_ends_before_a_key_it_already_holds() {
+        let (mut queue, _answers) = queued(vec![
+            put("a", 1),
+            PlainOp::Delete(b"b".to_vec()),
+            put("a", 1),
+            put("c", 1),
+        ]);
+        assert_eq!(keys(&take_batch(&mut queue)), ["a", "b"]);
+        // The later write to "a" goes in the next batch, after the first.
+        assert_eq!(keys(&take_batch(&mut queue)), ["a", "c"]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_max_batch_ops() {
+        let ops = (0..MAX_BATCH_OPS + 3)
+            .map(|i| PlainOp::Get(format!("k{i}").into_bytes()))
+            .collect();
+        let (mut queue, _answers) = queued(ops);
+        assert_eq!(take_batch(&mut queue).len(), MAX_BATCH_OPS);
+        assert_eq!(take_batch(&mut queue).len(), 3);
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_max_batch_bytes_but_a_large_op_goes_alone() {
+        let half = MAX_BATCH_BYTES / 2;
+        let (mut queue, _answers) = queued(vec![
+            put("a", half),
+            put("b", half),
+            put("c", MAX_BATCH_BYTES * 2),
+            put("d", 1),
+        ]);
+        assert_eq!(keys(&take_batch(&mut queue)), ["a"]);
+        assert_eq!(keys(&take_batch(&mut queue)), ["b"]);
+        assert_eq!(keys(&take_batch(&mut queue)), ["c"]);
+        assert_eq!(keys(&take_batch(&mut queue)), ["d"]);
+    }
+
+    #[test]
+    fn callers_that_went_away_are_left_out() {
+        let (mut queue, mut answers) = queued(vec![put("a", 1), put("b", 1), put("c", 1)]);
+        drop(answers.remove(1));
+        assert_eq!(keys(&take_batch(&mut queue)), ["a", "c"]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_refusal_of_one_operation_is_told_from_an_outage() {
+        let status = |code, message: &str| EtcdError::GRpcStatus(tonic::Status::new(code, message));
+        assert!(refused_before_applying(&status(
+            Code::PermissionDenied,
+            "etcdserver: permission denied"
+        )));
+        assert!(refused_before_applying(&status(
+            Code::InvalidArgument,
+            "etcdserver: request is too large"
+        )));
+        assert!(!refused_before_applying(&status(
+            Code::Unavailable,
+            "etcdserver: no leader"
+        )));
+        let copied = copy_error(&status(Code::Unavailable, "etcdserver: no leader"));
+        assert!(
+            matches!(&copied, EtcdError::GRpcStatus(s) if s.code() == Code::Unavailable),
+            "{copied:?}"
+        );
+    }
+}
