@@ -94,6 +94,11 @@ use crate::session::Session;
 /// one handle (for example in an `Arc`) serves many tasks. Call [`Kvi::close`] when done: it
 /// revokes the handle's lease, so its temporary keys and its lock go at once. A handle dropped
 /// without closing stops its background tasks, and its lease expires within `lease_ttl`.
+///
+/// Many tasks on one handle is the fast way to use it: while a few plain calls (`get`,
+/// `get_kv`, `store`, `delete`) are in flight, the ones that queue behind them go out together
+/// as one etcd transaction, each caller still getting exactly its own answer (the `coalesce`
+/// option, on by default; `coalesce=off` sends each call alone).
 pub struct EtcdKvs {
     shared: Arc<Shared>,
     /// The session's owner task (see [`session`]).
