@@ -730,8 +730,9 @@ async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
             calls.3,
             calls.4,
             format!(
-                "16 concurrent gets and stores all failed fast ({})",
-                calls.5.join("; ")
+                "16 concurrent gets and stores all failed fast ({} Timeout, {} Unavailable)",
+                calls.5.iter().filter(|c| c.contains("Timeout")).count(),
+                calls.5.iter().filter(|c| c.contains("Unavailable")).count()
             ),
             later
         ]
