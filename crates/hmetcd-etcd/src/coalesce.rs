@@ -39,7 +39,7 @@ use tonic::Code;
 use crate::pool::KvPool;
 
 /// Requests of one kind (reads or writes) in flight at once before further ones queue.
-pub(crate) const LANES: usize = 4;
+pub(crate) const LANES: usize = 2;
 
 /// Operations in one batch at most: etcd's default `--max-txn-ops`.
 pub(crate) const MAX_BATCH_OPS: usize = 128;
