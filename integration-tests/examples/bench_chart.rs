@@ -11,8 +11,9 @@ use plotters::prelude::*;
 
 /// Each backend, its colour, and where its value labels go (a factor on the y value), so that
 /// the labels of the two etcd lines, which lie close together, do not overlap.
-const BACKENDS: [(&str, RGBColor, f64); 3] = [
+const BACKENDS: [(&str, RGBColor, f64); 4] = [
     ("hmetcd-etcd", RGBColor(0x1f, 0x77, 0xb4), 1.35),
+    ("hmetcd-etcd coalesce=off", RGBColor(0x7f, 0x7f, 0x7f), 0.85),
     ("etcd-client", RGBColor(0xd6, 0x27, 0x28), 0.62),
     ("hmetcd-mem", RGBColor(0x2c, 0xa0, 0x2c), 1.35),
 ];

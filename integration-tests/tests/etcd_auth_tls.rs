@@ -93,6 +93,55 @@ fn main() -> ExitCode {
     libtest_mimic::run(&args, trials).exit_code()
 }
 
+/// Calls coalesced into one transaction with a call outside the role's prefix: etcd refuses
+/// the whole transaction, its operations go out again one by one, and only the call at fault
+/// fails. Rounds of concurrent calls go on until a batch held a refused call.
+async fn refused_call_in_a_batch_fails_alone(endpoint: &str, base: &str) {
+    let options = format!("{base},user=svc,password={PASSWORD},lock_name={ALLOWED}lock");
+    let kv = Arc::new(
+        EtcdKvs::connect(endpoint, &options)
+            .await
+            .unwrap_or_else(|err| panic!("open as svc without a prefix: {err}")),
+    );
+    for round in 0..20 {
+        let mut calls = Vec::new();
+        for i in 0..48 {
+            let kv = Arc::clone(&kv);
+            let key = if i % 8 == 0 {
+                format!("other/denied-{round}-{i}")
+            } else {
+                format!("{ALLOWED}mixed-{round}-{i}")
+            };
+            calls.push(tokio::spawn(async move {
+                let stored = kv.store(&key, "v").await;
+                let read = kv.get(&key).await;
+                (key, stored, read)
+            }));
+        }
+        for call in calls {
+            let (key, stored, read) = call.await.expect("a caller task");
+            if key.starts_with(ALLOWED) {
+                stored.unwrap_or_else(|err| panic!("store {key} in a batch: {err}"));
+                let read = read.unwrap_or_else(|err| panic!("get {key} in a batch: {err}"));
+                assert_eq!(read.as_deref(), Some("v"), "get {key} in a batch");
+            } else {
+                assert_denied("a store in a batch", &key, stored);
+                assert_denied("a get in a batch", &key, read);
+            }
+        }
+        if kv.coalesce_stats().refused_batches > 0 {
+            break;
+        }
+    }
+    let stats = kv.coalesce_stats();
+    assert!(
+        stats.refused_batches > 0,
+        "no batch held a refused call in 20 rounds of 48 concurrent calls: {stats:?}"
+    );
+    eprintln!("auth: a refused call in a coalesced batch fails alone ({stats:?})");
+    let _ = kv.close().await;
+}
+
 /// Asserts that no secret shows in `text`.
 fn assert_no_secret(what: &str, text: &str) {
     for secret in [PASSWORD, WRONG_PASSWORD, ROOT_PASSWORD] {
@@ -254,6 +303,7 @@ async fn authentication(bin: PathBuf) {
     }
     eprintln!("auth: every request outside {ALLOWED} is PermissionDenied naming its key");
     let _ = outside.close().await;
+    refused_call_in_a_batch_fails_alone(&endpoint, base).await;
 
     // The service works inside its prefix, and goes on working past the token's expiry.
     kv.store("a", "1").await.expect("store");

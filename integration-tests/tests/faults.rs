@@ -681,6 +681,19 @@ async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
         fails_fast("watch_stream", async {
             a.watch_stream("v").await.map(drop)
         }),
+        // Enough at once that most queue behind the ones in flight (coalescing): each still
+        // fails within its own request_timeout.
+        futures::future::join_all((0..16).map(|i| {
+            let a = &a;
+            async move {
+                let key = format!("many/{i}");
+                if i % 2 == 0 {
+                    fails_fast("a concurrent get", a.get(&key)).await
+                } else {
+                    fails_fast("a concurrent store", a.store(&key, "1")).await
+                }
+            }
+        })),
     );
     // Again once the first answers are in: after a cut these go out on a new connection.
     let later = fails_fast("a later get", a.get("x")).await;
@@ -710,7 +723,20 @@ async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
             Outage::Cut => "connection cut, new ones hang",
         },
         secs(outage),
-        [calls.0, calls.1, calls.2, calls.3, calls.4, later].join(", "),
+        [
+            calls.0,
+            calls.1,
+            calls.2,
+            calls.3,
+            calls.4,
+            format!(
+                "16 concurrent gets and stores all failed fast ({} Timeout, {} Unavailable)",
+                calls.5.iter().filter(|c| c.contains("Timeout")).count(),
+                calls.5.iter().filter(|c| c.contains("Unavailable")).count()
+            ),
+            later
+        ]
+        .join(", "),
         answered_after.as_millis()
     );
     a.watch_cb_cancel(watcher);

@@ -80,6 +80,12 @@ pub struct Options {
     /// compaction would). Default 10,000; etcd accepts and ignores it (etcd's own
     /// `--auto-compaction-*` flags decide there).
     pub history: u64,
+    /// etcd only: whether concurrent plain reads and writes of one handle (`get`, `get_kv`,
+    /// `store`, `delete`) that queue while others are in flight go out together as one etcd
+    /// transaction, each caller still getting its own answer (`coalesce=on`, the default), or
+    /// each as a request of its own (`coalesce=off`). A lone call goes out at once either way.
+    /// The in-memory store accepts and ignores it.
+    pub coalesce: bool,
 }
 
 /// The revisions of history the in-memory store keeps by default.
@@ -102,6 +108,7 @@ impl Default for Options {
             cert_file: None,
             key_file: None,
             history: DEFAULT_HISTORY,
+            coalesce: true,
         }
     }
 }
@@ -120,6 +127,7 @@ impl fmt::Debug for Options {
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
             .field("history", &self.history)
+            .field("coalesce", &self.coalesce)
             .finish()
     }
 }
@@ -200,6 +208,11 @@ impl Options {
                     ))
                 }
             },
+            "coalesce" => match value {
+                "on" => self.coalesce = true,
+                "off" => self.coalesce = false,
+                _ => return Err(invalid(item, "expected on or off")),
+            },
             "" => return Err(invalid(item, "missing option name")),
             _ => {
                 let known = OPTION_NAMES.join(", ");
@@ -237,7 +250,7 @@ impl FromStr for Options {
 }
 
 /// Every option name, in the order the documentation gives them.
-const OPTION_NAMES: [&str; 11] = [
+const OPTION_NAMES: [&str; 12] = [
     "request_timeout",
     "connect_timeout",
     "lease_ttl",
@@ -249,6 +262,7 @@ const OPTION_NAMES: [&str; 11] = [
     "cert_file",
     "key_file",
     "history",
+    "coalesce",
 ];
 
 /// Splits at commas, except that a password keeps every comma up to the next item that
@@ -351,6 +365,10 @@ mod tests {
         assert_eq!(options.key_file, Some(PathBuf::from("/k.pem")));
         assert_eq!(options.history, 50);
         assert_eq!(Options::default().history, DEFAULT_HISTORY);
+        assert!(Options::default().coalesce);
+        assert!(!Options::parse("coalesce=off")
+            .map(|o| o.coalesce)
+            .unwrap_or(true));
     }
 
     #[test]
@@ -368,6 +386,7 @@ mod tests {
         assert_eq!(reject("user=svc").0, "user=svc");
         assert_eq!(reject("history=0").0, "history=0");
         assert_eq!(reject("history=many").0, "history=many");
+        assert_eq!(reject("coalesce=maybe").0, "coalesce=maybe");
     }
 
     #[test]

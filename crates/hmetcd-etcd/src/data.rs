@@ -167,12 +167,8 @@ impl Shared {
     pub(crate) async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
         self.ensure_open()?;
         check_key("key", key)?;
-        let stored = self.prefix.stored(key);
-        let mut answer = self
-            .kv_request(Request::new("get", key), async |kv| {
-                kv.get(stored.as_bytes(), None).await
-            })
-            .await?;
+        let stored = self.prefix.stored(key).into_owned().into_bytes();
+        let mut answer = self.plain_get(Request::new("get", key), stored).await?;
         match answer.take_kvs().into_iter().next() {
             Some(pair) => self.key_value(pair),
             None => Ok(None),

@@ -52,6 +52,7 @@
 //! # }
 //! ```
 
+mod coalesce;
 mod connect;
 mod data;
 mod election;
@@ -63,6 +64,9 @@ mod range;
 mod retry;
 mod session;
 mod watch;
+
+#[doc(hidden)]
+pub use coalesce::CoalesceStats;
 
 use std::fmt;
 use std::future::Future;
@@ -90,6 +94,11 @@ use crate::session::Session;
 /// one handle (for example in an `Arc`) serves many tasks. Call [`Kvi::close`] when done: it
 /// revokes the handle's lease, so its temporary keys and its lock go at once. A handle dropped
 /// without closing stops its background tasks, and its lease expires within `lease_ttl`.
+///
+/// Many tasks on one handle is the fast way to use it: while a few plain calls (`get`,
+/// `get_kv`, `store`, `delete`) are in flight, the ones that queue behind them go out together
+/// as one etcd transaction, each caller still getting exactly its own answer (the `coalesce`
+/// option, on by default; `coalesce=off` sends each call alone).
 pub struct EtcdKvs {
     shared: Arc<Shared>,
     /// The session's owner task (see [`session`]).
@@ -113,6 +122,8 @@ pub(crate) struct Shared {
     watches: watch::WatchHub,
     /// Idle KV clients for requests to borrow.
     kv_pool: pool::KvPool,
+    /// Batches concurrent plain calls (see [`coalesce`]); `None` with `coalesce=off`.
+    coalescer: Option<coalesce::Coalescer>,
 }
 
 impl EtcdKvs {
@@ -184,6 +195,9 @@ impl EtcdKvs {
 
         let prefix = KeyPrefix::new(options.prefix.clone());
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let coalescer = options
+            .coalesce
+            .then(|| coalesce::Coalescer::new(client.clone(), options.request_timeout));
         let shared = Arc::new(Shared {
             client,
             errors,
@@ -195,6 +209,7 @@ impl EtcdKvs {
             lock: lock::LockState::default(),
             watches: watch::WatchHub::new(),
             kv_pool: pool::KvPool::new(),
+            coalescer,
         });
         let owner = tokio::spawn(session::run(Arc::clone(&shared)));
         let background = members::spawn_health_task(
@@ -210,6 +225,16 @@ impl EtcdKvs {
             session_owner: Mutex::new(Some(owner)),
             background: Mutex::new(background),
         })
+    }
+
+    /// What coalescing has done on this handle so far; all zero with `coalesce=off`.
+    #[doc(hidden)]
+    pub fn coalesce_stats(&self) -> CoalesceStats {
+        self.shared
+            .coalescer
+            .as_ref()
+            .map(coalesce::Coalescer::stats)
+            .unwrap_or_default()
     }
 
     /// Stops the session's owner: at once (drop), or letting a lease grant under way finish so
@@ -322,6 +347,53 @@ impl Shared {
         answer
     }
 
+    /// Runs one plain operation, coalesced with other calls' (see [`coalesce`]) unless
+    /// `coalesce=off`, bounded by `request_timeout` and mapped like [`Shared::request`].
+    pub(crate) async fn plain(
+        &self,
+        request: Request<'_>,
+        op: coalesce::PlainOp,
+    ) -> Result<etcd_client::TxnOpResponse> {
+        let Some(coalescer) = &self.coalescer else {
+            return self
+                .kv_request(request, async |kv| op.send_alone(kv).await)
+                .await;
+        };
+        match coalescer.route(op) {
+            coalesce::Route::Alone(lane, op) => {
+                let answer = self
+                    .kv_request(request, async |kv| op.send_alone(kv).await)
+                    .await;
+                drop(lane);
+                answer
+            }
+            coalesce::Route::Queued(answer) => {
+                match tokio::time::timeout(self.options.request_timeout, answer).await {
+                    Ok(Ok(Ok(answer))) => Ok(answer),
+                    Ok(Ok(Err(err))) => Err(self.errors.map(request, err)),
+                    // The batch timed out (or the runtime is going away): outcome unknown.
+                    Ok(Err(_)) | Err(_) => Err(self.errors.timeout(request)),
+                }
+            }
+        }
+    }
+
+    /// A plain read of one stored key (see [`Shared::plain`]).
+    pub(crate) async fn plain_get(
+        &self,
+        request: Request<'_>,
+        stored: Vec<u8>,
+    ) -> Result<etcd_client::GetResponse> {
+        match self.plain(request, coalesce::PlainOp::Get(stored)).await? {
+            etcd_client::TxnOpResponse::Get(answer) => Ok(answer),
+            _ => Err(Error::Backend {
+                operation: request.to_string(),
+                reason: "etcd answered a read with something else".to_owned(),
+                source: None,
+            }),
+        }
+    }
+
     /// Runs one etcd request, bounded by `request_timeout`, mapping its error.
     pub(crate) async fn request<T>(
         &self,
@@ -430,11 +502,8 @@ impl Kvi for EtcdKvs {
                 let stored = shared.prefix.apply(key);
                 // A plain put detaches the key from the lease: it is no longer temporary.
                 shared.session.forget_temp_key(&stored);
-                shared
-                    .kv_request(Request::new("put", key), async |kv| {
-                        kv.put(stored, value, None).await
-                    })
-                    .await?;
+                let put = coalesce::PlainOp::Put(stored.into_bytes(), value.as_bytes().to_vec());
+                shared.plain(Request::new("put", key), put).await?;
                 Ok(())
             })
             .await
@@ -450,11 +519,8 @@ impl Kvi for EtcdKvs {
                 let shared = &self.shared;
                 shared.ensure_open()?;
                 check_key("key", key)?;
-                let answer = shared
-                    .kv_request(Request::new("get", key), async |kv| {
-                        kv.get(shared.prefix.apply(key), None).await
-                    })
-                    .await?;
+                let stored = shared.prefix.apply(key).into_bytes();
+                let answer = shared.plain_get(Request::new("get", key), stored).await?;
                 answer
                     .kvs()
                     .first()
@@ -489,11 +555,8 @@ impl Kvi for EtcdKvs {
                 check_key("key", key)?;
                 let stored = shared.prefix.apply(key);
                 shared.session.forget_temp_key(&stored);
-                shared
-                    .kv_request(Request::new("delete", key), async |kv| {
-                        kv.delete(stored, None).await
-                    })
-                    .await?;
+                let delete = coalesce::PlainOp::Delete(stored.into_bytes());
+                shared.plain(Request::new("delete", key), delete).await?;
                 Ok(())
             })
             .await

@@ -8,6 +8,7 @@ pub mod go_data;
 pub mod history;
 pub mod keys;
 pub mod lifetime;
+pub mod linearizable;
 pub mod lock;
 pub mod named_locks;
 pub mod options;
@@ -192,7 +193,10 @@ pub fn all() -> Vec<Case> {
 /// The cases that take longer than a case may (each has [`SLOW_CASE_LIMIT`]): on etcd, 64
 /// tasks contending for one key retry their transactions some 400,000 times in all.
 pub fn slow() -> Vec<Case> {
-    vec![case!(txn::update_loses_no_write_under_contention)]
+    vec![
+        case!(txn::update_loses_no_write_under_contention),
+        case!(linearizable::concurrent_plain_calls_are_linearizable),
+    ]
 }
 
 /// How long one of the [`slow`] cases may run.
