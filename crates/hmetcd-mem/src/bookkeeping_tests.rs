@@ -78,6 +78,13 @@ async fn next_put(stream: &mut WatchStream, what: &str) -> (String, String) {
     }
 }
 
+/// Why `guard` lost its lock, which it must within [`SETTLE`].
+async fn lost(guard: &hmetcd_core::LockGuard, what: &str) -> LostReason {
+    tokio::time::timeout(SETTLE, guard.lost())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the guard was not lost"))
+}
+
 fn pair(key: &str, value: &str) -> (String, String) {
     (key.to_owned(), value.to_owned())
 }
@@ -316,7 +323,7 @@ async fn lost_and_closed_locks_leave_no_trace() {
 
     let guard = kv.lock("jobs").await.unwrap();
     other.delete_prefix("jobs/").await.unwrap();
-    assert_eq!(guard.lost().await, LostReason::KeyDeleted);
+    assert_eq!(lost(&guard, "a deleted key").await, LostReason::KeyDeleted);
     drop(guard);
     settles(&kv, NOTHING, "a guard whose key was deleted").await;
 
@@ -327,13 +334,16 @@ async fn lost_and_closed_locks_leave_no_trace() {
         )
         .await
         .unwrap();
-    assert_eq!(guard.lost().await, LostReason::MaxHold);
+    assert_eq!(lost(&guard, "max_hold").await, LostReason::MaxHold);
     drop(guard);
     settles(&kv, NOTHING, "a guard past its max_hold").await;
 
     let guard = kv.lock("jobs").await.unwrap();
     kv.faults().expire_lease();
-    assert_eq!(guard.lost().await, LostReason::SessionLost);
+    assert_eq!(
+        lost(&guard, "an expired lease").await,
+        LostReason::SessionLost
+    );
     drop(guard);
     settles(&kv, NOTHING, "a guard whose lease expired").await;
 
@@ -346,7 +356,7 @@ async fn lost_and_closed_locks_leave_no_trace() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     other.close().await.unwrap();
     assert!(behind.await.unwrap().is_err(), "closed while waiting");
-    assert_eq!(guard.lost().await, LostReason::Closed);
+    assert_eq!(lost(&guard, "close").await, LostReason::Closed);
     settles(&kv, NOTHING, "the other handle closed").await;
     drop(guard);
     assert_eq!(kept(&other), NOTHING);
