@@ -37,6 +37,12 @@ fi
 part=${1:-}
 [ $# -gt 0 ] && shift
 timeout=${MUTANTS_TIMEOUT:-180}
+# A copy of the tree reuses the built dependencies (only the workspace's crates rebuild);
+# --in-place needs no copy.
+copy=(--copy-target=true)
+for arg in "$@"; do
+    [ "$arg" = --in-place ] && copy=()
+done
 
 # The in-memory suites: the conformance cases, mem_concurrency and test_kit on memory only,
 # plus the unit tests and test kit of the packages given.
@@ -47,7 +53,7 @@ mem_suites() {
         --cargo-test-arg=--test=conformance \
         --cargo-test-arg=--test=mem_concurrency \
         --cargo-test-arg=--test=test_kit \
-        --baseline skip --timeout "$timeout" --copy-target=true
+        --baseline skip --timeout "$timeout" "${copy[@]}"
 }
 
 run_mem() {
@@ -69,7 +75,7 @@ run_etcd() {
         --file crates/hmetcd-etcd/src/data.rs \
         --file crates/hmetcd-etcd/src/members.rs \
         --cargo-test-arg=--lib \
-        --baseline skip --timeout "$timeout" --copy-target=true \
+        --baseline skip --timeout "$timeout" "${copy[@]}" \
         --output target/mutants/etcd "$@"
 }
 
