@@ -37,6 +37,7 @@ fi
 part=${1:-}
 [ $# -gt 0 ] && shift
 timeout=${MUTANTS_TIMEOUT:-180}
+mkdir -p target/mutants/mem target/mutants/core target/mutants/etcd
 # A copy of the tree reuses the built dependencies (only the workspace's crates rebuild);
 # --in-place needs no copy.
 copy=(--copy-target=true)
