@@ -46,14 +46,16 @@ for arg in "$@"; do
 done
 
 # The in-memory suites: the conformance cases, mem_concurrency and test_kit on memory only,
-# plus the unit tests and test kit of the packages given.
+# plus the unit tests and test kit of the packages given. The targets go to the build too
+# (--cargo-arg, not --cargo-test-arg): building every test binary of integration-tests for
+# each mutant would double its time.
 mem_suites() {
     HMETCD_TEST_BACKENDS=mem cargo mutants "$@" \
         --test-package integration-tests \
-        --cargo-test-arg=--lib \
-        --cargo-test-arg=--test=conformance \
-        --cargo-test-arg=--test=mem_concurrency \
-        --cargo-test-arg=--test=test_kit \
+        --cargo-arg=--lib \
+        --cargo-arg=--test=conformance \
+        --cargo-arg=--test=mem_concurrency \
+        --cargo-arg=--test=test_kit \
         --baseline skip --timeout "$timeout" "${copy[@]}"
 }
 
@@ -75,7 +77,7 @@ run_etcd() {
         --file crates/hmetcd-etcd/src/retry.rs \
         --file crates/hmetcd-etcd/src/data.rs \
         --file crates/hmetcd-etcd/src/members.rs \
-        --cargo-test-arg=--lib \
+        --cargo-arg=--lib \
         --baseline skip --timeout "$timeout" "${copy[@]}" \
         --output target/mutants/etcd "$@"
 }
