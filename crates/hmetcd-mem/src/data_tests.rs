@@ -91,7 +91,8 @@ async fn a_lost_lease_deletes_its_keys_in_one_revision_and_restores_their_values
     let mut events = other.watch_prefix("").await.unwrap();
     let before = revision(&kv);
     kv.faults().expire_lease();
-    assert_eq!(guard.lost().await, LostReason::SessionLost);
+    let lost = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
+    assert_eq!(lost.expect("the guard is lost"), LostReason::SessionLost);
     let deleted = next_events(&mut events, 3).await;
     assert!(
         deleted.iter().all(|(_, rev)| *rev == before + 1),
@@ -285,7 +286,8 @@ async fn a_txn_keeps_the_lock_queues_as_plain_writes_do() {
         .await
         .unwrap();
     assert!(outcome.succeeded);
-    assert_eq!(guard.lost().await, LostReason::KeyDeleted);
+    let lost = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
+    assert_eq!(lost.expect("the guard is lost"), LostReason::KeyDeleted);
     let (b, taken) = waiting.await.unwrap();
     let taken = taken.unwrap();
     assert!(taken.fencing_token() > guard.fencing_token());

@@ -44,6 +44,15 @@ impl Guards {
         }
     }
 
+    /// How many guards are live.
+    #[cfg(test)]
+    pub(crate) fn live_count(&self) -> usize {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     fn forget(&self, id: u64) {
         self.live
             .lock()

@@ -36,6 +36,8 @@
 //! ```
 
 #[cfg(test)]
+mod bookkeeping_tests;
+#[cfg(test)]
 mod data_tests;
 mod faults;
 mod guards;

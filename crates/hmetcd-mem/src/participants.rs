@@ -188,6 +188,12 @@ impl Participants {
         }
     }
 
+    /// How many lock names the handle keeps a local mutex for.
+    #[cfg(test)]
+    pub(crate) fn names_in_use(&self) -> usize {
+        locked(&self.local).len()
+    }
+
     /// Drops the handle's local mutex for `stored_name` if nobody uses it any more.
     fn forget_if_unused(&self, stored_name: &str) {
         let mut local = locked(&self.local);

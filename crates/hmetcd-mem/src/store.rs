@@ -1103,6 +1103,18 @@ impl Store {
         let state = self.read();
         state.watchers.exact.values().map(Vec::len).sum::<usize>() + state.watchers.prefixes.len()
     }
+
+    /// Whether the store keeps no watcher, nor an entry for one (what `record` asks).
+    #[cfg(test)]
+    pub(crate) fn has_no_watchers(&self) -> bool {
+        self.read().watchers.is_empty()
+    }
+
+    /// How many lock queues the store keeps (one per lock name a participant uses).
+    #[cfg(test)]
+    pub(crate) fn lock_queue_count(&self) -> usize {
+        self.read().locks.0.len()
+    }
 }
 
 impl State {

@@ -13,6 +13,7 @@ pub mod lock;
 pub mod named_locks;
 pub mod options;
 pub mod ranges;
+pub mod revisions;
 pub mod streams;
 pub mod temp_keys;
 pub mod txn;
@@ -170,6 +171,10 @@ pub fn all() -> Vec<Case> {
         case!(go_data::test_and_set_table),
         case!(data::metadata_has_etcds_meanings),
         case!(data::revisions_strictly_increase_across_every_kind_of_write),
+        case!(revisions::plain_writes_take_increasing_revisions),
+        case!(revisions::lock_keys_are_written_at_increasing_revisions),
+        case!(revisions::close_deletes_every_lease_key_in_one_revision),
+        case!(revisions::close_hands_the_lock_over_after_its_revision),
         case!(data::get_prefix_includes_keys_sorting_after_tilde),
         case!(data::get_prefix_reads_thousands_of_keys),
         case!(data::list_pages_say_count_more_and_revision),

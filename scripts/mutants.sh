@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Mutation testing: does the suite fail when the code is wrong? Runs cargo-mutants (27.x,
+# installed if missing) and writes its report under target/mutants/<part>/mutants.out
+# (caught.txt, missed.txt, timeout.txt, unviable.txt). Not part of CI: a whole part takes
+# tens of minutes to hours on 2 cores; docs/TESTING.md has the last figures.
+#
+#   scripts/mutants.sh mem   [cargo-mutants args]   hmetcd-mem against its unit tests, its
+#                                                   test kit, and the in-memory conformance,
+#                                                   mem_concurrency and test_kit suites
+#   scripts/mutants.sh core  [cargo-mutants args]   hmetcd-core against its unit tests and the
+#                                                   same in-memory suites
+#   scripts/mutants.sh etcd  [cargo-mutants args]   the etcd backend's pure logic (endpoints
+#                                                   and options, error mapping, key ranges,
+#                                                   retries, data translation) against its
+#                                                   unit tests; no etcd needed
+#   scripts/mutants.sh all                          the three, one after the other
+#
+# Extra arguments go to cargo-mutants, e.g. `--file crates/hmetcd-mem/src/store.rs` (one
+# file), `--re 'Store::revoke'` (matching mutants only), `--list` (what would be tried),
+# `--in-place` (mutate this tree instead of a copy: faster, but leave the sources alone while
+# it runs), `-j 2`.
+#
+# The baseline is skipped: with --test-package, cargo-mutants 27.1 still runs its unmutated
+# baseline on the mutated package's own tests only, which proves nothing here and may fail
+# for want of an etcd; so run the suites once yourself first (scripts/test.sh, or
+# HMETCD_TEST_BACKENDS=mem cargo test -p hmetcd-mem -p integration-tests) and give every
+# mutant an explicit test timeout instead (MUTANTS_TIMEOUT seconds, default 180: the
+# in-memory suites take well under a minute, so a mutant past it hangs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=27
+if ! cargo mutants --version 2>/dev/null | grep -q "^cargo-mutants ${version}\."; then
+    cargo install cargo-mutants --locked --version "^${version}"
+fi
+
+part=${1:-}
+[ $# -gt 0 ] && shift
+timeout=${MUTANTS_TIMEOUT:-180}
+mkdir -p target/mutants/mem target/mutants/core target/mutants/etcd
+# A copy of the tree reuses the built dependencies (only the workspace's crates rebuild);
+# --in-place needs no copy.
+copy=(--copy-target=true)
+for arg in "$@"; do
+    [ "$arg" = --in-place ] && copy=()
+done
+
+# The in-memory suites: the conformance cases, mem_concurrency and test_kit on memory only,
+# plus the unit tests and test kit of the packages given. The targets go to the build too
+# (--cargo-arg, not --cargo-test-arg): building every test binary of integration-tests for
+# each mutant would double its time.
+mem_suites() {
+    HMETCD_TEST_BACKENDS=mem cargo mutants "$@" \
+        --test-package integration-tests \
+        --cargo-arg=--lib \
+        --cargo-arg=--test=conformance \
+        --cargo-arg=--test=mem_concurrency \
+        --cargo-arg=--test=test_kit \
+        --baseline skip --timeout "$timeout" "${copy[@]}"
+}
+
+run_mem() {
+    mem_suites --package hmetcd-mem --test-package hmetcd-mem \
+        --output target/mutants/mem "$@"
+}
+
+run_core() {
+    mem_suites --package hmetcd-core --test-package hmetcd-core --test-package hmetcd-mem \
+        --output target/mutants/core "$@"
+}
+
+run_etcd() {
+    cargo mutants --package hmetcd-etcd --test-package hmetcd-etcd \
+        --file crates/hmetcd-etcd/src/connect.rs \
+        --file crates/hmetcd-etcd/src/error.rs \
+        --file crates/hmetcd-etcd/src/range.rs \
+        --file crates/hmetcd-etcd/src/retry.rs \
+        --file crates/hmetcd-etcd/src/data.rs \
+        --file crates/hmetcd-etcd/src/members.rs \
+        --cargo-arg=--lib \
+        --baseline skip --timeout "$timeout" "${copy[@]}" \
+        --output target/mutants/etcd "$@"
+}
+
+case "$part" in
+    mem) run_mem "$@" ;;
+    core) run_core "$@" ;;
+    etcd) run_etcd "$@" ;;
+    all)
+        status=0
+        run_mem "$@" || status=$?
+        run_core "$@" || status=$?
+        run_etcd "$@" || status=$?
+        exit "$status"
+        ;;
+    *)
+        sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+        exit 2
+        ;;
+esac
