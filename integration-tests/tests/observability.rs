@@ -56,6 +56,23 @@ async fn lock_waits_handovers_and_losses_are_events() {
     assert_eq!(lost[0].field("reason"), LostReason::MaxHold.to_string());
     assert_eq!(lost[0].field("token"), bounded.fencing_token().to_string());
 
+    // So is a hold whose key someone else deleted.
+    let deleted = match second.lock("deleted").await {
+        Ok(guard) => guard,
+        Err(err) => panic!("lock: {err}"),
+    };
+    let key = deleted.key().to_owned();
+    if let Err(err) = first.delete(&key).await {
+        panic!("delete {key}: {err}");
+    }
+    assert_eq!(deleted.lost().await, LostReason::KeyDeleted);
+    let events = captured.take_events();
+    let lost = with_message(&events, "lost the lock");
+    assert_eq!(lost.len(), 1, "{events:#?}");
+    assert_eq!(lost[0].level, Level::WARN);
+    assert_eq!(lost[0].field("reason"), LostReason::KeyDeleted.to_string());
+    assert_eq!(lost[0].field("token"), deleted.fencing_token().to_string());
+
     // A lost lease is a WARN too.
     second.faults().expire_lease();
     let events = captured.take_events();

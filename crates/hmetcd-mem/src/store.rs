@@ -305,6 +305,10 @@ impl Place {
         let holder = was == Status::Holding;
         if holder {
             if let Some(reason) = reason {
+                // Losses to `max_hold`, a lost lease or a close have their event where they start.
+                if reason == LostReason::KeyDeleted {
+                    tracing::warn!(lock = %self.key, %reason, token = self.revision, "lost the lock");
+                }
                 self.lost.fire(reason);
             }
         }
