@@ -279,17 +279,13 @@ fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
 /// Sends `batch` (one request, a transaction unless it holds one operation) and hands each
 /// caller its answer; the lane frees when done.
 async fn send_batch(inner: Arc<Inner>, batch: Vec<Pending>, lane: Lane) {
-    let mut kv = inner.pool.take(&inner.client);
     if batch.len() == 1 {
-        for Pending { op, reply } in batch {
-            let answer = bounded(&inner, op.send_alone(&mut kv)).await;
-            if let Some(answer) = answer {
-                let _ = reply.send(answer);
-            }
+        for pending in batch {
+            answer_alone(&inner, pending).await;
         }
-        inner.pool.give_back(kv);
         return;
     }
+    let mut kv = inner.pool.take(&inner.client);
     inner.batches.fetch_add(1, Ordering::Relaxed);
     inner
         .batched_ops
@@ -330,16 +326,9 @@ async fn send_batch(inner: Arc<Inner>, batch: Vec<Pending>, lane: Lane) {
                 error = %err,
                 "etcd refused a coalesced transaction; sending its operations one by one"
             );
-            let alone = batch.into_iter().map(|Pending { op, reply }| {
-                let inner = Arc::clone(&inner);
-                async move {
-                    let mut kv = inner.pool.take(&inner.client);
-                    if let Some(answer) = bounded(&inner, op.send_alone(&mut kv)).await {
-                        let _ = reply.send(answer);
-                    }
-                    inner.pool.give_back(kv);
-                }
-            });
+            let alone = batch
+                .into_iter()
+                .map(|pending| answer_alone(&inner, pending));
             futures::future::join_all(alone).await;
         }
         Some(Err(err)) => {
@@ -350,6 +339,16 @@ async fn send_batch(inner: Arc<Inner>, batch: Vec<Pending>, lane: Lane) {
     }
     // Only now is the lane free for the next batch.
     drop(lane);
+}
+
+/// Sends `pending`'s operation as a request of its own and hands its caller the answer (none
+/// when it timed out: the caller times out on its own clock).
+async fn answer_alone(inner: &Inner, Pending { op, reply }: Pending) {
+    let mut kv = inner.pool.take(&inner.client);
+    if let Some(answer) = bounded(inner, op.send_alone(&mut kv)).await {
+        let _ = reply.send(answer);
+    }
+    inner.pool.give_back(kv);
 }
 
 /// `request` bounded by `request_timeout`; `None` when it timed out.

@@ -354,28 +354,23 @@ impl Shared {
         request: Request<'_>,
         op: coalesce::PlainOp,
     ) -> Result<etcd_client::TxnOpResponse> {
-        let Some(coalescer) = &self.coalescer else {
-            return self
-                .kv_request(request, async |kv| op.send_alone(kv).await)
-                .await;
-        };
-        match coalescer.route(op) {
-            coalesce::Route::Alone(lane, op) => {
-                let answer = self
-                    .kv_request(request, async |kv| op.send_alone(kv).await)
-                    .await;
-                drop(lane);
-                answer
-            }
-            coalesce::Route::Queued(answer) => {
-                match tokio::time::timeout(self.options.request_timeout, answer).await {
-                    Ok(Ok(Ok(answer))) => Ok(answer),
-                    Ok(Ok(Err(err))) => Err(self.errors.map(request, err)),
-                    // The batch timed out (or the runtime is going away): outcome unknown.
-                    Ok(Err(_)) | Err(_) => Err(self.errors.timeout(request)),
+        // Sent alone: with coalescing off, or on a lane held until the answer is in.
+        let (_lane, op) = match &self.coalescer {
+            None => (None, op),
+            Some(coalescer) => match coalescer.route(op) {
+                coalesce::Route::Alone(lane, op) => (Some(lane), op),
+                coalesce::Route::Queued(answer) => {
+                    return match tokio::time::timeout(self.options.request_timeout, answer).await {
+                        Ok(Ok(Ok(answer))) => Ok(answer),
+                        Ok(Ok(Err(err))) => Err(self.errors.map(request, err)),
+                        // The batch timed out (or the runtime is going away): outcome unknown.
+                        Ok(Err(_)) | Err(_) => Err(self.errors.timeout(request)),
+                    };
                 }
-            }
-        }
+            },
+        };
+        self.kv_request(request, async |kv| op.send_alone(kv).await)
+            .await
     }
 
     /// A plain read of one stored key (see [`Shared::plain`]).
