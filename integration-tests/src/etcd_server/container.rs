@@ -119,7 +119,7 @@ impl EtcdContainer {
         match super::wait_ready(&started.endpoint(), Duration::from_secs(30)).await {
             Ok(_) => Ok(started),
             Err(why) => {
-                let logs = started.logs().await;
+                let logs = started.logs(20).await;
                 let _ = started.remove().await;
                 Err(format!("{why}; container log:\n{logs}"))
             }
@@ -162,19 +162,33 @@ impl EtcdContainer {
             .map_err(|err| format!("starting the etcd container again: {err}"))
     }
 
-    /// Removes the container (and its data).
+    /// Removes the container (and its data). A container that stopped by itself (etcd
+    /// crashed or exited) first has its exit code and the end of its log written to stderr:
+    /// removing it removes the log, and the tests that failed after it only say that the
+    /// connection was refused.
     pub(crate) async fn remove(self) -> Result<(), String> {
+        if let Ok(false) = self.container.is_running().await {
+            let code = self.container.exit_code().await.ok().flatten();
+            eprintln!(
+                "etcd for the tests: the container ({}) stopped by itself before teardown, exit \
+                 code {}; the end of its log:\n{}",
+                self.image,
+                code.map_or_else(|| "unknown".to_owned(), |code| code.to_string()),
+                super::crash_excerpt(&self.logs(usize::MAX).await, super::CRASH_LOG_LINES)
+            );
+        }
         self.container
             .rm()
             .await
             .map_err(|err| format!("removing the etcd container: {err}"))
     }
 
-    async fn logs(&self) -> String {
+    /// The last `lines` lines etcd wrote to stderr.
+    async fn logs(&self, lines: usize) -> String {
         let stderr = self.container.stderr_to_vec().await.unwrap_or_default();
         let text = String::from_utf8_lossy(&stderr);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 }
 

@@ -26,6 +26,9 @@ use tokio::sync::Mutex;
 /// How long a started etcd may take to answer its first request.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How much of the log of an etcd that stopped by itself to show.
+const CRASH_LOG_LINES: usize = 150;
+
 /// What to tell a user who has no etcd at all.
 const HOW_TO_PROVIDE: &str =
     "provide one with HMETCD_TEST_ENDPOINTS=http://127.0.0.1:2379 (a running \
@@ -451,5 +454,38 @@ pub(crate) fn free_port(addr: &str) -> Result<u16, String> {
             given.push(port);
             return Ok(port);
         }
+    }
+}
+
+/// What tells why a process ended: a Go panic (or fatal runtime error), the few lines logged
+/// before it and the start of its trace if there is one (the trace of every goroutine runs to
+/// thousands of lines, its cause at the top), otherwise the last `lines` lines.
+pub(crate) fn crash_excerpt(log: &str, lines: usize) -> String {
+    const BEFORE_PANIC: usize = 10;
+    let all: Vec<&str> = log.lines().collect();
+    let start = all
+        .iter()
+        .position(|line| line.starts_with("panic:") || line.starts_with("fatal error:"))
+        .map(|at| at.saturating_sub(BEFORE_PANIC))
+        .unwrap_or(all.len().saturating_sub(lines));
+    all[start..all.len().min(start + lines)].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crash_excerpt;
+
+    #[test]
+    fn a_crash_excerpt_starts_at_the_panic() {
+        let before: String = (0..12).map(|n| format!("{n}\n")).collect();
+        let log = format!("{before}panic: boom\ngoroutine 1\nx\n");
+        let excerpt = crash_excerpt(&log, 12);
+        assert!(excerpt.starts_with("2\n3\n"), "{excerpt}");
+        assert!(
+            excerpt.ends_with("11\npanic: boom\ngoroutine 1"),
+            "{excerpt}"
+        );
+        assert_eq!(crash_excerpt("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(crash_excerpt("", 2), "");
     }
 }

@@ -71,8 +71,22 @@ impl EtcdProcess {
             .map_err(|err| format!("sending {signal:?} to etcd: {err}"))
     }
 
-    /// Stops etcd; the data directory goes with `self`.
+    /// Stops etcd; the data directory goes with `self`. An etcd that exited by itself first
+    /// has its exit status and the end of its log written to stderr: the log goes with the
+    /// directory, and the tests that failed after it only say that the connection was refused.
     pub(crate) async fn stop_for_good(mut self) -> Result<(), String> {
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            let log_path = self.dir.path().join("etcd.log");
+            let log = std::fs::read_to_string(&log_path)
+                .unwrap_or_else(|err| format!("(unreadable: {err})"));
+            eprintln!(
+                "etcd for the tests: {} stopped by itself before teardown ({status}); the end \
+                 of its log {}:\n{}",
+                self.bin.display(),
+                log_path.display(),
+                super::crash_excerpt(&log, super::CRASH_LOG_LINES)
+            );
+        }
         self.stop().await
     }
 
