@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     let backend = format!("etcd-{}", server.version());
     let endpoints = server.endpoints().to_owned();
 
-    let trials = vec![
+    let mut trials = vec![
         Trial::test(
             format!("{backend}::restart::watch_misses_nothing_across_a_restart"),
             || {
@@ -108,6 +108,7 @@ fn main() -> ExitCode {
             format!("{backend}::raw_bytes::invalid_utf8_names_the_key"),
             {
                 let store = TestStore::new(Arc::new(EtcdOpener::on(&server)));
+                let endpoints = endpoints.clone();
                 move || {
                     run_limited(
                         2,
@@ -118,9 +119,175 @@ fn main() -> ExitCode {
             },
         ),
     ];
+    trials.push(Trial::test(
+        format!("{backend}::server_safety::reads_are_batched_only_where_etcd_survives_a_cancelled_batch"),
+        {
+            let endpoints = endpoints.clone();
+            let version = server.version().to_owned();
+            move || {
+                run_limited(
+                    2,
+                    Duration::from_secs(30),
+                    reads_batched_only_where_safe(endpoints, version),
+                )
+            }
+        },
+    ));
+    for reads in [
+        CancelledReads::Coalesced,
+        CancelledReads::ReadOnlyTxn,
+        CancelledReads::LockWait,
+    ] {
+        trials.push(
+            Trial::test(
+                format!(
+                    "{backend}::server_safety::{}_cancelled_in_flight_leave_etcd_running",
+                    reads.name()
+                ),
+                move || {
+                    let server = EtcdServer::start_owned().map_err(Failed::from)?;
+                    let outcome = run_limited(
+                        2,
+                        Duration::from_secs(60),
+                        reads_cancelled_in_flight_leave_etcd_running(
+                            server.endpoints().to_owned(),
+                            reads,
+                        ),
+                    );
+                    drop(server);
+                    outcome
+                },
+            )
+            .with_ignored_flag(!server.can_restart()),
+        );
+    }
     let conclusion = libtest_mimic::run(&args, trials);
     server.shutdown();
     conclusion.exit_code()
+}
+
+/// Coalesced reads go out as read-only transactions, which etcd 3.5.0 to 3.5.4 cannot survive
+/// being cancelled: there (and only there) reads are not batched. 64 concurrent gets: batched
+/// on any other version, each alone on those.
+async fn reads_batched_only_where_safe(endpoints: String, version: String) {
+    let kv = Arc::new(
+        hmetcd_etcd::EtcdKvs::connect(&endpoints, "")
+            .await
+            .expect("connect"),
+    );
+    for key in 0..16 {
+        kv.store(&format!("batched/{key}"), "v")
+            .await
+            .expect("store");
+    }
+    let before = kv.coalesce_stats();
+    for _ in 0..5 {
+        let reads: Vec<_> = (0..64)
+            .map(|read| {
+                let kv = Arc::clone(&kv);
+                tokio::spawn(async move { kv.get(&format!("batched/{}", read % 16)).await })
+            })
+            .collect();
+        for read in reads {
+            let value = read.await.expect("task").expect("get");
+            assert_eq!(value.as_deref(), Some("v"));
+        }
+    }
+    let batches = kv.coalesce_stats().batches - before.batches;
+    let crashes_on_cancel = ["3.5.0", "3.5.1", "3.5.2", "3.5.3", "3.5.4"]
+        .iter()
+        .any(|bad| version == *bad || version.starts_with(&format!("{bad}-")));
+    if crashes_on_cancel {
+        assert_eq!(batches, 0, "etcd {version}: reads must not be batched");
+    } else {
+        assert!(
+            batches > 0,
+            "etcd {version}: 320 concurrent gets made no batch"
+        );
+    }
+}
+
+/// The reads of [`reads_cancelled_in_flight_leave_etcd_running`].
+#[derive(Clone, Copy)]
+enum CancelledReads {
+    /// Plain `get`s, which coalescing batches into read-only transactions.
+    Coalesced,
+    /// The caller's own read-only `txn`s.
+    ReadOnlyTxn,
+    /// Lock waits, which read who is ahead in the queue.
+    LockWait,
+}
+
+impl CancelledReads {
+    fn name(self) -> &'static str {
+        match self {
+            CancelledReads::Coalesced => "coalesced_reads",
+            CancelledReads::ReadOnlyTxn => "read_only_transactions",
+            CancelledReads::LockWait => "lock_waits",
+        }
+    }
+}
+
+/// Reads that time out while etcd is serving them must not take etcd down. etcd 3.5.0 to
+/// 3.5.4 crash when a read-only transaction's request is cancelled while it reads (etcd issue
+/// 14110, fixed in 3.5.5). Many tasks read hot keys (or wait for a held lock, which reads who
+/// is ahead) through handles whose request timeouts (1 to 13 ms) expire mid-request again and
+/// again; etcd, started for this test alone, must still answer afterwards.
+async fn reads_cancelled_in_flight_leave_etcd_running(endpoints: String, reads: CancelledReads) {
+    const KEYS: usize = 50;
+    let seed = hmetcd_etcd::EtcdKvs::connect(&endpoints, "")
+        .await
+        .expect("connect");
+    for key in 0..KEYS {
+        seed.store(&format!("hot/{key}"), &"v".repeat(100))
+            .await
+            .expect("store");
+    }
+    // Held throughout, so that every lock attempt waits.
+    let _held = seed.lock("busy").await.expect("lock");
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut handles = Vec::new();
+    for millis in [1, 2, 3, 5, 8, 13] {
+        let options = format!("request_timeout={millis}ms, connect_timeout=10s");
+        let kv = hmetcd_etcd::EtcdKvs::connect(&endpoints, &options)
+            .await
+            .expect("connect");
+        handles.push(Arc::new(kv));
+    }
+    for kv in &handles {
+        for task in 0..12 {
+            let kv = Arc::clone(&kv);
+            tasks.spawn(async move {
+                let mut round = task;
+                while Instant::now() < until {
+                    let key = |at: usize| format!("hot/{}", at % KEYS);
+                    match reads {
+                        CancelledReads::Coalesced => drop(kv.get(&key(round)).await),
+                        CancelledReads::ReadOnlyTxn => {
+                            let txn = hmetcd_core::Txn::new()
+                                .then(hmetcd_core::Op::get(key(round)))
+                                .then(hmetcd_core::Op::get(key(round + 1)));
+                            drop(kv.txn(txn).await);
+                        }
+                        CancelledReads::LockWait => {
+                            let wait = LockOptions::new().timeout(Duration::from_millis(30));
+                            drop(kv.lock_with("busy", wait).await);
+                        }
+                    }
+                    round += 1;
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    drop(handles);
+    let answer = integration_tests::etcd_server::status_version(&endpoints).await;
+    assert!(
+        answer.is_ok(),
+        "etcd stopped answering after {} were cancelled in flight: {answer:?}",
+        reads.name().replace('_', " ")
+    );
 }
 
 /// Keys created by one transaction share a create revision: a candidate key among 100 other

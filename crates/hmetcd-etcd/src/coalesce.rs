@@ -14,7 +14,7 @@
 //!   `transaction`, `txn`, `update`) never come here; their compares stay their own.
 //! - Nothing waits for a batch to fill: a call that finds a lane free and nothing queued goes
 //!   out at once, alone, as it would without coalescing.
-//! - A batch never holds one key twice (etcd refuses that): it ends before the repeat, so the
+//! - A batch never writes one key twice (etcd refuses that): it ends before the repeat, so the
 //!   later caller's write goes out in a later batch and lands later. Nor does it exceed etcd's
 //!   default limits, [`MAX_BATCH_OPS`] operations and [`MAX_BATCH_BYTES`].
 //! - etcd refuses a transaction as a whole, before applying anything, when one of its
@@ -22,6 +22,10 @@
 //!   operations are then sent one by one, so only the caller at fault gets the error. Any other
 //!   failure (a timeout, a lost connection) is every caller's, as it would be for a request of
 //!   its own.
+//! - Reads are batched only on servers that survive a read-only transaction cancelled in
+//!   flight (a batch is cancelled when it times out): not on etcd 3.5.0 to 3.5.4, which crash
+//!   then (see [`crate::server_version`]), nor while the servers' versions are not known. There
+//!   each read goes out alone, as a plain range request, with no lane to wait for.
 //! - Every caller's `request_timeout` runs from its own call. A caller that goes away before its
 //!   operation is sent is left out of the batch; after that its operation is applied or not
 //!   with the whole transaction, never in part.
@@ -37,6 +41,7 @@ use tokio::sync::oneshot;
 use tonic::Code;
 
 use crate::pool::KvPool;
+use crate::server_version::ReadOnlyTxns;
 
 /// Requests of one kind (reads or writes) in flight at once before further ones queue.
 pub(crate) const LANES: usize = 2;
@@ -130,6 +135,8 @@ struct Inner {
     client: Client,
     pool: KvPool,
     request_timeout: Duration,
+    /// Whether reads may be batched (see [`crate::server_version`]).
+    read_only_txns: ReadOnlyTxns,
     reads: Mutex<SideState>,
     writes: Mutex<SideState>,
     batches: AtomicU64,
@@ -151,8 +158,9 @@ pub struct CoalesceStats {
 
 /// How a call goes out.
 pub(crate) enum Route {
-    /// Alone, now, on a lane held until the [`Lane`] is dropped.
-    Alone(Lane, PlainOp),
+    /// Alone, now, on a lane held until the [`Lane`] is dropped (`None`: a read where reads
+    /// are not batched, which needs no lane).
+    Alone(Option<Lane>, PlainOp),
     /// In a batch: the answer arrives here.
     Queued(oneshot::Receiver<Answer>),
 }
@@ -172,12 +180,17 @@ impl Drop for Lane {
 }
 
 impl Coalescer {
-    pub(crate) fn new(client: Client, request_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        request_timeout: Duration,
+        read_only_txns: ReadOnlyTxns,
+    ) -> Self {
         Coalescer {
             inner: Arc::new(Inner {
                 client,
                 pool: KvPool::new(),
                 request_timeout,
+                read_only_txns,
                 reads: Mutex::default(),
                 writes: Mutex::default(),
                 batches: AtomicU64::new(0),
@@ -197,9 +210,12 @@ impl Coalescer {
     }
 
     /// Where `op` goes: alone when a lane of its kind is free and nothing of its kind waits,
-    /// queued for the next batch otherwise.
+    /// queued for the next batch otherwise; a read always alone where reads are not batched.
     pub(crate) fn route(&self, op: PlainOp) -> Route {
         let kind = op.kind();
+        if kind == Kind::Read && !self.inner.read_only_txns.cancel_safe() {
+            return Route::Alone(None, op);
+        }
         let mut side = self.inner.side(kind);
         if side.queue.is_empty() && side.busy < LANES {
             side.busy += 1;
@@ -208,7 +224,7 @@ impl Coalescer {
                 inner: Arc::clone(&self.inner),
                 kind,
             };
-            return Route::Alone(lane, op);
+            return Route::Alone(Some(lane), op);
         }
         let (reply, answer) = oneshot::channel();
         side.queue.push_back(Pending { op, reply });
@@ -249,7 +265,8 @@ impl Inner {
 }
 
 /// The next batch from the front of `queue`: callers still waiting, in order, up to the
-/// limits and never one key twice. Callers that went away are dropped from the queue.
+/// limits and never a write to one key twice (etcd refuses that; reads of one key may repeat).
+/// Callers that went away are dropped from the queue.
 fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
     let mut batch: Vec<Pending> = Vec::new();
     let mut keys: HashSet<Vec<u8>> = HashSet::new();
@@ -262,7 +279,7 @@ fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
         let size = next.op.size();
         let full = batch.len() == MAX_BATCH_OPS
             || (!batch.is_empty() && bytes + size > MAX_BATCH_BYTES)
-            || keys.contains(next.op.key());
+            || (next.op.kind() == Kind::Write && keys.contains(next.op.key()));
         if full {
             break;
         }
@@ -423,6 +440,13 @@ mod tests {
         // The later write to "a" goes in the next batch, after the first.
         assert_eq!(keys(&take_batch(&mut queue)), ["a", "c"]);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn reads_of_one_key_share_a_batch() {
+        let get = |key: &str| PlainOp::Get(key.as_bytes().to_vec());
+        let (mut queue, _answers) = queued(vec![get("a"), get("a"), get("b"), get("a")]);
+        assert_eq!(keys(&take_batch(&mut queue)), ["a", "a", "b", "a"]);
     }
 
     #[test]

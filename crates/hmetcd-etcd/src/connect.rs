@@ -56,6 +56,14 @@ pub(crate) fn connect_arguments(
     Ok((dial, connect))
 }
 
+/// How many members `urls` name: an address given twice is one member.
+pub(crate) fn distinct_members(urls: &[EtcdUrl]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    urls.iter()
+        .filter(|url| seen.insert(url.to_url(false)))
+        .count()
+}
+
 /// The URLs and options for the clients that probe each member on its own: the same TLS
 /// options, no credentials (a probe sends no keys), and `timeout` to connect.
 pub(crate) fn probe_arguments(

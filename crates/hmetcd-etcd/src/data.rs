@@ -76,6 +76,12 @@ pub(crate) fn etcd_op(op: &Op, prefix: &KeyPrefix, lease: i64) -> etcd_client::T
     }
 }
 
+/// Whether etcd takes `txn` as read-only: it reads, and writes in neither branch.
+fn reads_only(txn: &Txn) -> bool {
+    let ops = || txn.then_ops().iter().chain(txn.else_ops());
+    ops().next().is_some() && ops().all(|op| matches!(op, Op::Get { .. }))
+}
+
 /// `txn` as one etcd transaction; `lease` for its `put_temp`s.
 pub(crate) fn etcd_txn(txn: &Txn, prefix: &KeyPrefix, lease: i64) -> etcd_client::Txn {
     let compares: Vec<_> = txn
@@ -259,10 +265,13 @@ impl Shared {
                 (0, 0)
             };
             let sent = etcd_txn(&txn, &self.prefix, lease);
-            match self
-                .kv_bounded(request, async |kv| kv.txn(sent).await)
-                .await?
-            {
+            let answer = if reads_only(&txn) {
+                self.read_only_txn(request, sent).await?
+            } else {
+                self.kv_bounded(request, async |kv| kv.txn(sent).await)
+                    .await?
+            };
+            match answer {
                 Ok(answer) => break (answer, generation),
                 Err(err) if temp && is_lease_not_found(&err) && not.is_none() => {
                     self.session.report_lost(lease);

@@ -62,6 +62,7 @@ mod members;
 mod pool;
 mod range;
 mod retry;
+mod server_version;
 mod session;
 mod watch;
 
@@ -124,6 +125,8 @@ pub(crate) struct Shared {
     kv_pool: pool::KvPool,
     /// Batches concurrent plain calls (see [`coalesce`]); `None` with `coalesce=off`.
     coalescer: Option<coalesce::Coalescer>,
+    /// Whether the servers survive a read-only transaction cancelled in flight.
+    read_only_txns: server_version::ReadOnlyTxns,
 }
 
 impl EtcdKvs {
@@ -171,15 +174,22 @@ impl EtcdKvs {
                     err => errors.map(Request::keyless("connect"), err),
                 })?;
             // Granting the lease is the first request: it proves a member answers and has a leader.
+            // The server's version (see `server_version`) is asked for at the same time.
             let granted_at = tokio::time::Instant::now();
-            let lease = client
-                .lease_client()
-                .grant(ttl, None)
-                .await
-                .map_err(|err| errors.map(Request::keyless("lease grant"), err))?;
-            Ok::<_, Error>((client, lease.id(), lease.ttl(), granted_at))
+            let mut lease_client = client.lease_client();
+            let mut maintenance = client.maintenance_client();
+            let (lease, status) = tokio::join!(lease_client.grant(ttl, None), maintenance.status());
+            let lease = lease.map_err(|err| errors.map(Request::keyless("lease grant"), err))?;
+            let version = match status {
+                Ok(status) => Some(status.version().to_owned()),
+                Err(err) => {
+                    tracing::debug!(error = %err, "the etcd server's version is not known");
+                    None
+                }
+            };
+            Ok::<_, Error>((client, lease.id(), lease.ttl(), granted_at, version))
         };
-        let (client, lease, granted_ttl, granted_at) =
+        let (client, lease, granted_ttl, granted_at, version) =
             tokio::time::timeout(options.connect_timeout, connecting)
                 .await
                 .map_err(|_| {
@@ -195,9 +205,19 @@ impl EtcdKvs {
 
         let prefix = KeyPrefix::new(options.prefix.clone());
         let (shutdown, _) = tokio::sync::watch::channel(false);
-        let coalescer = options
-            .coalesce
-            .then(|| coalesce::Coalescer::new(client.clone(), options.request_timeout));
+        let read_only_txns = server_version::ReadOnlyTxns::default();
+        // With one server, its answer above is the version; with several, the member health
+        // checks learn every member's.
+        if connect::distinct_members(urls) == 1 {
+            read_only_txns.set_from([version.as_deref()]);
+        }
+        let coalescer = options.coalesce.then(|| {
+            coalesce::Coalescer::new(
+                client.clone(),
+                options.request_timeout,
+                read_only_txns.clone(),
+            )
+        });
         let shared = Arc::new(Shared {
             client,
             errors,
@@ -210,12 +230,14 @@ impl EtcdKvs {
             watches: watch::WatchHub::new(),
             kv_pool: pool::KvPool::new(),
             coalescer,
+            read_only_txns,
         });
         let owner = tokio::spawn(session::run(Arc::clone(&shared)));
         let background = members::spawn_health_task(
             &shared.client,
             urls,
             &shared.options,
+            shared.read_only_txns.clone(),
             shared.shutdown.subscribe(),
         )
         .into_iter()
@@ -347,6 +369,30 @@ impl Shared {
         answer
     }
 
+    /// Sends a read-only transaction (reads only). Where the servers crash on a read-only
+    /// transaction cancelled in flight (see [`server_version`]), it goes out on a task of its
+    /// own that is never cancelled: the caller's wait is still bounded by `request_timeout`.
+    pub(crate) async fn read_only_txn(
+        &self,
+        request: Request<'_>,
+        txn: etcd_client::Txn,
+    ) -> Result<Result<etcd_client::TxnResponse, etcd_client::Error>> {
+        if self.read_only_txns.cancel_safe() {
+            return self.kv_bounded(request, async |kv| kv.txn(txn).await).await;
+        }
+        let mut kv = self.kv_pool.take(&self.client);
+        let finishing = tokio::spawn(async move { kv.txn(txn).await });
+        match tokio::time::timeout(self.options.request_timeout, finishing).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(join)) => Err(Error::Backend {
+                operation: request.to_string(),
+                reason: format!("the request's task ended without an answer: {join}"),
+                source: None,
+            }),
+            Err(_) => Err(self.errors.timeout(request)),
+        }
+    }
+
     /// Runs one plain operation, coalesced with other calls' (see [`coalesce`]) unless
     /// `coalesce=off`, bounded by `request_timeout` and mapped like [`Shared::request`].
     pub(crate) async fn plain(
@@ -358,7 +404,7 @@ impl Shared {
         let (_lane, op) = match &self.coalescer {
             None => (None, op),
             Some(coalescer) => match coalescer.route(op) {
-                coalesce::Route::Alone(lane, op) => (Some(lane), op),
+                coalesce::Route::Alone(lane, op) => (lane, op),
                 coalesce::Route::Queued(answer) => {
                     return match tokio::time::timeout(self.options.request_timeout, answer).await {
                         Ok(Ok(Ok(answer))) => Ok(answer),

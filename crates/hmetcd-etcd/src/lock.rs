@@ -589,7 +589,13 @@ impl Shared {
 
     /// The lock key of `dir` created last before `below` (inclusive), if any: the participant
     /// just ahead of us. Only keys `<dir><lease hex>` count. Also the create revision of our
-    /// own `key` (read with the first page, in one transaction) and the revision read at.
+    /// own `key` and the revision everything was read at.
+    ///
+    /// Plain range requests only, never a read-only transaction: a lock wait that is given up
+    /// cancels its request, and etcd 3.5.0 to 3.5.4 crash when a read-only transaction is
+    /// cancelled in flight (see [`crate::server_version`]). Our own key is read first; the
+    /// pages are read at its revision, so all of it is one snapshot, as one transaction would
+    /// give.
     async fn key_ahead(
         &self,
         dir: &str,
@@ -597,48 +603,44 @@ impl Shared {
         below: i64,
         request: Request<'_>,
     ) -> Result<(Option<Vec<u8>>, Option<i64>, i64)> {
+        // A compaction up to the revision just read makes the pages unreadable at it: read
+        // again from our own key, a few times at most.
+        let mut tries = 0;
+        loop {
+            match self.key_ahead_once(dir, key, below, request).await {
+                Err(Error::Compacted { .. }) if tries < 3 => tries += 1,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn key_ahead_once(
+        &self,
+        dir: &str,
+        key: &str,
+        below: i64,
+        request: Request<'_>,
+    ) -> Result<(Option<Vec<u8>>, Option<i64>, i64)> {
+        let own = self
+            .kv_request(request, async |kv| kv.get(key, None).await)
+            .await?;
+        let revision = revision_of(own.header(), request)?;
+        let mine = own.kvs().first().map(|found| found.create_revision());
         // Pages go by create revision, down from `below` (inclusive: keys created by one
-        // transaction share a revision and may straddle pages), all read at one revision.
+        // transaction share a revision and may straddle pages).
         let mut below = below;
         let mut limit = AHEAD_PAGE;
-        let mut mine = None;
-        let mut revision = 0;
         loop {
-            let mut ahead = GetOptions::new()
+            let ahead = GetOptions::new()
                 .with_prefix()
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_max_create_revision(below)
                 .with_limit(limit)
-                .with_keys_only();
-            let first = revision == 0;
-            if !first {
-                ahead = ahead.with_revision(revision);
-            }
-            let mut ops = vec![TxnOp::get(dir, Some(ahead))];
-            if first {
-                ops.push(TxnOp::get(key, None));
-            }
-            let txn = Txn::new().and_then(ops);
-            let answer = self
-                .kv_request(request, async |kv| kv.txn(txn).await)
+                .with_keys_only()
+                .with_revision(revision);
+            let page = self
+                .kv_request(request, async |kv| kv.get(dir, Some(ahead)).await)
                 .await?;
-            if first {
-                revision = revision_of(answer.header(), request)?;
-            }
-            let responses = answer.op_responses();
-            let mut reads = responses.iter().filter_map(|response| match response {
-                TxnOpResponse::Get(read) => Some(read),
-                _ => None,
-            });
-            let Some(page) = reads.next() else {
-                return Err(missing_reads(request));
-            };
-            if first {
-                let Some(own) = reads.next() else {
-                    return Err(missing_reads(request));
-                };
-                mine = own.kvs().first().map(|found| found.create_revision());
-            }
             let participant = page.kvs().iter().find(|found| {
                 found
                     .key()
@@ -776,14 +778,6 @@ impl Shared {
                 }
             }
         }
-    }
-}
-
-fn missing_reads(request: Request<'_>) -> Error {
-    Error::Backend {
-        operation: request.to_string(),
-        reason: "etcd answered a transaction of reads without every result".to_owned(),
-        source: None,
     }
 }
 

@@ -8,6 +8,8 @@
 //! not answer out of the handle's channel and puts it back once it answers again. A member
 //! without a leader counts as not answering, as the handle requires a leader too. When no
 //! member answers at all, the rotation stays as it is: that is no member's fault.
+//!
+//! The probes also learn each member's version, for [`crate::server_version`].
 
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use tonic::Code;
 
 use crate::connect;
 use crate::retry::{pause_unless_shut_down, AbortOnDrop};
+use crate::server_version::ReadOnlyTxns;
 
 /// The pause between two rounds of probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
@@ -30,6 +33,7 @@ pub(crate) fn spawn_health_task(
     client: &Client,
     urls: &[EtcdUrl],
     options: &Options,
+    read_only_txns: ReadOnlyTxns,
     shutdown: watch::Receiver<bool>,
 ) -> Option<AbortOnDrop> {
     let timeout = options.request_timeout.min(LONGEST_PROBE);
@@ -52,6 +56,7 @@ pub(crate) fn spawn_health_task(
             url,
             probe: None,
             in_rotation: true,
+            version: None,
         })
         .collect();
     let task = HealthTask {
@@ -59,6 +64,7 @@ pub(crate) fn spawn_health_task(
         members,
         probe_options,
         timeout,
+        read_only_txns,
     };
     Some(AbortOnDrop(tokio::spawn(task.run(shutdown))))
 }
@@ -70,6 +76,8 @@ struct Member {
     probe: Option<Client>,
     /// Whether the handle's channel sends requests to it.
     in_rotation: bool,
+    /// Its version, from its last status answer.
+    version: Option<String>,
 }
 
 struct HealthTask {
@@ -78,18 +86,37 @@ struct HealthTask {
     members: Vec<Member>,
     probe_options: ConnectOptions,
     timeout: Duration,
+    /// Told the members' versions after every round.
+    read_only_txns: ReadOnlyTxns,
 }
 
 impl HealthTask {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        while pause_unless_shut_down(PROBE_INTERVAL, &mut shutdown).await {
+        // The first round goes at once: until it has every member's version, reads are not
+        // batched (see `server_version`).
+        loop {
             let answers = self.probe_all().await;
+            self.learn_versions(&answers);
             self.rotate(&answers).await;
+            if !pause_unless_shut_down(PROBE_INTERVAL, &mut shutdown).await {
+                return;
+            }
         }
     }
 
-    /// Probes every member at once: `Ok` if it answered with a leader, else why not.
-    async fn probe_all(&mut self) -> Vec<Result<(), String>> {
+    fn learn_versions(&mut self, answers: &[Result<Option<String>, String>]) {
+        for (member, answer) in self.members.iter_mut().zip(answers) {
+            if let Ok(Some(version)) = answer {
+                member.version = Some(version.clone());
+            }
+        }
+        self.read_only_txns
+            .set_from(self.members.iter().map(|member| member.version.as_deref()));
+    }
+
+    /// Probes every member at once: `Ok` if it answered with a leader (with its version when
+    /// the answer was a status), else why not.
+    async fn probe_all(&mut self) -> Vec<Result<Option<String>, String>> {
         let (options, timeout) = (&self.probe_options, self.timeout);
         futures::future::join_all(
             self.members
@@ -99,7 +126,7 @@ impl HealthTask {
         .await
     }
 
-    async fn rotate(&mut self, answers: &[Result<(), String>]) {
+    async fn rotate(&mut self, answers: &[Result<Option<String>, String>]) {
         if answers.iter().all(Result::is_err) {
             return;
         }
@@ -143,7 +170,7 @@ async fn probe(
     member: &mut Member,
     options: &ConnectOptions,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let client = match &member.probe {
         Some(client) => client.clone(),
         None => {
@@ -159,8 +186,8 @@ async fn probe(
     match tokio::time::timeout(timeout, maintenance.status()).await {
         Err(_) => Err(format!("no answer within {timeout:?}")),
         Ok(Ok(status)) if status.leader() == 0 => Err("no leader".to_owned()),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(err)) if answered(&err) => Ok(()),
+        Ok(Ok(status)) => Ok(Some(status.version().to_owned())),
+        Ok(Err(err)) if answered(&err) => Ok(None),
         Ok(Err(err)) => Err(err.to_string()),
     }
 }
