@@ -73,6 +73,7 @@ fn main() {
         );
     }
     let mut server = must(EtcdServer::from_env(), "no etcd for the benchmark");
+    let _ = ETCD_PID.set(server.process_id());
     let runtime = must(
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -592,11 +593,13 @@ fn hmetcd_connect_options() -> ConnectOptions {
         .with_auto_token_refresh(true)
 }
 
-/// One throughput run: calls per second, and the process's CPU time per call.
+/// One throughput run: calls per second, and the process's (and etcd's) CPU time per call.
 #[derive(Debug, Clone)]
 struct Run {
     rate: f64,
     cpu_us_per_call: f64,
+    /// etcd's CPU time per call, when etcd is a child process.
+    etcd_cpu_us_per_call: Option<f64>,
     /// Every call's latency in the run.
     latencies: Vec<Duration>,
 }
@@ -605,16 +608,31 @@ fn mean_rate(runs: &[Run]) -> f64 {
     mean(&runs.iter().map(|run| run.rate).collect::<Vec<_>>())
 }
 
-/// CPU time of every thread of the process so far, in ns (Linux schedstat).
+/// The process id of the etcd the harness runs as a child process, whose CPU time the
+/// throughput runs read too; `None` for a container or a given server.
+static ETCD_PID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// CPU time of every thread of this process so far, in ns (Linux schedstat).
 fn cpu_ns() -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .filter_map(|task| task.ok())
-        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    process_cpu_ns("self").unwrap_or(0)
+}
+
+/// CPU time of every thread of the etcd child process so far, in ns, if there is one.
+fn etcd_cpu_ns() -> Option<u64> {
+    let pid = (*ETCD_PID.get()?)?;
+    process_cpu_ns(&pid.to_string())
+}
+
+/// CPU time of every thread of process `pid` (a number or `self`) so far, in ns.
+fn process_cpu_ns(pid: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .filter_map(|task| task.ok())
+            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 enum Target {
@@ -625,6 +643,7 @@ enum Target {
 /// Operations per second of `tasks` tasks doing `op` on one handle for `span`.
 async fn throughput(target: &Target, op: Op, tasks: usize, span: Duration) -> Run {
     let cpu_before = cpu_ns();
+    let etcd_cpu_before = etcd_cpu_ns();
     let began = Instant::now();
     let deadline = began + span;
     let mut running = Vec::with_capacity(tasks);
@@ -666,10 +685,14 @@ async fn throughput(target: &Target, op: Op, tasks: usize, span: Duration) -> Ru
     }
     let elapsed = began.elapsed().as_secs_f64();
     let cpu = cpu_ns().saturating_sub(cpu_before) as f64;
+    let etcd_cpu = etcd_cpu_before
+        .zip(etcd_cpu_ns())
+        .map(|(before, after)| after.saturating_sub(before) as f64);
     let done = latencies.len();
     Run {
         rate: done as f64 / elapsed,
         cpu_us_per_call: cpu / 1e3 / done.max(1) as f64,
+        etcd_cpu_us_per_call: etcd_cpu.map(|cpu| cpu / 1e3 / done.max(1) as f64),
         latencies,
     }
 }
@@ -1366,10 +1389,11 @@ impl Report {
              etcd-client (drift between rounds cancels out); targets: within 3% with 1 task \
              (≥ {:.2}), ≥ {:.1} with 16 tasks, ≥ {:.1} with 64, and a p99 latency not above raw's \
              with 16 and 64. p99 = over every call of the runs. CPU = the bench process's CPU time \
-             per call (all threads, the client side only; etcd's own CPU is not in it). \
-             `coalesce=off` is hmetcd-etcd with each call a request of its own.\n\n\
-             | operation | tasks | hmetcd-etcd calls/s | etcd-client calls/s | ratio (median) | ratios min–max | p99 ms hmetcd / raw | verdict | coalesce=off calls/s (ratio) | hmetcd-etcd CPU µs/call | etcd-client CPU µs/call | hmetcd-mem calls/s |\n\
-             |---|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|",
+             per call (all threads, the client side); etcd CPU = etcd's, when the harness runs it \
+             as a child process (else -). `coalesce=off` is hmetcd-etcd with each call a request \
+             of its own.\n\n\
+             | operation | tasks | hmetcd-etcd calls/s | etcd-client calls/s | ratio (median) | ratios min–max | p99 ms hmetcd / raw | verdict | coalesce=off calls/s (ratio) | hmetcd-etcd CPU µs/call | etcd-client CPU µs/call | etcd CPU µs/call: hmetcd / raw | hmetcd-mem calls/s |\n\
+             |---|---:|---:|---:|---:|---|---|---|---|---:|---:|---|---:|",
             throughput_target(1),
             throughput_target(16),
             throughput_target(64),
@@ -1404,9 +1428,21 @@ impl Report {
                 cpu
             })
         };
+        let etcd_cpu = |runs: &[Run]| {
+            let mut cpu: Vec<f64> = runs
+                .iter()
+                .filter_map(|run| run.etcd_cpu_us_per_call)
+                .collect();
+            cpu.sort_by(f64::total_cmp);
+            if cpu.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", median(&cpu))
+            }
+        };
         let _ = writeln!(
             self.markdown,
-            "| {name} | {tasks} | {:.0} | {:.0} | {ratio:.3} | {:.2}–{:.2} | {:.2} / {:.2} | {} | {:.0} ({:.3}) | {:.1} | {:.1} | {:.0} |",
+            "| {name} | {tasks} | {:.0} | {:.0} | {ratio:.3} | {:.2}–{:.2} | {:.2} / {:.2} | {} | {:.0} ({:.3}) | {:.1} | {:.1} | {} / {} | {:.0} |",
             mean_rate(&runs[0]),
             mean_rate(&runs[1]),
             ratios.first().copied().unwrap_or_default(),
@@ -1418,6 +1454,8 @@ impl Report {
             median(&ratios_to_raw(&runs[2])),
             cpu(&runs[0]),
             cpu(&runs[1]),
+            etcd_cpu(&runs[0]),
+            etcd_cpu(&runs[1]),
             mean_rate(&runs[3]),
         );
     }

@@ -205,6 +205,16 @@ impl EtcdServer {
         &self.description
     }
 
+    /// The process id of an etcd the harness runs as a child process (`None` for a container
+    /// or a server given by `HMETCD_TEST_ENDPOINTS`), e.g. to read its CPU time. It changes
+    /// with a restart.
+    pub fn process_id(&self) -> Option<u32> {
+        match self.running.try_lock().ok()?.as_ref()? {
+            Running::Process(process) => process.pid(),
+            Running::Container(_) | Running::External => None,
+        }
+    }
+
     /// Whether [`EtcdServer::restart`] can work (the harness owns the server).
     pub fn can_restart(&self) -> bool {
         !self.description.ends_with("(HMETCD_TEST_ENDPOINTS)")

@@ -71,6 +71,11 @@ impl EtcdProcess {
             .map_err(|err| format!("sending {signal:?} to etcd: {err}"))
     }
 
+    /// The running etcd's process id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Stops etcd; the data directory goes with `self`. An etcd that exited by itself first
     /// has its exit status and the end of its log written to stderr: the log goes with the
     /// directory, and the tests that failed after it only say that the connection was refused.
