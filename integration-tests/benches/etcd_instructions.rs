@@ -31,7 +31,9 @@ fn main() {
         Ok(runtime) => runtime,
         Err(err) => panic!("runtime: {err}"),
     };
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("instructions/key_{i:04}")).collect();
+    let keys: Vec<String> = (0..KEYS)
+        .map(|i| format!("instructions/key_{i:04}"))
+        .collect();
     runtime.block_on(async {
         if side == "raw" {
             let client = match etcd_client::Client::connect([endpoint.as_str()], None).await {

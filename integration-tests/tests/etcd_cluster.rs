@@ -54,6 +54,14 @@ fn main() -> ExitCode {
             },
         ),
         Trial::test(
+            format!("etcd-{version}::cluster::reads_are_batched_only_where_every_member_survives_a_cancelled_batch"),
+            {
+                let bin = bin.clone();
+                let version = version.clone();
+                move || run_limited(2, Duration::from_secs(60), reads_batched_only_where_safe(bin, version))
+            },
+        ),
+        Trial::test(
             format!("etcd-{version}::cluster::errors_stop_while_a_member_stays_down"),
             move || {
                 run_limited(
@@ -201,6 +209,50 @@ async fn three_members(bin: &Path) -> (EtcdCluster, String) {
         .take(8)
         .collect();
     (cluster, format!("cluster-{tag}/"))
+}
+
+/// With several endpoints, the member checks learn every member's version: reads are batched
+/// (as read-only transactions) only when no member is etcd 3.5.0 to 3.5.4, which crash when
+/// one is cancelled in flight. 64 concurrent gets, five times, once the first checks are in.
+async fn reads_batched_only_where_safe(bin: PathBuf, version: String) {
+    let (cluster, prefix) = three_members(&bin).await;
+    let kv = EtcdKvs::connect(&cluster.endpoints(), &format!("{OPTIONS},prefix={prefix}"))
+        .await
+        .expect("connect");
+    let kv = Arc::new(kv);
+    for key in 0..16 {
+        kv.store(&format!("batched/{key}"), "v")
+            .await
+            .expect("store");
+    }
+    // The first round of member checks starts at once and takes milliseconds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = kv.coalesce_stats();
+    for _ in 0..5 {
+        let reads: Vec<_> = (0..64)
+            .map(|read| {
+                let kv = Arc::clone(&kv);
+                tokio::spawn(async move { kv.get(&format!("batched/{}", read % 16)).await })
+            })
+            .collect();
+        for read in reads {
+            let value = read.await.expect("task").expect("get");
+            assert_eq!(value.as_deref(), Some("v"));
+        }
+    }
+    let batches = kv.coalesce_stats().batches - before.batches;
+    let crashes_on_cancel = ["3.5.0", "3.5.1", "3.5.2", "3.5.3", "3.5.4"]
+        .iter()
+        .any(|bad| version == *bad || version.starts_with(&format!("{bad}-")));
+    if crashes_on_cancel {
+        assert_eq!(batches, 0, "etcd {version}: reads must not be batched");
+    } else {
+        assert!(
+            batches > 0,
+            "etcd {version}: 320 concurrent gets made no batch"
+        );
+    }
+    drop(cluster);
 }
 
 async fn failover(bin: PathBuf) {
