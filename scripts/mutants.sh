@@ -11,7 +11,8 @@
 #                                                   same in-memory suites
 #   scripts/mutants.sh etcd  [cargo-mutants args]   the etcd backend's pure logic (endpoints
 #                                                   and options, error mapping, key ranges,
-#                                                   retries, data translation) against its
+#                                                   retries, data translation, server
+#                                                   versions) against its
 #                                                   unit tests; no etcd needed
 #   scripts/mutants.sh all                          the three, one after the other
 #
@@ -77,6 +78,7 @@ run_etcd() {
         --file crates/hmetcd-etcd/src/retry.rs \
         --file crates/hmetcd-etcd/src/data.rs \
         --file crates/hmetcd-etcd/src/members.rs \
+        --file crates/hmetcd-etcd/src/server_version.rs \
         --cargo-arg=--lib \
         --baseline skip --timeout "$timeout" "${copy[@]}" \
         --output target/mutants/etcd "$@"
