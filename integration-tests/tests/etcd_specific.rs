@@ -257,7 +257,7 @@ async fn reads_cancelled_in_flight_leave_etcd_running(endpoints: String, reads: 
     }
     for kv in &handles {
         for task in 0..12 {
-            let kv = Arc::clone(&kv);
+            let kv = Arc::clone(kv);
             tasks.spawn(async move {
                 let mut round = task;
                 while Instant::now() < until {
