@@ -131,6 +131,33 @@ mod tests {
     }
 
     #[test]
+    fn tls_follows_the_scheme_or_else_the_tls_options() {
+        let dir = std::env::temp_dir().join(format!("hmetcd-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = dir.join("any.pem");
+        std::fs::write(&pem, "not checked until connecting").unwrap();
+        let pem = pem.display();
+        let dial = |endpoints: &str, options: &str| {
+            let options = Options::parse(options).unwrap();
+            connect_arguments(&urls(endpoints), &options).unwrap().0
+        };
+        // Bare host:port: TLS when a CA or a client certificate is given, either one.
+        assert_eq!(dial("a:1", &format!("ca_file={pem}")), ["https://a:1"]);
+        assert_eq!(
+            dial("a:1", &format!("cert_file={pem},key_file={pem}")),
+            ["https://a:1"]
+        );
+        assert_eq!(dial("a:1", ""), ["http://a:1"]);
+        // An explicit scheme wins over the options.
+        assert_eq!(
+            dial("http://a:1", &format!("ca_file={pem}")),
+            ["http://a:1"]
+        );
+        assert_eq!(dial("https://a:1", ""), ["https://a:1"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn missing_tls_file_names_the_option() {
         let options = Options::parse("ca_file=/nonexistent/ca.pem").unwrap();
         let err = connect_arguments(&urls("https://a:1"), &options).err();

@@ -430,6 +430,47 @@ mod tests {
     }
 
     #[test]
+    fn compares_keep_their_target_and_operand() {
+        use hmetcd_core::CompareOp;
+        let prefix = KeyPrefix::new("x/");
+        let create = shown(&etcd_compare(
+            &Compare::create_revision("a", CompareOp::Greater, 7),
+            &prefix,
+        ));
+        assert!(create.contains("CreateRevision(7)"), "{create}");
+        let modified = shown(&etcd_compare(
+            &Compare::mod_revision("a", CompareOp::Less, 9),
+            &prefix,
+        ));
+        assert!(modified.contains("ModRevision(9)"), "{modified}");
+        let version = shown(&etcd_compare(
+            &Compare::version("a", CompareOp::Equal, 3),
+            &prefix,
+        ));
+        assert!(version.contains("Version(3)"), "{version}");
+    }
+
+    #[test]
+    fn only_a_transaction_of_reads_alone_is_read_only() {
+        assert!(reads_only(
+            &Txn::new().then(Op::get("a")).then(Op::get("b"))
+        ));
+        assert!(reads_only(
+            &Txn::new()
+                .when(Compare::exists("a"))
+                .otherwise(Op::get("b"))
+        ));
+        assert!(!reads_only(
+            &Txn::new().then(Op::get("a")).then(Op::put("b", "1"))
+        ));
+        assert!(!reads_only(
+            &Txn::new().then(Op::get("a")).otherwise(Op::delete("b"))
+        ));
+        // Nothing read, nothing written: etcd reads nothing either, so nothing to protect.
+        assert!(!reads_only(&Txn::new().when(Compare::exists("a"))));
+    }
+
+    #[test]
     fn temp_puts_need_the_lease() {
         let ops = [Op::put("p", "1"), Op::get("g"), Op::put_temp("t", "v")];
         assert!(has_temp_puts(&ops));

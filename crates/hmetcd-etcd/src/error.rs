@@ -141,7 +141,6 @@ fn is_auth_failure(message: &str) -> bool {
         || message.contains("auth token")
 }
 
-/// Whether etcd says the lease does not exist (expired or revoked).
 /// The store revision an answer of `request` was read at.
 pub(crate) fn revision_of(
     header: Option<&etcd_client::ResponseHeader>,
@@ -156,6 +155,7 @@ pub(crate) fn revision_of(
         })
 }
 
+/// Whether etcd says the lease does not exist (expired or revoked).
 pub(crate) fn is_lease_not_found(err: &EtcdError) -> bool {
     match err {
         EtcdError::GRpcStatus(status) => status.message().contains("requested lease not found"),
@@ -192,6 +192,87 @@ mod tests {
             status(Code::InvalidArgument, "etcdserver: request is too large"),
         );
         assert!(err.to_string().len() < 300, "{err}");
+    }
+
+    #[test]
+    fn every_kind_of_refusal_maps_to_its_variant() {
+        let cx = context();
+        let get = Request::new("get", "k");
+        let io = EtcdError::IoError(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        assert!(matches!(cx.map(get, io), Error::Unavailable { .. }));
+        // By status code, whatever the message says.
+        assert!(matches!(
+            cx.map(get, status(Code::Unauthenticated, "x")),
+            Error::Unauthenticated { .. }
+        ));
+        assert!(matches!(
+            cx.map(get, status(Code::PermissionDenied, "x")),
+            Error::PermissionDenied { .. }
+        ));
+        assert!(matches!(
+            cx.map(get, status(Code::Cancelled, "x")),
+            Error::Unavailable { .. }
+        ));
+        // An unknown status is a transport failure only when it says so.
+        assert!(matches!(
+            cx.map(get, status(Code::Unknown, "boom")),
+            Error::Backend { .. }
+        ));
+        // By message, whatever the status code.
+        for message in [
+            "etcdserver: authentication failed, invalid user ID or password",
+            "etcdserver: user name is empty",
+            "etcdserver: user name not found",
+            "etcdserver: invalid auth token",
+        ] {
+            assert!(
+                matches!(
+                    cx.map(get, status(Code::FailedPrecondition, message)),
+                    Error::Unauthenticated { .. }
+                ),
+                "{message}"
+            );
+        }
+        assert!(matches!(
+            cx.map(
+                get,
+                status(Code::FailedPrecondition, "etcdserver: permission denied")
+            ),
+            Error::PermissionDenied { .. }
+        ));
+        assert!(matches!(
+            cx.map(get, status(Code::Unknown, "etcdserver: request timed out")),
+            Error::Timeout { .. }
+        ));
+        for message in ["etcdserver: no leader", "etcdserver: leader changed"] {
+            assert!(
+                matches!(
+                    cx.map(get, status(Code::Unknown, message)),
+                    Error::Unavailable { .. }
+                ),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_missing_lease_is_a_lost_lease() {
+        assert!(is_lease_not_found(&EtcdError::LeaseKeepAliveError(
+            "lease not found".into()
+        )));
+        assert!(!is_lease_not_found(&EtcdError::LeaseKeepAliveError(
+            "stream closed".into()
+        )));
+        assert!(!is_lease_not_found(&status(
+            Code::NotFound,
+            "key not found"
+        )));
+        assert!(!is_lease_not_found(&EtcdError::InvalidArgs(
+            "requested lease not found".into()
+        )));
     }
 
     #[test]
