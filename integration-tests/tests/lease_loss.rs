@@ -82,7 +82,7 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(given_up_attempt(e, s, GiveUp::NamedGuard)),
         )
         .add(
-            "temp_key_restore_never_overwrites_another_clients_data",
+            "temp_key_restore_never_overwrites_another_clients_data_and_puts_back_the_last_value",
             60,
             |e, s| Box::pin(restore_never_overwrites(e, s)),
         )
@@ -648,6 +648,11 @@ async fn restore_never_overwrites(endpoints: String, store: TestStore) {
     let mut raw = raw(&endpoints).await;
     a.temp_key("m").await.expect("A's temp key m");
     a.temp_key("n").await.expect("A's temp key n");
+    // A temp key whose value changed comes back with the value it had last.
+    a.store_temp("v", "first").await.expect("A's temp key v");
+    a.store_temp("v", "last")
+        .await
+        .expect("A's temp key v again");
     b.store("m", "B-data").await.expect("B overwrites m");
     let (m_key, n_key) = (
         format!("{}m", store.prefix()),
@@ -675,6 +680,25 @@ async fn restore_never_overwrites(endpoints: String, store: TestStore) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let v_key = format!("{}v", store.prefix());
+    let v_back = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match lease_of(&mut raw, &v_key).await {
+                Some(now) if now != 0 && now != lease => break,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        v_back.is_ok(),
+        "A's temp key v not back on a new lease 15 s after the revoke"
+    );
+    assert_eq!(
+        b.get("v").await.expect("get v").as_deref(),
+        Some("last"),
+        "A's temp key v came back with an old value"
+    );
     let m_after_restore = b.get("m").await.expect("get m");
     let m_lease = lease_of(&mut raw, &m_key).await;
     a.close().await.expect("close A");
