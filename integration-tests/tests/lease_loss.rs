@@ -86,6 +86,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             60,
             |e, s| Box::pin(restore_never_overwrites(e, s)),
         )
+        .add(
+            "a_temp_put_etcd_refuses_fails_alone_and_loses_no_lease",
+            30,
+            |e, s| Box::pin(refused_temp_put(e, s)),
+        )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
         })
@@ -718,6 +723,41 @@ async fn restore_never_overwrites(endpoints: String, store: TestStore) {
         "A's close removed B's data at m"
     );
     b.close().await.expect("close B");
+}
+
+/// A temp put that etcd refuses for its own sake (a value over etcd's request limit) fails
+/// with that error at once, and is not taken for a lost lease: the handle keeps its lease and
+/// its other temp keys stay where they are. Only "lease not found" means the lease is gone.
+async fn refused_temp_put(endpoints: String, store: TestStore) {
+    let a = EtcdKvs::connect(
+        &endpoints,
+        &store.options(&format!(
+            "lease_ttl={}s,request_timeout=2s",
+            LEASE_TTL.as_secs()
+        )),
+    )
+    .await
+    .expect("open A");
+    let mut raw = raw(&endpoints).await;
+    a.temp_key("kept").await.expect("A's temp key");
+    let kept = format!("{}kept", store.prefix());
+    let lease = lease_of(&mut raw, &kept)
+        .await
+        .expect("A's temp key is there");
+    let big = "x".repeat(2 * 1024 * 1024);
+    let refused = tokio::time::timeout(Duration::from_secs(10), a.store_temp("big", &big)).await;
+    let refused = refused.expect("a refused temp put must fail, not retry for ever");
+    assert!(refused.is_err(), "etcd took a 2 MiB value: {refused:?}");
+    // A lease taken for lost would be replaced and the temp key put back on a new one at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lease_of(&mut raw, &kept).await,
+        Some(lease),
+        "A's temp key moved to another lease after a refused temp put"
+    );
+    assert!(lease_alive(&mut raw, lease).await, "A's lease is gone");
+    assert_eq!(a.get("big").await.expect("get big"), None);
+    a.close().await.expect("close A");
 }
 
 // ---------------------------------------------------------------------------------------------
