@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod cases;
 pub mod cluster;
+pub mod coalescing;
 pub mod etcd_server;
 pub mod faults;
 pub mod spans;

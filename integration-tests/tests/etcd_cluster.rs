@@ -20,6 +20,7 @@ use futures::StreamExt;
 use hmetcd_core::{KeyChange, Kvi, WatchEvent};
 use hmetcd_etcd::EtcdKvs;
 use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster};
+use integration_tests::coalescing::assert_reads_batched_only_where_safe;
 use integration_tests::run_limited;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -219,39 +220,9 @@ async fn reads_batched_only_where_safe(bin: PathBuf, version: String) {
     let kv = EtcdKvs::connect(&cluster.endpoints(), &format!("{OPTIONS},prefix={prefix}"))
         .await
         .expect("connect");
-    let kv = Arc::new(kv);
-    for key in 0..16 {
-        kv.store(&format!("batched/{key}"), "v")
-            .await
-            .expect("store");
-    }
     // The first round of member checks starts at once and takes milliseconds.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = kv.coalesce_stats();
-    for _ in 0..5 {
-        let reads: Vec<_> = (0..64)
-            .map(|read| {
-                let kv = Arc::clone(&kv);
-                tokio::spawn(async move { kv.get(&format!("batched/{}", read % 16)).await })
-            })
-            .collect();
-        for read in reads {
-            let value = read.await.expect("task").expect("get");
-            assert_eq!(value.as_deref(), Some("v"));
-        }
-    }
-    let batches = kv.coalesce_stats().batches - before.batches;
-    let crashes_on_cancel = ["3.5.0", "3.5.1", "3.5.2", "3.5.3", "3.5.4"]
-        .iter()
-        .any(|bad| version == *bad || version.starts_with(&format!("{bad}-")));
-    if crashes_on_cancel {
-        assert_eq!(batches, 0, "etcd {version}: reads must not be batched");
-    } else {
-        assert!(
-            batches > 0,
-            "etcd {version}: 320 concurrent gets made no batch"
-        );
-    }
+    assert_reads_batched_only_where_safe(Arc::new(kv), &version).await;
     drop(cluster);
 }
 

@@ -23,6 +23,7 @@ use etcd_client::{
 use futures::StreamExt;
 use hmetcd_core::{Error, KeyChange, Kvi, Leadership, LockOptions, WatchEvent, DEFAULT_LOCK_NAME};
 use integration_tests::backends::{self, EtcdOpener};
+use integration_tests::coalescing::assert_reads_batched_only_where_safe;
 use integration_tests::etcd_server::{raw_client, EtcdServer};
 use integration_tests::run_limited;
 use integration_tests::{Opener, TestStore};
@@ -170,41 +171,10 @@ fn main() -> ExitCode {
 /// being cancelled: there (and only there) reads are not batched. 64 concurrent gets: batched
 /// on any other version, each alone on those.
 async fn reads_batched_only_where_safe(endpoints: String, version: String) {
-    let kv = Arc::new(
-        hmetcd_etcd::EtcdKvs::connect(&endpoints, "")
-            .await
-            .expect("connect"),
-    );
-    for key in 0..16 {
-        kv.store(&format!("batched/{key}"), "v")
-            .await
-            .expect("store");
-    }
-    let before = kv.coalesce_stats();
-    for _ in 0..5 {
-        let reads: Vec<_> = (0..64)
-            .map(|read| {
-                let kv = Arc::clone(&kv);
-                tokio::spawn(async move { kv.get(&format!("batched/{}", read % 16)).await })
-            })
-            .collect();
-        for read in reads {
-            let value = read.await.expect("task").expect("get");
-            assert_eq!(value.as_deref(), Some("v"));
-        }
-    }
-    let batches = kv.coalesce_stats().batches - before.batches;
-    let crashes_on_cancel = ["3.5.0", "3.5.1", "3.5.2", "3.5.3", "3.5.4"]
-        .iter()
-        .any(|bad| version == *bad || version.starts_with(&format!("{bad}-")));
-    if crashes_on_cancel {
-        assert_eq!(batches, 0, "etcd {version}: reads must not be batched");
-    } else {
-        assert!(
-            batches > 0,
-            "etcd {version}: 320 concurrent gets made no batch"
-        );
-    }
+    let kv = hmetcd_etcd::EtcdKvs::connect(&endpoints, "")
+        .await
+        .expect("connect");
+    assert_reads_batched_only_where_safe(Arc::new(kv), &version).await;
 }
 
 /// The reads of [`reads_cancelled_in_flight_leave_etcd_running`].
