@@ -128,9 +128,10 @@ impl Log {
             .back()
             .is_none_or(|chunk| chunk.capacity() - chunk.len() < len);
         if full {
-            let chunk = match self.spare.take() {
-                Some(spare) if spare.capacity() >= len => spare,
-                _ => String::with_capacity(LOG_CHUNK.max(len)),
+            // A spare too small for this event stays for the next.
+            let chunk = match self.spare.take_if(|spare| spare.capacity() >= len) {
+                Some(spare) => spare,
+                None => String::with_capacity(LOG_CHUNK.max(len)),
             };
             self.chunks.push_back(chunk);
         }
@@ -1381,6 +1382,146 @@ mod tests {
             ]
         );
         assert_eq!(log.replay(1995, "x", 0).count(), 0);
+    }
+
+    /// Every event in `log`, as `(revision, key, value)`, read back from its chunk.
+    fn logged(log: &Log) -> Vec<(i64, String, Option<String>)> {
+        log.events
+            .iter()
+            .map(|logged| {
+                let (key, value) = log.text(logged).unwrap_or(("<lost>", None));
+                (logged.revision, key.to_owned(), value.map(str::to_owned))
+            })
+            .collect()
+    }
+
+    /// The log's memory is accounted exactly: events fill 64 KiB chunks to the last byte and
+    /// never make one grow, a chunk goes as soon as its last event does, one emptied chunk is
+    /// kept as a spare for the next (never a bigger one, and never handed to an event it cannot
+    /// hold), and the last chunk stays to be filled.
+    /// A log beside a model of what it must hold.
+    struct Checked {
+        log: Log,
+        model: VecDeque<(i64, String, Option<String>)>,
+    }
+
+    impl Checked {
+        /// Logs a put of `value` at `k/<revision>` (a 6-byte key) and reads every event back.
+        fn push(&mut self, revision: i64, value: &str) {
+            let key = format!("k/{revision:04}");
+            assert_eq!(key.len(), 6);
+            assert!(self.log.push(revision, &key, Some(value)));
+            self.model
+                .push_back((revision, key, Some(value.to_owned())));
+            self.check();
+        }
+
+        /// `Log::pop_before`, and the same on the model.
+        fn pop_before(&mut self, revision: i64) -> bool {
+            let popped = self.log.pop_before(revision);
+            let expected = self.model.front().is_some_and(|event| event.0 < revision);
+            assert_eq!(popped, expected, "pop before {revision}");
+            if popped {
+                self.model.pop_front();
+            }
+            self.check();
+            popped
+        }
+
+        fn check(&self) {
+            assert_eq!(logged(&self.log), Vec::from(self.model.clone()));
+        }
+
+        /// The capacity of each chunk, oldest first.
+        fn capacities(&self) -> Vec<usize> {
+            self.log.chunks.iter().map(String::capacity).collect()
+        }
+    }
+
+    /// The log's memory is accounted exactly: events fill 64 KiB chunks to the last byte and
+    /// never make one grow, a chunk goes as soon as its last event does, one emptied chunk is
+    /// kept as a spare for the next (never a bigger one, and never handed to an event it cannot
+    /// hold), and the last chunk stays to be filled.
+    #[test]
+    fn the_log_fills_chunks_exactly_and_keeps_one_spare() {
+        const SMALL: usize = 128;
+        let small = "v".repeat(SMALL - 6);
+        let big = "b".repeat(LOG_CHUNK + 10);
+        let mut log = Checked {
+            log: Log::default(),
+            model: VecDeque::new(),
+        };
+
+        // 512 events of 128 bytes fill the first chunk exactly; the 513th starts a second.
+        for revision in 1..=512 {
+            log.push(revision, &small);
+        }
+        assert_eq!(log.capacities(), [LOG_CHUNK]);
+        assert_eq!(
+            log.log.chunks[0].len(),
+            LOG_CHUNK,
+            "filled to the last byte"
+        );
+        log.push(513, &small);
+        assert_eq!(log.capacities(), [LOG_CHUNK, LOG_CHUNK]);
+
+        // The first chunk goes with its last event, and becomes the spare.
+        for revision in 1..=511 {
+            assert!(log.pop_before(513));
+            assert_eq!(
+                log.log.chunks.len(),
+                2,
+                "event {revision} was not the chunk's last"
+            );
+        }
+        assert!(log.pop_before(513));
+        assert!(!log.pop_before(513));
+        assert_eq!(log.capacities(), [LOG_CHUNK]);
+        assert_eq!(log.log.first_chunk, 1);
+        assert!(
+            log.log.spare.is_some(),
+            "an emptied chunk is kept for the next"
+        );
+
+        // An event bigger than a chunk gets one of its own size; the spare is too small for it.
+        log.push(514, &big);
+        assert_eq!(log.capacities(), [LOG_CHUNK, LOG_CHUNK + 16]);
+        assert!(
+            log.log.spare.is_some(),
+            "the spare cannot hold the big event"
+        );
+        // The next small event does not fit after the big one, and takes the spare.
+        log.push(515, &small);
+        assert_eq!(log.capacities(), [LOG_CHUNK, LOG_CHUNK + 16, LOG_CHUNK]);
+        assert!(log.log.spare.is_none());
+
+        // The first chunk (513 alone) goes and becomes the spare; fill the last chunk so that a
+        // new one takes it again.
+        assert!(log.pop_before(514));
+        assert!(log.log.spare.is_some());
+        for revision in 516..=1026 {
+            log.push(revision, &small);
+        }
+        assert_eq!(log.log.chunks.len(), 2);
+        log.push(1027, &small);
+        assert_eq!(log.capacities(), [LOG_CHUNK + 16, LOG_CHUNK, LOG_CHUNK]);
+        assert!(log.log.spare.is_none());
+
+        // The big event's chunk is freed, not kept as a spare.
+        assert!(log.pop_before(515));
+        assert_eq!(log.capacities(), [LOG_CHUNK, LOG_CHUNK]);
+        assert!(
+            log.log.spare.is_none(),
+            "only a chunk of the usual size is kept"
+        );
+
+        // With every event gone, the last chunk stays, to be filled.
+        while log.pop_before(i64::MAX) {}
+        assert_eq!(log.log.len(), 0);
+        assert_eq!(log.capacities(), [LOG_CHUNK]);
+        assert!(log.log.spare.is_some());
+        log.push(1028, &small);
+        assert_eq!(log.capacities(), [LOG_CHUNK]);
     }
 
     #[test]
