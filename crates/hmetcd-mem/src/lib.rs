@@ -774,6 +774,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_handle_keeps_its_options_and_shows_them_in_debug() {
+        let kv = MemKvs::open(
+            "debug-and-options",
+            "prefix=svc/,lock_name=jobs,lease_ttl=7s",
+        )
+        .unwrap();
+        assert_eq!(kv.options().prefix, "svc/");
+        assert_eq!(kv.options().lock_name, "jobs");
+        assert_eq!(kv.options().lease_ttl, Duration::from_secs(7));
+        let shown = format!("{kv:?}");
+        for part in [
+            "MemKvs",
+            "\"debug-and-options\"",
+            "\"svc/\"",
+            "\"jobs\"",
+            "closed: false",
+        ] {
+            assert!(shown.contains(part), "{part} in {shown}");
+        }
+        kv.close().await.unwrap();
+        assert!(format!("{kv:?}").contains("closed: true"));
+        assert!(format!("{:?}", MemKvs::new()).contains("<private>"));
+    }
+
+    /// `close()` first wakes the handle's lock wait, then closes the session: a wait woken in
+    /// between must still fail with `Closed`, never return as if it held the lock.
+    #[tokio::test]
+    async fn a_lock_wait_woken_by_close_fails_even_before_the_session_is_closed() {
+        let holder = MemKvs::new();
+        let waiter = holder.open_sibling("").unwrap();
+        holder.dist_lock().await.unwrap();
+        let wait = waiter.dist_lock();
+        tokio::pin!(wait);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut wait)
+                .await
+                .is_err(),
+            "the lock is held by the other handle"
+        );
+        // What `close()` does first.
+        waiter.closing.send_replace(true);
+        assert!(matches!(wait.await, Err(Error::Closed)));
+        assert!(!waiter.holds_lock());
+    }
+
+    #[tokio::test]
     async fn watch_returns_only_after_registering() {
         let kv = MemKvs::new();
         for _ in 0..100 {
