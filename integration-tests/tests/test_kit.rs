@@ -91,6 +91,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         |rig| Box::pin(guarded_writes_lease_expiry(rig)),
     ),
     (
+        "lease_expiry_puts_back_no_temp_key_the_handle_rewrote_or_deleted",
+        |rig| Box::pin(rewritten_temp_keys_lease_expiry(rig)),
+    ),
+    (
         "watch_prefix_from_resumes_across_a_cut_missing_and_repeating_nothing",
         |rig| Box::pin(history_across_a_cut(rig)),
     ),
@@ -615,6 +619,58 @@ async fn lease_expiry(mut rig: Box<dyn Rig>) {
     drop(a_queue);
     guard.unlock().await.expect("a lost guard's unlock is Ok");
     drop(b_guard);
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// A temp key that A itself overwrote or deleted afterwards (`store`, `delete`,
+/// `delete_prefix`, a transaction's put or delete) is no longer one of its temp keys: the
+/// lease's loss neither deletes nor puts it back, even where someone else deleted it since.
+/// One that A rewrote with `store_temp` stays a temp key and comes back with its last value.
+async fn rewritten_temp_keys_lease_expiry(mut rig: Box<dyn Rig>) {
+    let a = rig.open_faulty().await;
+    let b = rig.open_other().await;
+    for key in [
+        "r/stored",
+        "r/deleted",
+        "r/sub/1",
+        "r/sub/2",
+        "r/txn-put",
+        "r/txn-deleted",
+        "r/kept",
+    ] {
+        a.temp_key(key).await.expect("temp key");
+    }
+    a.store_temp("r/kept", "last").await.expect("store_temp");
+    a.store("r/stored", "plain").await.expect("store");
+    a.delete("r/deleted").await.expect("delete");
+    a.delete_prefix("r/sub/").await.expect("delete_prefix");
+    a.txn(
+        Txn::new()
+            .then(Op::put("r/txn-put", "plain"))
+            .then(Op::delete("r/txn-deleted")),
+    )
+    .await
+    .expect("txn");
+    // Absent now: A would put these back if it still took them for its temp keys.
+    b.delete("r/stored").await.expect("B deletes");
+    b.delete("r/txn-put").await.expect("B deletes");
+    let mut events = b.watch_prefix("r/").await.expect("watch r/");
+
+    rig.expire_lease("r/kept").await;
+
+    let lost = next_event(&mut events, "the lease's one key deleted").await;
+    assert_eq!(seen(&lost), delete("r/kept"));
+    let restored = next_event(&mut events, "the temp key restored").await;
+    assert_eq!(seen(&restored), put("r/kept", "last"));
+    assert!(restored.revision() > lost.revision());
+    no_event(&mut events, "nothing else is put back").await;
+    let left = b.get_range("r/", "r/~").await.expect("range");
+    let left: Vec<(&str, &str)> = left
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.as_str()))
+        .collect();
+    assert_eq!(left, [("r/kept", "last")]);
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
