@@ -793,8 +793,19 @@ mod tests {
         ] {
             assert!(shown.contains(part), "{part} in {shown}");
         }
+        let faults = format!("{:?}", kv.faults());
+        for part in [
+            "Faults",
+            "Session",
+            "\"mem:debug-and-options\"",
+            "lease: ",
+            "status: 0",
+        ] {
+            assert!(faults.contains(part), "{part} in {faults}");
+        }
         kv.close().await.unwrap();
         assert!(format!("{kv:?}").contains("closed: true"));
+        assert!(format!("{:?}", kv.faults()).contains("status: 1"));
         assert!(format!("{:?}", MemKvs::new()).contains("<private>"));
     }
 
