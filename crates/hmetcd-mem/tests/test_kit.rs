@@ -165,6 +165,59 @@ async fn a_partition_longer_than_lease_ttl_loses_the_lock_at_lease_ttl() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn expire_lease_during_a_partition_expires_it_at_once_and_once() {
+    let _wall = WallClock::start();
+    let (a, b) = pair("kit-expire-cut");
+    a.temp_key("workers/a").await.expect("temp key");
+    let guard = a.lock("report").await.expect("A locks report");
+    let mut events = b.watch_stream("workers/a").await.expect("watch");
+    let faults = a.faults();
+    faults.partition(true);
+    let began = Instant::now();
+    faults.expire_lease();
+    assert_eq!(guard.lost().await, LostReason::SessionLost);
+    assert_eq!(b.get("workers/a").await.expect("get"), None);
+    let deleted = events.next().await.expect("an event").expect("no error");
+    assert!(matches!(deleted, WatchEvent::Delete { .. }), "{deleted:?}");
+    assert_eq!(began.elapsed(), Duration::ZERO, "at once, not at lease_ttl");
+    faults.expire_lease();
+    assert!(
+        events.next().now_or_never().is_none(),
+        "a lost lease is lost once"
+    );
+    faults.partition(false);
+    let restored = events.next().await.expect("an event").expect("no error");
+    assert!(matches!(restored, WatchEvent::Put { .. }), "{restored:?}");
+    assert_eq!(b.get("workers/a").await.expect("get").as_deref(), Some("1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_partition_call_is_part_of_the_first() {
+    let _wall = WallClock::start();
+    let (a, b) = pair("kit-cut-twice");
+    a.temp_key("workers/a").await.expect("temp key");
+    let faults = a.faults();
+    faults.partition(true);
+    tokio::time::sleep(TTL + Duration::from_millis(1)).await;
+    assert_eq!(
+        b.get("workers/a").await.expect("get"),
+        None,
+        "the lease expired"
+    );
+    faults.partition(true);
+    faults.partition(false);
+    assert_eq!(
+        b.get("workers/a").await.expect("get").as_deref(),
+        Some("1"),
+        "the partition that ended is the one that lost the lease"
+    );
+    a.close().await.expect("close");
+    faults.partition(true);
+    assert!(matches!(a.get("x").await, Err(Error::Closed)));
+    assert_eq!(b.get("workers/a").await.expect("get"), None);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_partitioned_handle_lets_go_of_its_lock_keys_when_the_partition_ends() {
     let _wall = WallClock::start();
     let (a, b) = pair("kit-let-go");
