@@ -352,10 +352,11 @@ impl Session {
                 .into_keys()
                 .collect::<Vec<_>>();
             keys.extend(self.participants.keys());
+            // Gone first: a lock wait woken by the revoke must not queue again on the lease.
+            self.participants.set_link(Link::Gone);
             // As when etcd revokes the lease: temp keys and lock keys go in one revision.
             self.store
                 .revoke(self.participants.lease(), &keys, LostReason::Closed, None);
-            self.participants.set_link(Link::Gone);
         }
         drop(partition);
         release_held();

@@ -581,8 +581,11 @@ impl Kvi for MemKvs {
                 if self.session.is_closed() {
                     return Ok(());
                 }
+                // The session first: a lock wait woken by the closing signal below must find the
+                // handle closed, not queue again on its lease meanwhile.
+                let released = self.release();
                 self.closing.send_replace(true);
-                if self.release() {
+                if released {
                     Ok(())
                 } else {
                     // As on etcd when the lease revoke cannot reach the server: closed here, but the
@@ -809,8 +812,8 @@ mod tests {
         assert!(format!("{:?}", MemKvs::new()).contains("<private>"));
     }
 
-    /// `close()` first wakes the handle's lock wait, then closes the session: a wait woken in
-    /// between must still fail with `Closed`, never return as if it held the lock.
+    /// A lock wait woken by the closing signal fails with `Closed` whatever it finds of the
+    /// session then, never returns as if it held the lock (here the signal comes alone).
     #[tokio::test]
     async fn a_lock_wait_woken_by_close_fails_even_before_the_session_is_closed() {
         let holder = MemKvs::new();
@@ -824,7 +827,6 @@ mod tests {
                 .is_err(),
             "the lock is held by the other handle"
         );
-        // What `close()` does first.
         waiter.closing.send_replace(true);
         assert!(matches!(wait.await, Err(Error::Closed)));
         assert!(!waiter.holds_lock());

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hmetcd_core::{Error, Kvi, LockGuard, LockOptions};
+use futures::StreamExt;
+use hmetcd_core::{Error, Kvi, LockGuard, LockOptions, WatchEvent};
 use tokio::time::Instant;
 
 use super::{
@@ -331,6 +332,52 @@ pub async fn close_releases_every_guard(store: TestStore) {
     }
     drop(got);
     waiter.close().await.unwrap();
+}
+
+/// `close()` ends every lock wait of the handle with `Closed`, the one queued in the store and
+/// the one queued behind it on the handle itself, and no wait queues again afterwards: the
+/// only lock key the handle had goes, and none comes back.
+pub async fn close_ends_every_wait_and_no_wait_queues_again(store: TestStore) {
+    let holder = store.open().await;
+    let observer = store.open().await;
+    let closing: Arc<dyn Kvi> = Arc::from(store.open().await);
+    let guard = take(holder.as_ref(), NAME, "holder").await;
+    let held = wait_for_lock_keys(observer.as_ref(), NAME, 1, "the holder").await;
+    let first = queue(&closing, NAME);
+    wait_for_lock_keys(observer.as_ref(), NAME, 2, "the handle's first waiter").await;
+    let second = queue(&closing, NAME);
+    assert_taken(observer.as_ref(), NAME, "the observer").await;
+    let mut keys = observer
+        .watch_prefix(&format!("{NAME}/"))
+        .await
+        .unwrap_or_else(|err| panic!("watch the lock keys: {err}"));
+
+    closing.close().await.unwrap();
+    for (waiter, which) in [(first, "first"), (second, "second")] {
+        let ended = within(PROMPTLY, &format!("the {which} wait"), waiter)
+            .await
+            .unwrap_or_else(|err| panic!("the {which} waiter's task: {err}"));
+        assert!(
+            matches!(ended, Err(Error::Closed)),
+            "the {which} wait: {:?}",
+            ended.map(|(guard, _)| guard.name().to_owned())
+        );
+    }
+    let gone = next_event(&mut keys, PROMPTLY, "the waiter's key deleted").await;
+    assert!(
+        matches!(&gone, WatchEvent::Delete { key, .. } if !held.contains(key)),
+        "{gone:?}"
+    );
+    let more = tokio::time::timeout(PROBE, keys.next()).await;
+    assert!(
+        more.is_err(),
+        "a closed handle's wait queued again: {more:?}"
+    );
+    assert_eq!(lock_keys(observer.as_ref(), NAME).await, held);
+    drop(guard);
+    wait_for_lock_keys(observer.as_ref(), NAME, 0, "the holder let go").await;
+    holder.close().await.unwrap();
+    observer.close().await.unwrap();
 }
 
 /// A dropped handle's guards are released within the backend's bound (at once in memory,
