@@ -714,7 +714,8 @@ pub async fn lost_resolves_closed_on_close(store: TestStore) {
 }
 
 /// `lost()` resolves with `KeyDeleted` when another handle deletes the leader's key; the
-/// next candidate leads at once and the old leadership says it no longer leads.
+/// next candidate leads at once and the old leadership says it no longer leads, and leaves
+/// alone the same key put again by someone else.
 pub async fn lost_resolves_key_deleted_when_another_handle_deletes_the_key(store: TestStore) {
     let kv = store.open().await;
     let waiter: Arc<dyn Kvi> = Arc::from(store.open().await);
@@ -733,12 +734,21 @@ pub async fn lost_resolves_key_deleted_when_another_handle_deletes_the_key(store
         LostReason::KeyDeleted
     );
     assert!(got.fencing_token() > leadership.fencing_token());
+    // The key put again by someone else is not the lost leader's: its proclaim and resign
+    // must leave it alone.
+    deleter.store(&key, "someone else's").await.unwrap();
     assert_no_longer_leads(kv.as_ref(), leadership, &key, "after the key was deleted").await;
+    assert_eq!(
+        deleter.get(&key).await.unwrap().as_deref(),
+        Some("someone else's"),
+        "the lost leader's resign deleted a key that is no longer its own"
+    );
     assert!(
         got.is_leader(),
         "the lost leadership's resign ended the next term"
     );
     leader_key(deleter.as_ref(), NAME, "next").await;
+    deleter.delete(&key).await.unwrap();
     drop(got);
     for kv in [kv, deleter] {
         kv.close().await.unwrap();
