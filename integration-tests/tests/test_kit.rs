@@ -624,7 +624,8 @@ async fn lease_expiry(mut rig: Box<dyn Rig>) {
 }
 
 /// A temp key that A itself overwrote or deleted afterwards (`store`, `delete`,
-/// `delete_prefix`, a transaction's put or delete) is no longer one of its temp keys: the
+/// `delete_prefix`, a transaction's put, delete or delete_prefix) is no longer one of its temp
+/// keys: the
 /// lease's loss neither deletes nor puts it back, even where someone else deleted it since.
 /// One that A rewrote with `store_temp` stays a temp key and comes back with its last value.
 async fn rewritten_temp_keys_lease_expiry(mut rig: Box<dyn Rig>) {
@@ -637,6 +638,7 @@ async fn rewritten_temp_keys_lease_expiry(mut rig: Box<dyn Rig>) {
         "r/sub/2",
         "r/txn-put",
         "r/txn-deleted",
+        "r/txn-sub/1",
         "r/kept",
     ] {
         a.temp_key(key).await.expect("temp key");
@@ -648,7 +650,8 @@ async fn rewritten_temp_keys_lease_expiry(mut rig: Box<dyn Rig>) {
     a.txn(
         Txn::new()
             .then(Op::put("r/txn-put", "plain"))
-            .then(Op::delete("r/txn-deleted")),
+            .then(Op::delete("r/txn-deleted"))
+            .then(Op::delete_prefix("r/txn-sub/")),
     )
     .await
     .expect("txn");
