@@ -188,6 +188,12 @@ mod tests {
             ]
         );
         assert_eq!(urls[2].to_url(true), "https://c-1:3");
+        // Shown as given: a scheme only where the endpoint had one.
+        let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["http://a:1", "https://b.example:2379", "c-1:3", "[::1]:4"]
+        );
     }
 
     #[test]

@@ -253,6 +253,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_timeouts_and_outages_are_transient() {
+        let timeout = Error::Timeout {
+            operation: "get".into(),
+            timeout: Duration::from_secs(1),
+        };
+        let unavailable = Error::Unavailable {
+            endpoints: "http://127.0.0.1:2379".into(),
+            reason: "connection refused".into(),
+            source: None,
+        };
+        assert!(timeout.is_transient());
+        assert!(unavailable.is_transient());
+        for lasting in [
+            Error::Closed,
+            Error::LockTimeout {
+                lock: "jobs".into(),
+                timeout: Duration::from_secs(1),
+            },
+            Error::InvalidArgument {
+                what: "key".into(),
+                reason: "empty".into(),
+            },
+            Error::Compacted {
+                key: "k".into(),
+                revision: 3,
+                compact_revision: 5,
+            },
+        ] {
+            assert!(!lasting.is_transient(), "{lasting}");
+        }
+    }
+
+    #[test]
     fn short_keys_are_shown_whole() {
         assert_eq!(Error::clipped_key("a/b").to_string(), "\"a/b\"");
         let hundred = "é".repeat(100);

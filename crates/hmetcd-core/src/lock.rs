@@ -300,6 +300,20 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn every_lost_reason_says_what_happened() {
+        assert_eq!(LostReason::MaxHold.to_string(), "max_hold ran out");
+        assert_eq!(
+            LostReason::SessionLost.to_string(),
+            "the handle's session (lease) was lost"
+        );
+        assert_eq!(LostReason::Closed.to_string(), "the handle was closed");
+        assert_eq!(
+            LostReason::KeyDeleted.to_string(),
+            "the lock key was deleted by someone else"
+        );
+    }
+
     struct Counted(Arc<AtomicUsize>);
 
     impl LockRelease for Counted {

@@ -339,6 +339,29 @@ mod tests {
     }
 
     #[test]
+    fn the_password_never_shows() {
+        let options = Options::parse("user=svc,password=s3cret,prefix=p/").unwrap();
+        let password = options.password.clone().unwrap();
+        assert_eq!(password.expose(), "s3cret");
+        assert_eq!(format!("{password}"), "<redacted>");
+        assert_eq!(format!("{password:?}"), "Password(<redacted>)");
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        for part in [
+            "Options",
+            "user: Some(\"svc\")",
+            "password: Some(Password(<redacted>))",
+            "prefix: \"p/\"",
+            "request_timeout: ",
+            "lease_ttl: ",
+            "history: ",
+            "coalesce: true",
+        ] {
+            assert!(shown.contains(part), "{part} in {shown}");
+        }
+    }
+
+    #[test]
     fn empty_string_gives_defaults() {
         assert_eq!(Options::parse("").ok(), Some(Options::default()));
         assert_eq!(Options::parse("  ").ok(), Some(Options::default()));
