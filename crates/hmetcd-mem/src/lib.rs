@@ -832,6 +832,21 @@ mod tests {
         assert!(!waiter.holds_lock());
     }
 
+    /// A wait that starts (or queues again) once the handle's link is gone writes nothing: no
+    /// lock key on a revoked lease, not even for a moment.
+    #[tokio::test]
+    async fn a_closed_handles_participants_queue_nowhere() {
+        let kv = MemKvs::new();
+        kv.close().await.unwrap();
+        let before = kv.session.store.revision();
+        assert!(kv.session.participants.acquire("jobs", "").await.is_none());
+        assert_eq!(
+            kv.session.store.revision(),
+            before,
+            "a lock key was written"
+        );
+    }
+
     #[tokio::test]
     async fn watch_returns_only_after_registering() {
         let kv = MemKvs::new();
