@@ -568,6 +568,26 @@ mod tests {
     }
 
     #[test]
+    fn a_list_request_says_what_it_was_given() {
+        let plain = ListRequest::prefix("jobs/");
+        assert_eq!(plain.key_range(), &KeyRange::Prefix("jobs/".to_owned()));
+        assert_eq!(plain.page_limit(), None);
+        assert_eq!(plain.start_after(), None);
+        assert!(!plain.is_keys_only());
+        let paged = ListRequest::range("a", "m")
+            .limit(10)
+            .after("c")
+            .keys_only();
+        assert_eq!(paged.page_limit(), Some(10));
+        assert_eq!(paged.start_after(), Some("c"));
+        assert!(paged.is_keys_only());
+        assert!(!paged.matches("c"), "strictly after");
+        assert!(paged.matches("d"));
+        assert!(paged.matches("m"), "the end is inclusive");
+        assert!(!paged.matches("n"));
+    }
+
+    #[test]
     fn transactions_are_checked_as_a_whole() {
         assert!(reason(&Txn::new()).contains("no operation"));
         assert!(reason(&Txn::new().when(Compare::exists("a"))).contains("no operation"));
