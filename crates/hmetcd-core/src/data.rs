@@ -604,6 +604,8 @@ mod tests {
             .otherwise(Op::delete_prefix("a/"))
             .otherwise(Op::put("a/b", "1"));
         assert!(reason(&covered).contains("otherwise branch"));
+        let deleted = Txn::new().then(Op::delete("a")).then(Op::put("a", "1"));
+        assert!(reason(&deleted).contains("\"a\" is written twice in its then branch"));
         // Deletes may overlap, and each branch is checked on its own.
         Txn::new()
             .then(Op::delete("a/b"))
@@ -617,10 +619,14 @@ mod tests {
             full = full.then(Op::put(format!("k{i}"), "v"));
         }
         assert!(full.check().is_ok());
-        assert!(matches!(
-            Txn::new().then(Op::delete_prefix("")).check(),
-            Err(Error::InvalidKey { .. })
-        ));
+        match Txn::new().then(Op::delete_prefix("")).check() {
+            Err(Error::InvalidKey { argument, .. }) => assert_eq!(argument, "delete_prefix prefix"),
+            other => panic!("expected InvalidKey, got {other:?}"),
+        }
+        match Txn::new().then(Op::delete("")).check() {
+            Err(Error::InvalidKey { argument, .. }) => assert_eq!(argument, "op key"),
+            other => panic!("expected InvalidKey, got {other:?}"),
+        }
     }
 
     #[test]
