@@ -450,6 +450,20 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Compare, Op};
+
+    #[test]
+    fn spans_name_the_key_a_call_is_about() {
+        assert_eq!(list_key(&ListRequest::prefix("jobs/")), "jobs/");
+        assert_eq!(list_key(&ListRequest::range("a", "m").after("c")), "a");
+        let compared = Txn::new()
+            .when(Compare::exists("guard"))
+            .then(Op::put("a", "1"));
+        assert_eq!(txn_key(&compared), "guard");
+        assert_eq!(txn_key(&Txn::new().then(Op::delete("b"))), "b");
+        assert_eq!(txn_key(&Txn::new().otherwise(Op::get("c"))), "c");
+        assert_eq!(txn_key(&Txn::new()), "");
+    }
 
     #[test]
     fn long_keys_are_cut_in_spans() {

@@ -848,6 +848,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_leadership_shows_its_election_value_token_and_state() {
+        let kv = MemKvs::new();
+        let leadership = kv.campaign("scheduler", "10.0.0.7").await.unwrap();
+        let shown = format!("{leadership:?}");
+        let token = format!("fencing_token: {}", leadership.fencing_token());
+        for part in [
+            "Leadership",
+            "name: \"scheduler\"",
+            "value: \"10.0.0.7\"",
+            token.as_str(),
+            "leader: true",
+        ] {
+            assert!(shown.contains(part), "{part} in {shown}");
+        }
+        kv.close().await.unwrap();
+        assert!(format!("{leadership:?}").contains("leader: false"));
+    }
+
+    #[tokio::test]
     async fn watch_returns_only_after_registering() {
         let kv = MemKvs::new();
         for _ in 0..100 {
