@@ -362,6 +362,33 @@ mod tests {
     }
 
     #[test]
+    fn edges_of_the_option_rules() {
+        let shortest = Options::parse("lease_ttl=1s,coalesce=on").unwrap();
+        assert_eq!(shortest.lease_ttl, Duration::from_secs(1));
+        assert!(shortest.coalesce);
+        let parsed: Options = "prefix=svc/,coalesce=off".parse().unwrap();
+        assert_eq!(parsed.prefix, "svc/");
+        assert!(!parsed.coalesce);
+        assert!(reject("=5").1.contains("missing option name"));
+        assert!(reject("nosuch=1").1.contains("unknown option"));
+        assert_eq!(
+            reject("cert_file=/c.pem"),
+            (
+                "cert_file=/c.pem".to_owned(),
+                "given without key_file".to_owned()
+            )
+        );
+        assert_eq!(
+            reject("key_file=/k.pem"),
+            (
+                "key_file=/k.pem".to_owned(),
+                "given without cert_file".to_owned()
+            )
+        );
+        assert!(Options::parse("cert_file=/c.pem,key_file=/k.pem").is_ok());
+    }
+
+    #[test]
     fn empty_string_gives_defaults() {
         assert_eq!(Options::parse("").ok(), Some(Options::default()));
         assert_eq!(Options::parse("  ").ok(), Some(Options::default()));
