@@ -205,6 +205,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn operators_compare_bytes_and_print_as_written() {
+        use CompareOp::{Equal, Greater, Less, NotEqual};
+        // (stored, given): equal, then stored before given, then after.
+        for (stored, given, holding) in [
+            ("b", "b", [Equal].as_slice()),
+            ("a", "b", &[NotEqual, Less]),
+            ("b", "a", &[NotEqual, Greater]),
+            ("10", "9", &[NotEqual, Less]),
+            ("", "a", &[NotEqual, Less]),
+        ] {
+            for op in [Equal, NotEqual, Less, Greater] {
+                assert_eq!(
+                    op.holds(stored, given),
+                    holding.contains(&op),
+                    "{stored:?} {op} {given:?}"
+                );
+            }
+        }
+        let shown: Vec<String> = [Equal, NotEqual, Less, Greater]
+            .iter()
+            .map(|op| format!("{op}/{}", op.as_str()))
+            .collect();
+        assert_eq!(shown, ["=/=", "!=/!=", "</<", ">/>"]);
+    }
+
+    #[test]
     fn operators_parse_and_reject() {
         for (s, op) in [
             ("=", CompareOp::Equal),
