@@ -148,13 +148,26 @@ run_mem() {
 }
 
 # The core's figures (the `metrics` feature's counters and gauges) are checked by the
-# facade's metrics test, and its spans by the observability test.
+# facade's metrics test (its spans by the observability test, one of the in-memory suites).
 run_core() {
     unit=(--package hmetcd-core --test-package hmetcd-core --test-package hmetcd-mem
         --features hmetcd-core/metrics)
-    suites=(--test-package hmetcd --features hmetcd/metrics
-        --cargo-arg=--test=metrics --cargo-arg=--test=observability)
+    suites=(--test-package hmetcd --features hmetcd/metrics --cargo-arg=--test=metrics)
     two_passes target/mutants/core "$@"
+}
+
+run_etcd() {
+    cargo mutants --package hmetcd-etcd --test-package hmetcd-etcd \
+        --file crates/hmetcd-etcd/src/connect.rs \
+        --file crates/hmetcd-etcd/src/error.rs \
+        --file crates/hmetcd-etcd/src/range.rs \
+        --file crates/hmetcd-etcd/src/retry.rs \
+        --file crates/hmetcd-etcd/src/data.rs \
+        --file crates/hmetcd-etcd/src/members.rs \
+        --file crates/hmetcd-etcd/src/server_version.rs \
+        --cargo-arg=--lib \
+        --baseline skip --timeout "$timeout" "${copy[@]}" \
+        --output target/mutants/etcd "$@"
 }
 
 # The etcd backend's session, lock and watch code: a mutant there shows only against a real
