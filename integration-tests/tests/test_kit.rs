@@ -625,9 +625,9 @@ async fn lease_expiry(mut rig: Box<dyn Rig>) {
 
 /// A temp key that A itself overwrote or deleted afterwards (`store`, `delete`,
 /// `delete_prefix`, a transaction's put, delete or delete_prefix) is no longer one of its temp
-/// keys: the
-/// lease's loss neither deletes nor puts it back, even where someone else deleted it since.
-/// One that A rewrote with `store_temp` stays a temp key and comes back with its last value.
+/// keys: the lease's loss neither deletes nor puts it back, even where someone else deleted it
+/// since. One that A rewrote with `store_temp` stays a temp key and comes back with its last
+/// value.
 async fn rewritten_temp_keys_lease_expiry(mut rig: Box<dyn Rig>) {
     let a = rig.open_faulty().await;
     let b = rig.open_other().await;

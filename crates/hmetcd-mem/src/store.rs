@@ -1395,10 +1395,6 @@ mod tests {
             .collect()
     }
 
-    /// The log's memory is accounted exactly: events fill 64 KiB chunks to the last byte and
-    /// never make one grow, a chunk goes as soon as its last event does, one emptied chunk is
-    /// kept as a spare for the next (never a bigger one, and never handed to an event it cannot
-    /// hold), and the last chunk stays to be filled.
     /// A log beside a model of what it must hold.
     struct Checked {
         log: Log,
