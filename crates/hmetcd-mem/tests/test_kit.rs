@@ -39,6 +39,18 @@ fn pair(store: &str) -> (MemKvs, MemKvs) {
     (a, b)
 }
 
+/// Cuts `faults`' handle off until its lease has expired, and checks through `observer` that
+/// its temp key `temp_key` went with it.
+async fn partition_past_the_lease(faults: &hmetcd_mem::Faults, observer: &MemKvs, temp_key: &str) {
+    faults.partition(true);
+    tokio::time::sleep(TTL + Duration::from_millis(1)).await;
+    assert_eq!(
+        observer.get(temp_key).await.expect("get"),
+        None,
+        "the lease expired"
+    );
+}
+
 /// Spawns `b.dist_lock()` and returns its task.
 fn spawn_dist_lock(b: &std::sync::Arc<MemKvs>) -> tokio::task::JoinHandle<hmetcd_core::Result<()>> {
     let b = std::sync::Arc::clone(b);
@@ -197,13 +209,7 @@ async fn a_second_partition_call_is_part_of_the_first() {
     let (a, b) = pair("kit-cut-twice");
     a.temp_key("workers/a").await.expect("temp key");
     let faults = a.faults();
-    faults.partition(true);
-    tokio::time::sleep(TTL + Duration::from_millis(1)).await;
-    assert_eq!(
-        b.get("workers/a").await.expect("get"),
-        None,
-        "the lease expired"
-    );
+    partition_past_the_lease(&faults, &b, "workers/a").await;
     faults.partition(true);
     faults.partition(false);
     assert_eq!(
@@ -302,13 +308,7 @@ async fn a_lost_lease_puts_back_only_the_temp_keys_that_are_still_the_handles() 
     a.delete("t/deleted").await.expect("delete");
     a.store("t/overwritten", "plain").await.expect("store");
     let faults = a.faults();
-    faults.partition(true);
-    tokio::time::sleep(TTL + Duration::from_millis(1)).await;
-    assert_eq!(
-        b.get("t/kept").await.expect("get"),
-        None,
-        "the lease expired"
-    );
+    partition_past_the_lease(&faults, &b, "t/kept").await;
     b.store("t/taken", "b's").await.expect("B writes");
     faults.partition(false);
     let keys = b.get_range("t/", "t/~").await.expect("range");
