@@ -466,6 +466,16 @@ mod tests {
     }
 
     #[test]
+    fn an_event_sender_knows_when_its_watcher_is_gone() {
+        let (tx, rx) = event_channel("mem");
+        assert!(!tx.is_closed());
+        assert!(tx.send(Err(Error::Closed)).is_ok());
+        drop(rx);
+        assert!(tx.is_closed());
+        assert!(tx.send(Err(Error::Closed)).is_err());
+    }
+
+    #[test]
     fn long_keys_are_cut_in_spans() {
         let key = "é".repeat(150);
         assert_eq!(shown(&key).chars().count(), 100);

@@ -42,6 +42,8 @@ mod data_tests;
 mod faults;
 mod guards;
 mod participants;
+#[cfg(test)]
+mod provided_tests;
 mod store;
 
 use hmetcd_core::instrument::Call;
