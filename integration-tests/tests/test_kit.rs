@@ -79,6 +79,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         |rig| Box::pin(short_partition(rig)),
     ),
     (
+        "partition_fails_unlock_resign_and_proclaim_and_hands_over_when_it_ends",
+        |rig| Box::pin(releases_during_a_partition(rig)),
+    ),
+    (
         "partition_longer_than_lease_ttl_loses_locks_and_restores_only_unclaimed_temp_keys",
         |rig| Box::pin(long_partition(rig)),
     ),
@@ -764,6 +768,79 @@ async fn short_partition(mut rig: Box<dyn Rig>) {
 
     a.watch_cb_cancel(watcher);
     drop(guard);
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// What a cut-off holder's guard and leadership calls do during a partition shorter than
+/// `lease_ttl`: `proclaim` fails and writes nothing; `unlock` and `resign` fail too (the key
+/// cannot be deleted yet), yet they let go: the key goes once the cut ends, and the waiting
+/// handle gets the lock and the leadership then, not before.
+async fn releases_during_a_partition(mut rig: Box<dyn Rig>) {
+    let a = rig.open_faulty().await;
+    let b: Arc<dyn Kvi> = Arc::from(rig.open_other().await);
+    let guard = a.lock("jobs").await.expect("A locks jobs");
+    let mut leadership = a.campaign("boss", "a").await.expect("A campaigns");
+    let b_locks = tokio::spawn({
+        let b = Arc::clone(&b);
+        async move { b.lock("jobs").await }
+    });
+    let b_campaigns = tokio::spawn({
+        let b = Arc::clone(&b);
+        async move { b.campaign("boss", "b").await }
+    });
+    eventually("B queues for both", Duration::from_secs(10), || async {
+        let jobs = b.get_prefix("jobs/").await.map_or(0, |kvs| kvs.len());
+        let boss = b.get_prefix("boss/").await.map_or(0, |kvs| kvs.len());
+        jobs == 2 && boss == 2
+    })
+    .await;
+
+    rig.cut();
+    let cut = Instant::now();
+    fails_unreachable("proclaim", leadership.proclaim("a, cut off")).await;
+    assert_eq!(
+        leadership.value(),
+        "a",
+        "a failed proclaim changed the value"
+    );
+    let leader = b.leader("boss").await.expect("leader").map(|kv| kv.value);
+    assert_eq!(
+        leader.as_deref(),
+        Some("a"),
+        "a failed proclaim was written"
+    );
+    futures::join!(
+        fails_unreachable("unlock", guard.unlock()),
+        fails_unreachable("resign", leadership.resign()),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !b_locks.is_finished(),
+        "B took the lock while A was cut off"
+    );
+    assert!(!b_campaigns.is_finished(), "B led while A was cut off");
+    assert!(
+        cut.elapsed() < LEASE_TTL / 2,
+        "the cut took {:?}",
+        cut.elapsed()
+    );
+    rig.resume();
+
+    let b_guard = tokio::time::timeout(SETTLE, b_locks)
+        .await
+        .expect("B never got the lock after the cut")
+        .expect("B's lock task")
+        .expect("B locks");
+    let b_leads = tokio::time::timeout(SETTLE, b_campaigns)
+        .await
+        .expect("B never led after the cut")
+        .expect("B's campaign task")
+        .expect("B campaigns");
+    let leader = b.leader("boss").await.expect("leader").map(|kv| kv.value);
+    assert_eq!(leader.as_deref(), Some("b"));
+    b_guard.unlock().await.expect("B unlocks");
+    b_leads.resign().await.expect("B resigns");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }

@@ -138,7 +138,8 @@ impl Leadership {
     }
 
     /// Steps down now: the next candidate leads at once. `Ok` if the leadership was already
-    /// lost.
+    /// lost. If the store cannot be reached, the error says so and the leadership is let go
+    /// all the same, as [`LockGuard::unlock`](crate::LockGuard::unlock).
     pub async fn resign(mut self) -> Result<()> {
         match self.backend.take() {
             Some(backend) => backend.release().await,

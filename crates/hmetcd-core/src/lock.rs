@@ -266,7 +266,9 @@ impl LockGuard {
     }
 
     /// Releases the lock now and reports how that went. `Ok` if it was already released by
-    /// `max_hold` or `close()`.
+    /// `max_hold` or `close()`. If the store cannot be reached (a cut, an outage), the error
+    /// says so and the lock is let go all the same: its key is deleted once the store can be
+    /// reached, or goes with the handle's lease.
     pub async fn unlock(mut self) -> Result<()> {
         match self.release.take() {
             Some(release) => release.release().await,

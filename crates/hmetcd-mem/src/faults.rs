@@ -116,6 +116,11 @@ impl Session {
         }
     }
 
+    /// `Error::Unavailable` while the handle is partitioned and not closed.
+    pub(crate) fn cut_off(&self) -> Option<Error> {
+        (self.status.load(Ordering::Acquire) == CUT).then(|| self.unavailable())
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.status.load(Ordering::Acquire) & CLOSED != 0
     }
@@ -471,7 +476,9 @@ impl Faults {
     ///   the cut ends; its timeout (`dist_timed_lock`, `lock_with`) still runs;
     /// - its watchers receive nothing; other handles go on;
     /// - a lock key it lets go of (unlock, a dropped guard, a given-up wait, `max_hold`) is
-    ///   deleted only when the cut ends, as the etcd backend's retried deletes are; `close()`
+    ///   deleted only when the cut ends, as the etcd backend's retried deletes are; a guard's
+    ///   `unlock` and a leadership's `resign` fail with `Unavailable` (yet let go), and
+    ///   `proclaim` fails and writes nothing, as on etcd; `close()`
     ///   (or dropping the handle) closes it at once but leaves its keys to its lease, and
     ///   fails with `Unavailable`;
     /// - the handle keeps its locks and temp keys until its lease expires: `lease_ttl` after

@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use hmetcd_core::{Candidacy, Error, LockRelease, LostReason, LostSignal, Result};
 use tokio::task::AbortHandle;
 
+use crate::faults::Session;
 use crate::participants::Held;
 
 /// The lock while a guard holds it; empty once released.
@@ -78,16 +79,18 @@ pub(crate) struct MemLockRelease {
     slot: Slot,
     lost: LostSignal,
     guards: Weak<Guards>,
+    /// The handle's session: while it is partitioned, `unlock`, `resign` and `proclaim` fail.
+    session: Weak<Session>,
     expiry: Option<AbortHandle>,
 }
 
 impl MemLockRelease {
-    /// Registers `held` with the handle's `guards` and, with `max_hold`, starts the timer
-    /// that releases it (on the current Tokio runtime; without one, `max_hold` is refused and
-    /// the lock released).
+    /// Registers `held` with the guards of the handle's `session` and, with `max_hold`, starts
+    /// the timer that releases it (on the current Tokio runtime; without one, `max_hold` is
+    /// refused and the lock released).
     pub(crate) fn register(
         name: &str,
-        guards: &Arc<Guards>,
+        session: &Arc<Session>,
         id: u64,
         held: Held,
         max_hold: Option<Duration>,
@@ -103,6 +106,7 @@ impl MemLockRelease {
                 })?),
                 None => None,
             };
+        let guards = &session.guards;
         let lost = held.lost().clone();
         let slot: Slot = Arc::new(Mutex::new(Some(held)));
         guards
@@ -147,8 +151,14 @@ impl MemLockRelease {
             slot,
             lost,
             guards: Arc::downgrade(guards),
+            session: Arc::downgrade(session),
             expiry,
         })
+    }
+
+    /// `Error::Unavailable` while the handle is partitioned (and not closed).
+    fn cut_off(&self) -> Option<Error> {
+        self.session.upgrade().and_then(|session| session.cut_off())
     }
 
     /// Releases the lock now (if still held) and stops the `max_hold` timer.
@@ -169,6 +179,10 @@ fn release(id: u64, slot: &Slot, guards: &Weak<Guards>) {
 
 impl Candidacy for MemLockRelease {
     fn proclaim(&self, value: &str) -> BoxFuture<'static, Result<()>> {
+        // As on etcd, where the proclaiming transaction cannot reach the server.
+        if let Some(err) = self.cut_off() {
+            return Box::pin(async move { Err(err) });
+        }
         let proclaimed = self
             .slot
             .lock()
@@ -204,8 +218,12 @@ impl LockRelease for MemLockRelease {
     }
 
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        // A held lock's key cannot be deleted while the handle is cut off: the release fails,
+        // and the key goes when the cut ends (as the etcd backend's delete, retried in the
+        // background). A lost lock has nothing to delete.
+        let refused = self.cut_off().filter(|_| self.is_held());
         self.release_now();
-        Box::pin(async { Ok(()) })
+        Box::pin(async move { refused.map_or(Ok(()), Err) })
     }
 
     fn release_on_drop(self: Box<Self>) {

@@ -341,7 +341,7 @@ impl MemKvs {
             .to_owned();
         let release = MemLockRelease::register(
             name,
-            &self.session.guards,
+            &self.session,
             self.session.store.next_id(),
             held,
             options.get_max_hold(),

@@ -230,7 +230,10 @@ async fn a_partitioned_handle_lets_go_of_its_lock_keys_when_the_partition_ends()
     let guard = a.lock("report").await.expect("A locks report");
     a.faults().partition(true);
     let unlocked = guard.unlock().await;
-    assert!(unlocked.is_ok(), "{unlocked:?}");
+    assert!(
+        matches!(unlocked, Err(Error::Unavailable { .. })),
+        "the key cannot be deleted while cut off: {unlocked:?}"
+    );
     let attempt = b
         .lock_with("report", LockOptions::new().timeout(Duration::from_secs(5)))
         .await;
