@@ -504,7 +504,15 @@ async fn assert_handed_over(store: &TestStore, how: StepDown) {
     wait_for_candidates(waiter.as_ref(), NAME, 2, "one leads, one waits").await;
     let got = assert_handed_over_at_once(waiting, &format!("{how:?}"), async {
         match how {
-            StepDown::Resign => leadership.resign().await.unwrap(),
+            StepDown::Resign => {
+                leadership.resign().await.unwrap();
+                // Stepped down when `resign` returns, not some time after.
+                let now = leader.leader(NAME).await.unwrap();
+                assert!(
+                    now.as_ref().is_none_or(|kv| kv.value != "leader"),
+                    "the old leader still leads after resign() returned: {now:?}"
+                );
+            }
             StepDown::Drop => drop(leadership),
             StepDown::Close => {
                 leader.close().await.unwrap();
@@ -532,7 +540,8 @@ async fn assert_handed_over(store: &TestStore, how: StepDown) {
     waiter.close().await.unwrap();
 }
 
-/// `resign()` hands the leadership to the next candidate at once.
+/// `resign()` hands the leadership to the next candidate at once, and has stepped down by the
+/// time it returns.
 pub async fn resign_hands_over_at_once(store: TestStore) {
     assert_handed_over(&store, StepDown::Resign).await;
 }
