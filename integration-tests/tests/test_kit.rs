@@ -772,13 +772,15 @@ async fn short_partition(mut rig: Box<dyn Rig>) {
     b.close().await.expect("close B");
 }
 
-/// What a cut-off holder's guard and leadership calls do during a partition shorter than
-/// `lease_ttl`: `proclaim` fails and writes nothing; `unlock` and `resign` fail too (the key
-/// cannot be deleted yet), yet they let go: the key goes once the cut ends, and the waiting
-/// handle gets the lock and the leadership then, not before.
+/// What a cut-off holder's unlocks and leadership calls do during a partition shorter than
+/// `lease_ttl`: `proclaim` fails and writes nothing; `dist_unlock`, a guard's `unlock` and
+/// `resign` fail too (the key cannot be deleted yet), yet they let go: the key goes once the
+/// cut ends, and the waiting handle gets the locks and the leadership then, not before.
 async fn releases_during_a_partition(mut rig: Box<dyn Rig>) {
     let a = rig.open_faulty().await;
     let b: Arc<dyn Kvi> = Arc::from(rig.open_other().await);
+    a.dist_lock().await.expect("A locks");
+    let b_dist_locks = spawn_dist_lock(&b);
     let guard = a.lock("jobs").await.expect("A locks jobs");
     let mut leadership = a.campaign("boss", "a").await.expect("A campaigns");
     let b_locks = tokio::spawn({
@@ -792,7 +794,8 @@ async fn releases_during_a_partition(mut rig: Box<dyn Rig>) {
     eventually("B queues for both", Duration::from_secs(10), || async {
         let jobs = b.get_prefix("jobs/").await.map_or(0, |kvs| kvs.len());
         let boss = b.get_prefix("boss/").await.map_or(0, |kvs| kvs.len());
-        jobs == 2 && boss == 2
+        let work = b.get_prefix(&format!("{LOCK_NAME}/")).await;
+        jobs == 2 && boss == 2 && work.is_ok_and(|kvs| kvs.len() == 2)
     })
     .await;
 
@@ -811,10 +814,15 @@ async fn releases_during_a_partition(mut rig: Box<dyn Rig>) {
         "a failed proclaim was written"
     );
     futures::join!(
+        fails_unreachable("dist_unlock", a.dist_unlock()),
         fails_unreachable("unlock", guard.unlock()),
         fails_unreachable("resign", leadership.resign()),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !b_dist_locks.is_finished(),
+        "B took A's lock while A was cut off"
+    );
     assert!(
         !b_locks.is_finished(),
         "B took the lock while A was cut off"
@@ -827,6 +835,11 @@ async fn releases_during_a_partition(mut rig: Box<dyn Rig>) {
     );
     rig.resume();
 
+    tokio::time::timeout(SETTLE, b_dist_locks)
+        .await
+        .expect("B never got A's lock after the cut")
+        .expect("B's dist_lock task")
+        .expect("B dist_locks");
     let b_guard = tokio::time::timeout(SETTLE, b_locks)
         .await
         .expect("B never got the lock after the cut")
@@ -839,7 +852,8 @@ async fn releases_during_a_partition(mut rig: Box<dyn Rig>) {
         .expect("B campaigns");
     let leader = b.leader("boss").await.expect("leader").map(|kv| kv.value);
     assert_eq!(leader.as_deref(), Some("b"));
-    b_guard.unlock().await.expect("B unlocks");
+    b.dist_unlock().await.expect("B unlocks");
+    b_guard.unlock().await.expect("B unlocks jobs");
     b_leads.resign().await.expect("B resigns");
     a.close().await.expect("close A");
     b.close().await.expect("close B");

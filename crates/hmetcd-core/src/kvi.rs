@@ -68,7 +68,9 @@ pub trait Kvi: std::fmt::Debug + Send + Sync + 'static {
     /// [`Error::LockTimeout`](crate::Error::LockTimeout); a given-up attempt leaves no trace.
     async fn dist_timed_lock(&self, timeout: Duration) -> Result<()>;
 
-    /// Releases the lock; `Ok` if this handle does not hold it.
+    /// Releases the lock; `Ok` if this handle does not hold it. If the store cannot be
+    /// reached, the error says so and the lock is let go all the same, as
+    /// [`LockGuard::unlock`](crate::LockGuard::unlock).
     async fn dist_unlock(&self) -> Result<()>;
 
     /// Creates or overwrites `key`.

@@ -476,11 +476,11 @@ impl Faults {
     ///   the cut ends; its timeout (`dist_timed_lock`, `lock_with`) still runs;
     /// - its watchers receive nothing; other handles go on;
     /// - a lock key it lets go of (unlock, a dropped guard, a given-up wait, `max_hold`) is
-    ///   deleted only when the cut ends, as the etcd backend's retried deletes are; a guard's
-    ///   `unlock` and a leadership's `resign` fail with `Unavailable` (yet let go), and
-    ///   `proclaim` fails and writes nothing, as on etcd; `close()`
-    ///   (or dropping the handle) closes it at once but leaves its keys to its lease, and
-    ///   fails with `Unavailable`;
+    ///   deleted only when the cut ends, as the etcd backend's retried deletes are:
+    ///   `dist_unlock`, a guard's `unlock` and a leadership's `resign` fail with `Unavailable`
+    ///   yet let go, and `proclaim` fails and writes nothing, as on etcd; `close()` (or
+    ///   dropping the handle) closes it at once but leaves its keys to its lease, and fails
+    ///   with `Unavailable`;
     /// - the handle keeps its locks and temp keys until its lease expires: `lease_ttl` after
     ///   the cut began, on Tokio's clock. The memory store counts the cut's first instant as
     ///   the last keep-alive; on etcd the lease expires `lease_ttl` after the last keep-alive

@@ -437,9 +437,19 @@ impl Kvi for MemKvs {
     async fn dist_unlock(&self) -> Result<()> {
         self.call("dist_unlock", "")
             .run(async {
-                self.check_open()?;
+                // On a partitioned handle the lock is let go all the same (its key goes when
+                // the cut ends), and the call fails if there was a key to delete: as on etcd.
+                let refused = match self.check_open() {
+                    Ok(()) => None,
+                    Err(Error::Closed) => return Err(Error::Closed),
+                    Err(unavailable) => Some(unavailable),
+                };
+                let held = self.holds_lock();
                 self.release_lock();
-                Ok(())
+                match refused {
+                    Some(unavailable) if held => Err(unavailable),
+                    _ => Ok(()),
+                }
             })
             .await
     }
