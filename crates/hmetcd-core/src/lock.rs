@@ -302,6 +302,17 @@ mod tests {
 
     use super::*;
 
+    #[tokio::test]
+    async fn a_lost_signal_keeps_the_first_reason() {
+        let signal = LostSignal::new();
+        assert_eq!(signal.reason(), None);
+        let waiting = signal.wait();
+        assert!(signal.clone().fire(LostReason::MaxHold));
+        assert!(!signal.fire(LostReason::Closed));
+        assert_eq!(signal.reason(), Some(LostReason::MaxHold));
+        assert_eq!(waiting.await, LostReason::MaxHold);
+    }
+
     #[test]
     fn every_lost_reason_says_what_happened() {
         assert_eq!(LostReason::MaxHold.to_string(), "max_hold ran out");

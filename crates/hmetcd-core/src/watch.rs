@@ -259,3 +259,43 @@ async fn drive(mut stream: WatchStream, change: KeyChange, control: Arc<Control>
 pub async fn first_event(mut stream: WatchStream) -> Result<WatchEvent> {
     stream.next().await.unwrap_or(Err(Error::Closed))
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn never_ending_watcher() -> WatchHandle {
+        spawn_callback_watcher(
+            futures::stream::pending().boxed(),
+            KeyChange::Put,
+            Box::new(|_| true),
+        )
+    }
+
+    #[test]
+    fn a_running_watcher_says_so() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|err| panic!("runtime: {err}"));
+        let handle = runtime.block_on(async { never_ending_watcher() });
+        assert!(!handle.is_finished());
+        assert!(handle.finish_reason().is_none());
+        assert_eq!(format!("{handle:?}"), "WatchHandle { finished: false, .. }");
+    }
+
+    #[test]
+    fn a_watcher_whose_runtime_shut_down_is_finished_and_says_closed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|err| panic!("runtime: {err}"));
+        let handle = runtime.block_on(async { never_ending_watcher() });
+        // Its task is dropped unfinished: it never recorded a reason.
+        drop(runtime);
+        assert!(handle.is_finished());
+        assert!(matches!(handle.finish_reason(), Some(WatchEnd::Closed)));
+    }
+}
