@@ -13,9 +13,12 @@
 //! (etcd's default is ten minutes) through its environment, for the test of watches that
 //! progress notifications keep current; the harness hands ETCD_* variables to a container
 //! etcd too.
+//!
+//! A global `metrics` debugging recorder counts what the handles report, so a test can check
+//! a figure only the etcd backend has (`hmetcd_watch_reconnects_total`).
 
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -27,6 +30,8 @@ use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
 use integration_tests::TestStore;
 use libtest_mimic::Trial;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::MetricKind;
 
 /// The request timeout of the handles whose connection the tests cut.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
@@ -44,7 +49,42 @@ fn main() -> ExitCode {
         "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
         PROGRESS_INTERVAL,
     );
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    if let Err(err) = recorder.install() {
+        eprintln!("watch_faults: cannot install the metrics recorder: {err}");
+        return ExitCode::FAILURE;
+    }
+    let _ = FIGURES.set(snapshotter);
     run_fault_binary("watch_faults", Vec::new(), etcd_trials)
+}
+
+/// The figures the handles of this process report (the recorder `main` installs).
+static FIGURES: OnceLock<Snapshotter> = OnceLock::new();
+
+/// How many times the etcd backend's watch streams were re-established since the last call
+/// (the recorder's snapshots hand back what changed since the one before).
+fn watch_reconnects() -> u64 {
+    let Some(figures) = FIGURES.get() else {
+        panic!("no metrics recorder installed");
+    };
+    figures
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find_map(|(key, _, _, value)| {
+            let wanted = key.kind() == MetricKind::Counter
+                && key.key().name() == "hmetcd_watch_reconnects_total"
+                && key
+                    .key()
+                    .labels()
+                    .any(|label| label.key() == "backend" && label.value() == "etcd");
+            match value {
+                DebugValue::Counter(count) if wanted => Some(count),
+                _ => None,
+            }
+        })
+        .unwrap_or(0)
 }
 
 fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
@@ -204,6 +244,7 @@ async fn quiet_key_resumes(endpoints: String, store: TestStore) {
         .watch_with_cb("quiet", KeyChange::Put, callback)
         .await
         .expect("watch_with_cb");
+    let before = watch_reconnects();
 
     cut_while(&proxy, async {
         for i in 0..5 {
@@ -235,10 +276,13 @@ async fn quiet_key_resumes(endpoints: String, store: TestStore) {
         || seen_values(&seen) == ["1"],
     )
     .await;
+    let reconnects = watch_reconnects();
     eprintln!(
-        "watch_faults: the quiet key's put arrived {} ms after the link came back",
+        "watch_faults: the quiet key's put arrived {} ms after the link came back; \
+         hmetcd_watch_reconnects_total went up by {reconnects} (by {before} before the cut)",
         resumed.elapsed().as_millis()
     );
+    assert!(reconnects >= 1, "the reconnect was not counted");
     kv.close().await.expect("close");
 }
 
