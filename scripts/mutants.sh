@@ -26,9 +26,10 @@
 #                                                   3.5.1 that scripts/install-etcd.sh puts
 #                                                   at /opt/etcd-3.5/etcd): first against
 #                                                   the conformance suite, then what it
-#                                                   missed against the lease-loss, fault and
-#                                                   watch-fault tests; 501 mutants, so
-#                                                   split it with --shard k/n or --re
+#                                                   missed against the lease-loss, fault,
+#                                                   watch-fault and test-kit tests; 501
+#                                                   mutants, so split it with --shard k/n
+#                                                   or --re
 #                                                   (the first pass's: the second takes
 #                                                   exactly its misses)
 #   scripts/mutants.sh all                          mem, core and etcd, one after the other
@@ -178,10 +179,10 @@ run_etcd() {
 # etcd, with leases lost and links cut. Two passes, as for mem: first the conformance suite on
 # etcd alone, 16 cases at once, without its two slow contention cases (they test plain calls
 # and transactions, not this code, and take some 100 s of the 110), about 10 s a run; then,
-# for what it missed, the lease-loss, fault and watch-fault tests on etcd, one at a time as
-# they run in CI, without the two long multi-process stress tests (lease_loss' fenced
-# increments and faults' 1000 locked increments, whose properties the shorter tests check
-# one by one): a few minutes a run.
+# for what it missed, the lease-loss, fault, watch-fault and test-kit tests on etcd, one at a
+# time as they run in CI, without the two long multi-process stress tests (lease_loss' fenced
+# increments and faults' 1000 locked increments, whose properties the shorter tests check one
+# by one): a few minutes a run.
 run_etcd_live() {
     local out=target/mutants/etcd-live
     local files=(--package hmetcd-etcd
@@ -191,7 +192,7 @@ run_etcd_live() {
     local first=(--test=conformance)
     local first_args=(--skip update_loses_no_write_under_contention
         --skip concurrent_plain_calls_are_linearizable --test-threads 16)
-    local second=(--test=lease_loss --test=faults --test=watch_faults)
+    local second=(--test=lease_loss --test=faults --test=watch_faults --test=test_kit)
     local second_args=(--skip fenced_increments_by_4_processes --skip lock_excludes_4_processes)
     local arg
     for arg in "$@"; do
