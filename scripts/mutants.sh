@@ -176,9 +176,10 @@ run_etcd() {
 }
 
 # The etcd backend's session, lock and watch code: a mutant there shows only against a real
-# etcd, with leases lost and links cut. Two passes, as for mem: first the conformance suite on
-# etcd alone, 16 cases at once, without its two slow contention cases (they test plain calls
-# and transactions, not this code, and take some 100 s of the 110), about 10 s a run; then,
+# etcd, with leases lost and links cut. Two passes, as for mem: first the backend's unit tests
+# and the conformance suite on etcd alone, 16 cases at once, without its two slow contention
+# cases (they test plain calls and transactions, not this code, and take some 100 s of the
+# 110), about 10 s a run; then,
 # for what it missed, the lease-loss, fault, watch-fault and test-kit tests on etcd, one at a
 # time as they run in CI, without the two long multi-process stress tests (lease_loss' fenced
 # increments and faults' 1000 locked increments, whose properties the shorter tests check one
@@ -189,7 +190,7 @@ run_etcd_live() {
         --file crates/hmetcd-etcd/src/session.rs
         --file crates/hmetcd-etcd/src/lock.rs
         --file crates/hmetcd-etcd/src/watch.rs)
-    local first=(--test=conformance)
+    local first=(--lib --test=conformance)
     local first_args=(--skip update_loses_no_write_under_contention
         --skip concurrent_plain_calls_are_linearizable --test-threads 16)
     local second=(--test=lease_loss --test=faults --test=watch_faults --test=test_kit)
@@ -205,11 +206,11 @@ run_etcd_live() {
     export HMETCD_ETCD_BIN="${HMETCD_ETCD_BIN:-/opt/etcd-3.5/etcd}"
     # The baseline, by hand: a pass whose tests fail unmutated would count every mutant caught.
     echo "etcd-live: the first pass's tests, unmutated"
-    cargo test -q -p integration-tests "${first[@]}" -- "${first_args[@]}"
+    cargo test -q -p hmetcd-etcd -p integration-tests "${first[@]}" -- "${first_args[@]}"
     rm -rf "$out/mutants.out" "$out/mutants.out.old"
     local status=0
     # cargo-mutants takes the first `--` as its own: what follows the second goes to the tests.
-    cargo mutants "${files[@]}" --test-package integration-tests \
+    cargo mutants "${files[@]}" --test-package hmetcd-etcd --test-package integration-tests \
         "${first[@]/#/--cargo-arg=}" \
         --baseline skip --timeout "${MUTANTS_UNIT_TIMEOUT:-120}" "${copy[@]}" \
         --output "$out" "$@" -- -- "${first_args[@]}" || status=$?
