@@ -82,6 +82,15 @@ mem_suites() {
         --baseline skip --timeout "$timeout" "${copy[@]}"
 }
 
+# Whether the arguments ask cargo-mutants only to list the mutants.
+listing() {
+    local arg
+    for arg in "$@"; do
+        [ "$arg" = --list ] && return 0
+    done
+    return 1
+}
+
 # Two passes over the same mutants, one report directory. First the packages' own unit tests
 # (a mutant rebuilds one crate's test binary and runs it in well under a second: seconds a
 # mutant); then, with --iterate, the in-memory suites on only what the unit tests did not
@@ -92,13 +101,10 @@ mem_suites() {
 two_passes() {
     local out=$1
     shift
-    local arg
-    for arg in "$@"; do
-        if [ "$arg" = --list ]; then
-            cargo mutants "${unit[@]}" "$@"
-            return
-        fi
-    done
+    if listing "$@"; then
+        cargo mutants "${unit[@]}" "$@"
+        return
+    fi
     rm -rf "$out/mutants.out" "$out/mutants.out.old"
     local status=0
     cargo mutants "${unit[@]}" --cargo-arg=--lib \
@@ -195,13 +201,10 @@ run_etcd_live() {
         --skip concurrent_plain_calls_are_linearizable --test-threads 16)
     local second=(--test=lease_loss --test=faults --test=watch_faults --test=test_kit)
     local second_args=(--skip fenced_increments_by_4_processes --skip lock_excludes_4_processes)
-    local arg
-    for arg in "$@"; do
-        if [ "$arg" = --list ]; then
-            cargo mutants "${files[@]}" "$@"
-            return
-        fi
-    done
+    if listing "$@"; then
+        cargo mutants "${files[@]}" "$@"
+        return
+    fi
     export HMETCD_TEST_BACKENDS=etcd HMETCD_ETCD_MODE=process
     export HMETCD_ETCD_BIN="${HMETCD_ETCD_BIN:-/opt/etcd-3.5/etcd}"
     # The baseline, by hand: a pass whose tests fail unmutated would count every mutant caught.
@@ -228,7 +231,7 @@ run_etcd_live() {
         echo "etcd-live: the first pass missed nothing"
         return 0
     fi
-    local place=("${copy[@]}")
+    local place=("${copy[@]}") arg
     for arg in "$@"; do
         [ "$arg" = --in-place ] && place=(--in-place)
     done

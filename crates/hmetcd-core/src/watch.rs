@@ -274,12 +274,16 @@ mod tests {
         )
     }
 
-    #[test]
-    fn a_running_watcher_says_so() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap_or_else(|err| panic!("runtime: {err}"));
+            .unwrap_or_else(|err| panic!("runtime: {err}"))
+    }
+
+    #[test]
+    fn a_running_watcher_says_so() {
+        let runtime = runtime();
         let handle = runtime.block_on(async { never_ending_watcher() });
         assert!(!handle.is_finished());
         assert!(handle.finish_reason().is_none());
@@ -288,10 +292,7 @@ mod tests {
 
     #[test]
     fn a_watcher_whose_runtime_shut_down_is_finished_and_says_closed() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|err| panic!("runtime: {err}"));
+        let runtime = runtime();
         let handle = runtime.block_on(async { never_ending_watcher() });
         // Its task is dropped unfinished: it never recorded a reason.
         drop(runtime);
