@@ -743,6 +743,29 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_is_held_only_under_its_own_live_generation_while_valid() {
+        let session = Session::new(1, 10, 10, Instant::now());
+        assert!(session.holds(0));
+        assert!(!session.holds(1), "a generation not yet taken");
+        session.publish(|state| state.phase = Phase::Lost);
+        assert!(!session.holds(0), "the lease is lost");
+        session.publish(|state| {
+            *state = SessionState {
+                lease: 2,
+                generation: 1,
+                valid_until: valid_until(Instant::now(), 10),
+                phase: Phase::Restoring,
+            };
+        });
+        assert!(session.holds(1));
+        assert!(!session.holds(0), "a lock of the lost lease's generation");
+        session.publish(|state| state.valid_until = Instant::now());
+        assert!(!session.holds(1), "validity ran out unconfirmed");
+        session.publish(|state| state.phase = Phase::Closed);
+        assert!(!session.holds(1));
+    }
+
+    #[test]
     fn temp_keys_remember_their_values() {
         let session = Session::new(1, 10, 10, Instant::now());
         session.remember_temp_key("p/a", "1");
