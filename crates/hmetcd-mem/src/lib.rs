@@ -437,19 +437,15 @@ impl Kvi for MemKvs {
     async fn dist_unlock(&self) -> Result<()> {
         self.call("dist_unlock", "")
             .run(async {
-                // On a partitioned handle the lock is let go all the same (its key goes when
-                // the cut ends), and the call fails if there was a key to delete: as on etcd.
-                let refused = match self.check_open() {
-                    Ok(()) => None,
-                    Err(Error::Closed) => return Err(Error::Closed),
-                    Err(unavailable) => Some(unavailable),
-                };
-                let held = self.holds_lock();
-                self.release_lock();
-                match refused {
-                    Some(unavailable) if held => Err(unavailable),
-                    _ => Ok(()),
+                if self.session.is_closed() {
+                    return Err(Error::Closed);
                 }
+                // On a partitioned handle the lock is let go all the same (its key goes when
+                // the cut ends), and the call fails if there was a key to delete: as on etcd,
+                // and as a guard's release (`MemLockRelease::release`).
+                let refused = self.session.cut_off().filter(|_| self.holds_lock());
+                self.release_lock();
+                refused.map_or(Ok(()), Err)
             })
             .await
     }
