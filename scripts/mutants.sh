@@ -25,13 +25,12 @@
 #                                                   (HMETCD_ETCD_BIN, default the static
 #                                                   3.5.1 that scripts/install-etcd.sh puts
 #                                                   at /opt/etcd-3.5/etcd): first against
-#                                                   the conformance suite, then what it
-#                                                   missed against the lease-loss, fault,
-#                                                   watch-fault and test-kit tests; 501
-#                                                   mutants, so split it with --shard k/n
-#                                                   or --re
-#                                                   (the first pass's: the second takes
-#                                                   exactly its misses)
+#                                                   its unit tests and the conformance
+#                                                   suite, then what they missed against the
+#                                                   lease-loss, fault, watch-fault and
+#                                                   test-kit tests; 501 mutants, so split
+#                                                   the first pass with --shard k/n or --re
+#                                                   (the second takes exactly its misses)
 #   scripts/mutants.sh all                          mem, core and etcd, one after the other
 #
 # Extra arguments go to cargo-mutants, e.g. `--file crates/hmetcd-mem/src/store.rs` (one
@@ -60,8 +59,13 @@ mkdir -p target/mutants/mem target/mutants/core target/mutants/etcd target/mutan
 # A copy of the tree reuses the built dependencies (only the workspace's crates rebuild);
 # --in-place needs no copy.
 copy=(--copy-target=true)
+# The same, for a run that is not given the caller's arguments (etcd-live's second pass).
+place=(--copy-target=true)
 for arg in "$@"; do
-    [ "$arg" = --in-place ] && copy=()
+    if [ "$arg" = --in-place ]; then
+        copy=()
+        place=(--in-place)
+    fi
 done
 
 # The in-memory suites: the conformance cases, mem_concurrency, test_kit, faults and
@@ -185,11 +189,10 @@ run_etcd() {
 # etcd, with leases lost and links cut. Two passes, as for mem: first the backend's unit tests
 # and the conformance suite on etcd alone, 16 cases at once, without its two slow contention
 # cases (they test plain calls and transactions, not this code, and take some 100 s of the
-# 110), about 10 s a run; then,
-# for what it missed, the lease-loss, fault, watch-fault and test-kit tests on etcd, one at a
-# time as they run in CI, without the two long multi-process stress tests (lease_loss' fenced
-# increments and faults' 1000 locked increments, whose properties the shorter tests check one
-# by one): a few minutes a run.
+# 110), about 10 s a run; then, for what it missed, the lease-loss, fault, watch-fault and
+# test-kit tests on etcd, one at a time as they run in CI, without the two long multi-process
+# stress tests (lease_loss' fenced increments and faults' 1000 locked increments, whose
+# properties the shorter tests check one by one): a few minutes a run.
 run_etcd_live() {
     local out=target/mutants/etcd-live
     local files=(--package hmetcd-etcd
@@ -231,10 +234,6 @@ run_etcd_live() {
         echo "etcd-live: the first pass missed nothing"
         return 0
     fi
-    local place=("${copy[@]}") arg
-    for arg in "$@"; do
-        [ "$arg" = --in-place ] && place=(--in-place)
-    done
     echo "etcd-live: the second pass's tests, unmutated"
     cargo test -q -p integration-tests "${second[@]}" -- "${second_args[@]}"
     status=0
