@@ -82,6 +82,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             60,
             |e, s| Box::pin(long_outage(e, s)),
         );
+    trials.add(
+        "lock_key_deletes_that_arrive_late_delete_no_later_hold",
+        60,
+        |e, s| Box::pin(late_lock_key_deletes(e, s)),
+    );
     let endpoints = server.endpoints().to_owned();
     let store = TestStore::new(Arc::new(EtcdOpener::on(server)));
     let pauser = server.pauser();
@@ -899,6 +904,163 @@ async fn long_outage(endpoints: String, store: TestStore) {
         secs(b_took),
         secs(restored_after),
         a_waited.as_millis()
+    );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// The lock key of `lease` (hex) under the store's lock name, and its create revision.
+async fn lock_key_of(
+    raw: &mut etcd_client::Client,
+    store: &TestStore,
+    lease: i64,
+) -> Option<(String, i64)> {
+    let key = format!("{}{}/{lease:x}", store.prefix(), store.lock_name());
+    let answer = raw
+        .get(key.as_str(), None)
+        .await
+        .unwrap_or_else(|err| panic!("raw get of {key}: {err}"));
+    answer.kvs().first().map(|kv| (key, kv.create_revision()))
+}
+
+/// Freezes A's link, lets `send` put a request on it (and a marker store after it), then
+/// strands the link: A's requests fail, while the proxy keeps what A sent for later.
+async fn strand_after(proxy: &FaultProxy, a: &Arc<EtcdKvs>, marker: &str, send: impl FnOnce()) {
+    proxy.freeze();
+    send();
+    let marking = tokio::spawn({
+        let (a, marker) = (a.clone(), marker.to_owned());
+        async move { a.store(&marker, "sent").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.strand();
+    let marked = tokio::time::timeout(Duration::from_secs(5), marking)
+        .await
+        .expect("the marker store ends once stranded")
+        .expect("marker task");
+    assert!(
+        marked.is_err(),
+        "the marker store got through a frozen link: {marked:?}"
+    );
+}
+
+/// Delivers what A sent on its stranded link and waits until etcd has applied it (the marker
+/// store sent last is there), plus a moment for the requests sent before it.
+async fn deliver_late(
+    proxy: &FaultProxy,
+    raw: &mut etcd_client::Client,
+    store: &TestStore,
+    marker: &str,
+) {
+    let delivered = proxy
+        .deliver_stranded()
+        .await
+        .expect("deliver the stranded requests");
+    assert!(delivered > 0, "nothing was stranded");
+    let key = format!("{}{marker}", store.prefix());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = raw
+            .get(key.as_str(), None)
+            .await
+            .unwrap_or_else(|err| panic!("raw get of {key}: {err}"));
+        if !found.kvs().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stranded marker store never reached etcd ({delivered} bytes delivered)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// A lock key delete that A gave up on (its link broke) but that reaches etcd later, when A
+/// holds the lock again under the same key (same lease), must not delete that later hold:
+/// once for an unlock's delete, once for the delete of an abandoned wait's key. A release
+/// that failed is retried in the background, so such a late copy is what a link through a
+/// paused member or a slow router delivers.
+async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    // Longer than each step of the staging, so that only the stranding fails A's requests.
+    let a = Arc::new(
+        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
+            .await
+            .expect("open A behind the proxy"),
+    );
+    let b: Arc<dyn Kvi> = Arc::from(store.open_with("request_timeout=2s").await.expect("open B"));
+    let mut raw = ok(raw_client(&endpoints).await);
+    let spawn_lock = |kv: Arc<dyn Kvi>| tokio::spawn(async move { kv.dist_lock().await });
+    let settle = |task: tokio::task::JoinHandle<hmetcd_core::Result<()>>, who: &'static str| async move {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap_or_else(|_| panic!("{who} never got the lock"))
+            .expect("lock task")
+            .unwrap_or_else(|err| panic!("{who}'s dist_lock: {err}"));
+    };
+
+    // 1. An unlock's delete, stranded; A takes the lock again under the same key.
+    a.dist_lock().await.expect("A takes the lock");
+    let lease = wait_lock_keys(&mut raw, &store, 1).await[0].1;
+    let b_locking = spawn_lock(b.clone());
+    wait_lock_keys(&mut raw, &store, 2).await;
+    let (unlock_tx, unlock_rx) = tokio::sync::oneshot::channel();
+    strand_after(&proxy, &a, "marker/unlock", || {
+        let a = a.clone();
+        tokio::spawn(async move { drop(unlock_tx.send(a.dist_unlock().await)) });
+    })
+    .await;
+    let unlocked = unlock_rx.await.expect("the unlock ends once stranded");
+    assert!(unlocked.is_err(), "the unlock got through a frozen link");
+    settle(b_locking, "B").await;
+    let a_locking = spawn_lock(a.clone());
+    wait_lock_keys(&mut raw, &store, 2).await;
+    b.dist_unlock().await.expect("B unlocks");
+    settle(a_locking, "A, again,").await;
+    let again = lock_key_of(&mut raw, &store, lease)
+        .await
+        .expect("A's lock key");
+    deliver_late(&proxy, &mut raw, &store, "marker/unlock").await;
+    assert_eq!(
+        lock_key_of(&mut raw, &store, lease).await,
+        Some(again.clone()),
+        "the late delete of A's unlock deleted A's later hold"
+    );
+    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(taken, Err(Error::LockTimeout { .. })),
+        "B while A holds the lock: {taken:?}"
+    );
+
+    // 2. The delete of an abandoned wait's key, stranded; A queues and takes the lock again.
+    let b_locking = spawn_lock(b.clone());
+    wait_lock_keys(&mut raw, &store, 2).await;
+    a.dist_unlock().await.expect("A unlocks");
+    settle(b_locking, "B").await;
+    let a_waiting = spawn_lock(a.clone());
+    wait_lock_keys(&mut raw, &store, 2).await;
+    // A has read its key's revision by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    strand_after(&proxy, &a, "marker/wait", || a_waiting.abort()).await;
+    wait_lock_keys(&mut raw, &store, 1).await;
+    let a_locking = spawn_lock(a.clone());
+    wait_lock_keys(&mut raw, &store, 2).await;
+    b.dist_unlock().await.expect("B unlocks");
+    settle(a_locking, "A, again,").await;
+    let again = lock_key_of(&mut raw, &store, lease)
+        .await
+        .expect("A's lock key");
+    deliver_late(&proxy, &mut raw, &store, "marker/wait").await;
+    assert_eq!(
+        lock_key_of(&mut raw, &store, lease).await,
+        Some(again),
+        "the late delete of A's abandoned wait deleted A's later hold"
+    );
+    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(taken, Err(Error::LockTimeout { .. })),
+        "B while A holds the lock: {taken:?}"
     );
     a.close().await.expect("close A");
     b.close().await.expect("close B");

@@ -1,8 +1,9 @@
 //! A TCP proxy between one client and etcd that a test can freeze and cut, to stage network
-//! faults that touch only that client.
+//! faults that touch only that client, and that can deliver what a client sent after the
+//! client gave up on it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,12 +18,23 @@ struct Gate {
     open: bool,
     /// Grows by one with every cut; connections of an older epoch are closed.
     epoch: u64,
+    /// The last cut strands its connections instead of closing them (see
+    /// [`FaultProxy::strand`]).
+    strands: bool,
+}
+
+/// The server side of a stranded connection and the bytes the client had sent on it that
+/// never reached the server.
+struct Stranded {
+    server: tokio::net::tcp::OwnedWriteHalf,
+    held: Vec<u8>,
 }
 
 /// A TCP proxy on a free loopback port forwarding to one etcd endpoint.
 pub struct FaultProxy {
     endpoint: String,
     gate: Arc<watch::Sender<Gate>>,
+    stranded: Arc<Mutex<Vec<Stranded>>>,
     accept: JoinHandle<()>,
 }
 
@@ -46,12 +58,20 @@ impl FaultProxy {
         let (gate, _) = watch::channel(Gate {
             open: true,
             epoch: 0,
+            strands: false,
         });
         let gate = Arc::new(gate);
-        let accept = tokio::spawn(accept_loop(listener, upstream, gate.clone()));
+        let stranded = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            gate.clone(),
+            stranded.clone(),
+        ));
         Ok(FaultProxy {
             endpoint: format!("http://{local}"),
             gate,
+            stranded,
             accept,
         })
     }
@@ -71,7 +91,41 @@ impl FaultProxy {
         self.gate.send_modify(|gate| {
             gate.open = false;
             gate.epoch += 1;
+            gate.strands = false;
         });
+    }
+
+    /// Closes the client's side of every open connection but keeps what the client sent on
+    /// them that has not reached etcd (held since [`Self::freeze`]) and their server side
+    /// open, for [`Self::deliver_stranded`]: requests the client counts failed that a router
+    /// or a paused member still holds. New connections flow at once.
+    pub fn strand(&self) {
+        self.gate.send_modify(|gate| {
+            gate.open = true;
+            gate.epoch += 1;
+            gate.strands = true;
+        });
+    }
+
+    /// Delivers what stranded connections held to etcd, and keeps their server side open (so
+    /// that etcd sees neither a reset nor a close that could cancel the requests). Returns
+    /// how many bytes it delivered.
+    pub async fn deliver_stranded(&self) -> std::io::Result<usize> {
+        let stranded =
+            std::mem::take(&mut *self.stranded.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut delivered = 0;
+        let mut kept = Vec::with_capacity(stranded.len());
+        for mut connection in stranded {
+            connection.server.write_all(&connection.held).await?;
+            delivered += connection.held.len();
+            connection.held.clear();
+            kept.push(connection);
+        }
+        self.stranded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(kept);
+        Ok(delivered)
     }
 
     /// Lets bytes flow again.
@@ -88,13 +142,24 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: String, gate: Arc<watch::Sender<Gate>>) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: String,
+    gate: Arc<watch::Sender<Gate>>,
+    stranded: Arc<Mutex<Vec<Stranded>>>,
+) {
     while let Ok((client, _)) = listener.accept().await {
         let upstream = upstream.clone();
         let gate = gate.subscribe();
+        let stranded = stranded.clone();
         tokio::spawn(async move {
             let epoch = gate.borrow().epoch;
-            let _ = relay(client, upstream, gate, epoch).await;
+            if let Ok(Some(connection)) = relay(client, upstream, gate, epoch).await {
+                stranded
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(connection);
+            }
         });
     }
 }
@@ -107,32 +172,65 @@ async fn wait_open(gate: &mut watch::Receiver<Gate>, epoch: u64) -> bool {
     }
 }
 
+/// Relays one connection until either side closes it or its epoch ends; returns its server
+/// side and what it held if the epoch ended by [`FaultProxy::strand`].
 async fn relay(
     client: TcpStream,
     upstream: String,
     mut gate: watch::Receiver<Gate>,
     epoch: u64,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<Stranded>> {
     if !wait_open(&mut gate, epoch).await {
-        return Ok(());
+        return Ok(None);
     }
     let server = TcpStream::connect(upstream.as_str()).await?;
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let ended = |mut gate: watch::Receiver<Gate>| async move {
-        let _ = gate.wait_for(|now| now.epoch != epoch).await;
-    };
+    // Either pump ending ends the connection: the client's side closes when this returns.
     tokio::select! {
-        _ = pump(client_read, server_write, gate.clone(), epoch) => {}
-        _ = pump(server_read, client_write, gate.clone(), epoch) => {}
-        () = ended(gate) => {}
+        stranded = pump_up(client_read, server_write, gate.clone(), epoch) => Ok(stranded),
+        _ = pump(server_read, client_write, gate, epoch) => Ok(None),
     }
-    Ok(())
 }
 
-/// Copies one direction, holding each chunk while the gate is closed.
+/// Copies from the client to the server, holding what the client sends while the gate is
+/// closed. When the epoch ends, returns the server side and the held bytes if it was
+/// stranded.
+async fn pump_up(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gate: watch::Receiver<Gate>,
+    epoch: u64,
+) -> Option<Stranded> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut held = Vec::new();
+    let mut client_open = true;
+    loop {
+        let now = *gate.borrow_and_update();
+        if now.epoch != epoch {
+            return now.strands.then_some(Stranded { server: to, held });
+        }
+        if now.open && !held.is_empty() {
+            to.write_all(&held).await.ok()?;
+            held.clear();
+        }
+        if !client_open && held.is_empty() {
+            let _ = to.shutdown().await;
+            return None;
+        }
+        tokio::select! {
+            read = from.read(&mut buffer), if client_open => match read {
+                Ok(0) | Err(_) => client_open = false,
+                Ok(read) => held.extend_from_slice(&buffer[..read]),
+            },
+            changed = gate.changed() => changed.ok()?,
+        }
+    }
+}
+
+/// Copies from the server to the client, holding each chunk while the gate is closed.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
