@@ -27,7 +27,7 @@
 //! handle keeps the name's local mutex: it never queues again behind its own stale key.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,9 @@ struct HeldKey {
     name: String,
     /// The stored lock key.
     key: String,
+    /// The key's create revision: only that incarnation of the key is ours to delete. `None`
+    /// when the put's answer never came (the incarnation there, if any, is ours then).
+    revision: Option<i64>,
     /// Released only once the key is deleted, so that the handle's next participant for this
     /// name never finds the old key and takes it for its own place in the queue.
     _local: OwnedMutexGuard<()>,
@@ -297,7 +300,7 @@ impl Shared {
             self.drop_held(held);
             return Ok(());
         }
-        match self.delete_lock_key(&held.name, &held.key).await {
+        match self.delete_held(&held).await {
             Ok(()) => {
                 self.drop_held(held);
                 Ok(())
@@ -433,6 +436,7 @@ impl Shared {
             shared: Arc::clone(self),
             name: name.to_owned(),
             key: None,
+            placed: AtomicI64::new(0),
             local: Some(local),
         };
         let mut not = None;
@@ -449,23 +453,25 @@ impl Shared {
             // A lease lost while we wait takes our key with it: queue again on the next one.
             let attempt = async {
                 tokio::select! {
-                    attempt = self.queue_and_wait(&dir, &key, value, lease, request) => attempt,
+                    attempt = self.queue_and_wait(&dir, &key, value, lease, &waiter.placed, request) => attempt,
                     _ = session_ended(self, generation) => Ok(Attempt::LeaseLost),
                 }
             };
             match by_deadline(name, deadline, attempt).await {
                 Ok(Attempt::Acquired(revision)) => {
-                    let held = waiter.take_held(key).ok_or_else(|| Error::Backend {
-                        operation: request.to_string(),
-                        reason: "the handle's queue place for the lock was handed on twice"
-                            .to_owned(),
-                        source: None,
-                    })?;
+                    let held = waiter
+                        .take_held(key, revision)
+                        .ok_or_else(|| Error::Backend {
+                            operation: request.to_string(),
+                            reason: "the handle's queue place for the lock was handed on twice"
+                                .to_owned(),
+                            source: None,
+                        })?;
                     return Ok((held, lease, generation, revision));
                 }
                 Ok(lost @ (Attempt::KeyLost | Attempt::LeaseLost)) => {
                     // The key is gone, or goes with its lease: nothing to delete.
-                    waiter.key = None;
+                    waiter.forget_key();
                     not = matches!(lost, Attempt::LeaseLost).then_some(lease);
                     if let Some((at, timeout)) = deadline {
                         if Instant::now() >= at {
@@ -483,13 +489,32 @@ impl Shared {
         }
     }
 
-    /// Deletes a lock key (the next waiter gets the lock).
-    async fn delete_lock_key(&self, name: &str, key: &str) -> Result<()> {
-        self.kv_request(Request::new("unlock", name), async |kv| {
-            kv.delete(key, None).await
-        })
-        .await
-        .map(|_| ())
+    /// Deletes a lock key of ours (the next waiter gets the lock), but only the incarnation
+    /// created at `revision`. A delete we gave up on may still reach etcd later (held by a
+    /// paused member or a slow link) when this handle holds the same key again (same lease,
+    /// same name): it must not delete that later hold. Without a known revision (the put's
+    /// answer never came), the incarnation there now is ours: it is read, then deleted.
+    async fn delete_lock_key(&self, name: &str, key: &str, revision: Option<i64>) -> Result<()> {
+        let request = Request::new("unlock", name);
+        let revision = match revision {
+            Some(revision) => revision,
+            None => match self.create_revision(key, request).await? {
+                Some(revision) => revision,
+                None => return Ok(()),
+            },
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        // Not done means that incarnation is gone already.
+        self.kv_request(request, async |kv| kv.txn(txn).await)
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete_held(&self, held: &HeldKey) -> Result<()> {
+        self.delete_lock_key(&held.name, &held.key, held.revision)
+            .await
     }
 
     /// Deletes a lock key, retrying until it is gone or the handle is shut down (then the key
@@ -498,7 +523,7 @@ impl Shared {
         let mut backoff = Backoff::new();
         let mut shutdown = self.shutdown.subscribe();
         while !self.is_closed() {
-            match self.delete_lock_key(&held.name, &held.key).await {
+            match self.delete_held(&held).await {
                 Ok(()) => break,
                 Err(err) => {
                     tracing::warn!(error = %err, lock = %held.name, "could not delete a lock key yet; retrying");
@@ -517,13 +542,15 @@ impl Shared {
         self.lock.forget_local_if_unused(&name);
     }
 
-    /// Puts our waiter key (if not there yet) and waits until every key queued before it is gone.
+    /// Puts our waiter key (if not there yet), records its create revision in `placed`, and
+    /// waits until every key queued before it is gone.
     async fn queue_and_wait(
         &self,
         dir: &str,
         key: &str,
         value: &str,
         lease: i64,
+        placed: &AtomicI64,
         request: Request<'_>,
     ) -> Result<Attempt> {
         let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
@@ -576,6 +603,7 @@ impl Shared {
                 None => return Ok(Attempt::KeyLost),
             }
         };
+        placed.store(my_revision, Ordering::SeqCst);
         self.wait_for_predecessors(dir, key, my_revision, request)
             .await
     }
@@ -805,7 +833,7 @@ async fn monitor(shared: Arc<Shared>, hold: Arc<Hold>, max_hold: Option<Duration
             return;
         };
         tracing::debug!(lock = %hold.name, ?max_hold, "max_hold expired; releasing the lock");
-        let deleted = shared.delete_lock_key(&held.name, &held.key).await;
+        let deleted = shared.delete_held(&held).await;
         hold.fire_lost(reason);
         match deleted {
             Ok(()) => shared.drop_held(held),
@@ -950,20 +978,34 @@ struct WaiterKey {
     shared: Arc<Shared>,
     name: String,
     key: Option<String>,
+    /// The key's create revision once known, 0 before.
+    placed: AtomicI64,
     local: Option<OwnedMutexGuard<()>>,
 }
 
 impl WaiterKey {
     /// The lock is ours: the key and the local mutex now belong to the hold. `None` only if the
     /// local mutex was already handed on, which `queue_until_acquired` never does.
-    fn take_held(&mut self, key: String) -> Option<HeldKey> {
-        self.key = None;
+    fn take_held(&mut self, key: String, revision: i64) -> Option<HeldKey> {
+        self.forget_key();
         let local = self.local.take()?;
         Some(HeldKey {
             name: self.name.clone(),
             key,
+            revision: Some(revision),
             _local: local,
         })
+    }
+
+    /// The key is no longer ours to delete: gone, or handed on.
+    fn forget_key(&mut self) {
+        self.key = None;
+        self.placed.store(0, Ordering::SeqCst);
+    }
+
+    /// The key's create revision, if known.
+    fn revision(&self) -> Option<i64> {
+        Some(self.placed.load(Ordering::SeqCst)).filter(|&revision| revision > 0)
     }
 
     /// Tries to delete the key once now; if etcd does not answer, the retirement goes on in
@@ -975,8 +1017,12 @@ impl WaiterKey {
         if self.shared.is_closed() {
             return;
         }
-        match self.shared.delete_lock_key(&self.name, &key).await {
-            Ok(()) => self.key = None,
+        match self
+            .shared
+            .delete_lock_key(&self.name, &key, self.revision())
+            .await
+        {
+            Ok(()) => self.forget_key(),
             Err(err) => {
                 tracing::warn!(error = %err, lock = %self.name, "could not remove the lock waiter key yet; retrying in the background");
             }
@@ -991,6 +1037,7 @@ impl Drop for WaiterKey {
         };
         let held = HeldKey {
             name: std::mem::take(&mut self.name),
+            revision: self.revision(),
             key: self.key.take().unwrap_or_default(),
             _local: local,
         };
