@@ -5,8 +5,9 @@
 //! that the harness starts (container or child process, as `HMETCD_ETCD_MODE` says; never
 //! `HMETCD_TEST_ENDPOINTS`, because one test compacts the store). Outages are staged with a
 //! TCP proxy between one handle and etcd (`integration_tests::faults::proxy`), which can
-//! freeze the connection (the client sees a paused etcd) or cut it (a network partition),
-//! while other handles and processes reach etcd directly. Tests run one at a time unless
+//! freeze the connection (the client sees a paused etcd), cut it (a network partition) or
+//! strand it (the client's side closes, and what it sent arrives later), while other handles
+//! and processes reach etcd directly. Tests run one at a time unless
 //! `--test-threads` says otherwise, because they measure timings. Every measured figure is
 //! printed to stderr.
 //!

@@ -25,6 +25,13 @@
 //! cancelled) are deleted in the background, retried until etcd confirms the delete or the
 //! handle is shut down (closing revokes the lease, and the keys with it). Until then the
 //! handle keeps the name's local mutex: it never queues again behind its own stale key.
+//!
+//! Every such delete compares the key's create revision: a delete we gave up on can still
+//! reach etcd later (held by a paused member or a slow link), when the handle holds the same
+//! key again (same lease, same name); it must find another incarnation and leave it alone.
+//! What no compare can stop is a put of a waiter key that reaches etcd after its attempt was
+//! given up: that key stands, on the handle's lease, until the handle queues for the name
+//! again (it finds the key its own) or its lease ends; Go's Mutex has the same window.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
