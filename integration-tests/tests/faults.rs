@@ -88,6 +88,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         60,
         |e, s| Box::pin(late_lock_key_deletes(e, s)),
     );
+    trials.add(
+        "a_proclaim_that_arrives_late_undoes_no_later_one",
+        60,
+        |e, s| Box::pin(late_proclaim(e, s)),
+    );
     let endpoints = server.endpoints().to_owned();
     let store = TestStore::new(Arc::new(EtcdOpener::on(server)));
     let pauser = server.pauser();
@@ -1063,6 +1068,54 @@ async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
         matches!(taken, Err(Error::LockTimeout { .. })),
         "B while A holds the lock: {taken:?}"
     );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// A leader's proclaim that failed (its link broke) but reaches etcd later must not undo the
+/// value the leader proclaimed after it: observers would see an older value win.
+async fn late_proclaim(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = Arc::new(
+        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
+            .await
+            .expect("open A behind the proxy"),
+    );
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let mut raw = ok(raw_client(&endpoints).await);
+    let leadership = a.campaign("late", "v0").await.expect("A campaigns");
+    let (proclaimed_tx, proclaimed_rx) = tokio::sync::oneshot::channel();
+    strand_after(&proxy, &a, "marker/proclaim", || {
+        tokio::spawn(async move {
+            let mut leadership = leadership;
+            let proclaimed = leadership.proclaim("v1").await;
+            drop(proclaimed_tx.send((leadership, proclaimed)));
+        });
+    })
+    .await;
+    let (mut leadership, proclaimed) = proclaimed_rx
+        .await
+        .expect("the proclaim ends once stranded");
+    assert!(
+        proclaimed.is_err(),
+        "the proclaim got through a frozen link"
+    );
+    leadership.proclaim("v2").await.expect("A proclaims again");
+    deliver_late(&proxy, &mut raw, &store, "marker/proclaim").await;
+    let leader = b.leader("late").await.expect("leader");
+    assert_eq!(
+        leader.map(|kv| kv.value).as_deref(),
+        Some("v2"),
+        "the late proclaim undid the one after it"
+    );
+    assert!(leadership.is_leader(), "A no longer leads");
+    leadership
+        .proclaim("v3")
+        .await
+        .expect("A proclaims once more");
+    let leader = b.leader("late").await.expect("leader");
+    assert_eq!(leader.map(|kv| kv.value).as_deref(), Some("v3"));
+    leadership.resign().await.expect("resign");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
