@@ -1073,7 +1073,8 @@ async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
 }
 
 /// A leader's proclaim that failed (its link broke) but reaches etcd later must not undo the
-/// value the leader proclaimed after it: observers would see an older value win.
+/// value the leader proclaimed after it: observers would see an older value win. One that
+/// lands before the next proclaim does not stop that one.
 async fn late_proclaim(endpoints: String, store: TestStore) {
     let proxy = ok(FaultProxy::start(&endpoints).await);
     let a = Arc::new(
@@ -1115,6 +1116,37 @@ async fn late_proclaim(endpoints: String, store: TestStore) {
         .expect("A proclaims once more");
     let leader = b.leader("late").await.expect("leader");
     assert_eq!(leader.map(|kv| kv.value).as_deref(), Some("v3"));
+
+    // A proclaim counted failed that lands before the next one: the next one still wins.
+    let (proclaimed_tx, proclaimed_rx) = tokio::sync::oneshot::channel();
+    strand_after(&proxy, &a, "marker/proclaim-again", || {
+        tokio::spawn(async move {
+            let mut leadership = leadership;
+            let proclaimed = leadership.proclaim("v4").await;
+            drop(proclaimed_tx.send((leadership, proclaimed)));
+        });
+    })
+    .await;
+    let (mut leadership, proclaimed) = proclaimed_rx
+        .await
+        .expect("the proclaim ends once stranded");
+    assert!(
+        proclaimed.is_err(),
+        "the proclaim got through a frozen link"
+    );
+    deliver_late(&proxy, &mut raw, &store, "marker/proclaim-again").await;
+    let leader = b.leader("late").await.expect("leader");
+    assert_eq!(
+        leader.map(|kv| kv.value).as_deref(),
+        Some("v4"),
+        "the late proclaim landed"
+    );
+    leadership
+        .proclaim("v5")
+        .await
+        .expect("A proclaims after its late one landed");
+    let leader = b.leader("late").await.expect("leader");
+    assert_eq!(leader.map(|kv| kv.value).as_deref(), Some("v5"));
     leadership.resign().await.expect("resign");
     a.close().await.expect("close A");
     b.close().await.expect("close B");

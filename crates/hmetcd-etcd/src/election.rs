@@ -5,12 +5,17 @@
 //! it leads when it holds the lock, that is when its key has the lowest create revision of
 //! the election's keys. So a leadership is a lock hold (with its monitor, fencing token and
 //! `lost()`) that can also change its value: `proclaim` puts the new value on the same key in
-//! a transaction on the key's create revision, so it fails once the key is gone.
+//! a transaction on the key's create revision, so it fails once the key is gone, and on its
+//! mod revision as the candidate last wrote it, so that a proclaim given up on that reaches
+//! etcd late never undoes a later one.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
 use futures::future::BoxFuture;
 use hmetcd_core::keys::{check_key, is_participant_key};
 use hmetcd_core::{
@@ -25,6 +30,11 @@ use crate::Shared;
 
 /// Candidates read per request.
 const CANDIDATES_PAGE: i64 = 64;
+
+/// How often a proclaim writes again after finding the leader key changed since its last
+/// write (each time it learns the new mod revision; only another writer racing it makes a
+/// second try fail).
+const PROCLAIM_TRIES: usize = 4;
 
 impl Shared {
     /// `campaign` and `campaign_with`.
@@ -143,31 +153,63 @@ impl Candidacy for EtcdLockRelease {
             let Some(key) = hold.stored_key() else {
                 return Err(not_leader("the leadership ended"));
             };
-            // Only while this candidate's key is still the one it created: the leader's.
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    hold.revision,
-                )])
-                .and_then([TxnOp::put(
-                    key.as_str(),
-                    value,
-                    Some(PutOptions::new().with_lease(hold.lease)),
-                )]);
             let request = Request::new("proclaim in", &hold.name);
-            match shared
-                .kv_bounded(request, async |kv| kv.txn(txn).await)
-                .await?
-            {
-                Ok(answer) if answer.succeeded() => Ok(()),
-                Ok(_) => Err(not_leader("its key is gone")),
-                Err(err) if is_lease_not_found(&err) => {
-                    shared.session.report_lost(hold.lease);
-                    Err(not_leader("its lease is gone"))
+            for _ in 0..PROCLAIM_TRIES {
+                // Only while this candidate's key is still the one it created (the leader's),
+                // and still as this candidate last wrote it: a proclaim given up on that
+                // reaches etcd late then finds a later one there and changes nothing.
+                let written = hold.written.load(Ordering::SeqCst);
+                let txn = Txn::new()
+                    .when([
+                        Compare::create_revision(key.as_str(), CompareOp::Equal, hold.revision),
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, written),
+                    ])
+                    .and_then([TxnOp::put(
+                        key.as_str(),
+                        value.as_str(),
+                        Some(PutOptions::new().with_lease(hold.lease)),
+                    )])
+                    .or_else([TxnOp::get(key.as_str(), None)]);
+                let answer = match shared
+                    .kv_bounded(request, async |kv| kv.txn(txn).await)
+                    .await?
+                {
+                    Ok(answer) => answer,
+                    Err(err) if is_lease_not_found(&err) => {
+                        shared.session.report_lost(hold.lease);
+                        return Err(not_leader("its lease is gone"));
+                    }
+                    Err(err) => return Err(shared.errors.map(request, err)),
+                };
+                if answer.succeeded() {
+                    hold.written
+                        .store(revision_of(answer.header(), request)?, Ordering::SeqCst);
+                    return Ok(());
                 }
-                Err(err) => Err(shared.errors.map(request, err)),
+                let found = answer
+                    .op_responses()
+                    .into_iter()
+                    .find_map(|read| match read {
+                        TxnOpResponse::Get(read) => read
+                            .kvs()
+                            .first()
+                            .map(|kv| (kv.create_revision(), kv.mod_revision())),
+                        _ => None,
+                    });
+                match found {
+                    // Written since: a proclaim of ours that we counted failed, or someone
+                    // else's put of our key. Ours to write over.
+                    Some((created, modified)) if created == hold.revision => {
+                        hold.written.store(modified, Ordering::SeqCst);
+                    }
+                    _ => return Err(not_leader("its key is gone")),
+                }
             }
+            Err(Error::Backend {
+                operation: request.to_string(),
+                reason: format!("the leader key changed under each of {PROCLAIM_TRIES} tries"),
+                source: None,
+            })
         })
     }
 }

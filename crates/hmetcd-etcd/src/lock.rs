@@ -105,6 +105,9 @@ pub(crate) struct Hold {
     generation: u64,
     /// The key's create revision: the fencing token.
     pub(crate) revision: i64,
+    /// The key's mod revision as of this hold's last write of it (a candidate's proclaim): the
+    /// create revision until then.
+    pub(crate) written: AtomicI64,
     /// The key while held; `None` once released or lost.
     key: Mutex<Option<HeldKey>>,
     pub(crate) lost: LostSignal,
@@ -405,6 +408,7 @@ impl Shared {
             lease,
             generation,
             revision,
+            written: AtomicI64::new(revision),
             key: Mutex::new(Some(held)),
             lost: LostSignal::new(),
             key_gone: AtomicBool::new(false),
