@@ -89,6 +89,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         |e, s| Box::pin(late_lock_key_deletes(e, s)),
     );
     trials.add(
+        "a_lock_wait_given_up_whose_put_arrives_late_blocks_nobody",
+        60,
+        |e, s| Box::pin(late_waiter_put(e, s)),
+    );
+    trials.add(
         "a_proclaim_that_arrives_late_undoes_no_later_one",
         60,
         |e, s| Box::pin(late_proclaim(e, s)),
@@ -929,6 +934,55 @@ async fn lock_key_of(
     answer.kvs().first().map(|kv| (key, kv.create_revision()))
 }
 
+/// The store's revision now.
+async fn revision_now(raw: &mut etcd_client::Client) -> i64 {
+    raw.get("\0", Some(GetOptions::new().with_count_only()))
+        .await
+        .unwrap_or_else(|err| panic!("raw get: {err}"))
+        .header()
+        .map_or(0, |header| header.revision())
+}
+
+/// Every put of a lock key (under the store's lock name) from revision `from` to now, in
+/// order: (key, lease id), from etcd's own history.
+async fn lock_key_puts(
+    raw: &mut etcd_client::Client,
+    store: &TestStore,
+    from: i64,
+) -> Vec<(String, i64)> {
+    let until = revision_now(raw).await;
+    let prefix = format!("{}{}/", store.prefix(), store.lock_name());
+    let mut stream = raw
+        .watch(
+            prefix.as_str(),
+            Some(
+                etcd_client::WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from),
+            ),
+        )
+        .await
+        .expect("raw watch of the lock keys");
+    let mut puts = Vec::new();
+    let mut seen = from - 1;
+    while seen < until {
+        let Ok(Ok(Some(response))) =
+            tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+        else {
+            // Nothing more under the prefix up to now.
+            break;
+        };
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            seen = seen.max(kv.mod_revision());
+            if event.event_type() == etcd_client::EventType::Put {
+                puts.push((String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()));
+            }
+        }
+    }
+    puts
+}
+
 /// Freezes A's link, lets `send` put a request on it (and a marker store after it), then
 /// strands the link: A's requests fail, while the proxy keeps what A sent for later.
 async fn strand_after(proxy: &FaultProxy, a: &Arc<EtcdKvs>, marker: &str, send: impl FnOnce()) {
@@ -1068,6 +1122,82 @@ async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
         matches!(taken, Err(Error::LockTimeout { .. })),
         "B while A holds the lock: {taken:?}"
     );
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// A lock attempt that failed before its waiter key's put was answered (its link broke): the
+/// put reaches etcd later, when nobody in A waits for the lock. That key of A's must not block
+/// the lock for everyone else until A's lease ends.
+async fn late_waiter_put(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = Arc::new(
+        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
+            .await
+            .expect("open A behind the proxy"),
+    );
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let mut raw = ok(raw_client(&endpoints).await);
+    b.dist_lock().await.expect("B takes the lock");
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+    strand_after(&proxy, &a, "marker/wait", || {
+        let a = a.clone();
+        tokio::spawn(async move {
+            drop(locked_tx.send(a.dist_timed_lock(Duration::from_secs(20)).await));
+        });
+    })
+    .await;
+    let locked = locked_rx.await.expect("A's attempt ends once stranded");
+    assert!(
+        matches!(
+            locked,
+            Err(Error::Unavailable { .. } | Error::Timeout { .. })
+        ),
+        "A's lock attempt on a stranded link: {locked:?}"
+    );
+    let b_lease = lock_keys(&mut raw, &store).await[0].1;
+    let before = revision_now(&mut raw).await;
+    deliver_late(&proxy, &mut raw, &store, "marker/wait").await;
+    let late: Vec<_> = lock_key_puts(&mut raw, &store, before + 1)
+        .await
+        .into_iter()
+        .filter(|&(_, lease)| lease != b_lease)
+        .collect();
+    assert_eq!(
+        late.len(),
+        1,
+        "A's waiter key put arrives once, late: {late:?}"
+    );
+    b.dist_unlock().await.expect("B unlocks");
+    let again = b.dist_timed_lock(Duration::from_secs(3)).await;
+    assert!(
+        again.is_ok(),
+        "B could not take the lock again: {again:?}; lock keys: {:?}",
+        lock_keys(&mut raw, &store).await
+    );
+    assert_eq!(
+        lock_keys(&mut raw, &store).await.len(),
+        1,
+        "B's lock key alone"
+    );
+    b.dist_unlock().await.expect("B unlocks");
+    // A takes the lock as usual afterwards, and its key is left alone while it holds it.
+    a.dist_timed_lock(Duration::from_secs(3))
+        .await
+        .expect("A takes the lock");
+    let held = lock_keys(&mut raw, &store).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(taken, Err(Error::LockTimeout { .. })),
+        "B while A holds the lock: {taken:?}"
+    );
+    assert_eq!(
+        lock_keys(&mut raw, &store).await,
+        held,
+        "A's lock key alone"
+    );
+    a.dist_unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
