@@ -30,8 +30,11 @@
 //! reach etcd later (held by a paused member or a slow link), when the handle holds the same
 //! key again (same lease, same name); it must find another incarnation and leave it alone.
 //! What no compare can stop is a put of a waiter key that reaches etcd after its attempt was
-//! given up: that key stands, on the handle's lease, until the handle queues for the name
-//! again (it finds the key its own) or its lease ends; Go's Mutex has the same window.
+//! given up: nobody of this handle waits under that key, yet it stands in everyone's way until
+//! the lease ends (Go's Mutex has that flaw). So an attempt given up before its put was
+//! answered leaves a sweeper: it watches the key for [`LATE_PUT_WINDOW`] (while the lease is
+//! the session's), and deletes it whenever it is there while no participant of this handle
+//! has the name. A participant of this handle that finds the key takes it as its own place.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -62,6 +65,9 @@ type Deadline = Option<(Instant, Duration)>;
 /// How many keys ahead of ours one read looks at for the next lock participant.
 const AHEAD_PAGE: i64 = 16;
 
+/// How long a waiter key whose put went unanswered is watched for the put arriving late.
+const LATE_PUT_WINDOW: Duration = Duration::from_secs(600);
+
 /// The locks as this handle sees them.
 #[derive(Default)]
 pub(crate) struct LockState {
@@ -76,6 +82,9 @@ pub(crate) struct LockState {
     /// Every lock the handle holds (its own and its guards'), so that `close()` releases them.
     holds: Mutex<HashMap<u64, Arc<Hold>>>,
     next_hold: AtomicU64,
+    /// Waiter keys (stored form) whose put went unanswered, each watched by a sweeper until
+    /// the time given.
+    sweeping: Mutex<HashMap<String, Instant>>,
 }
 
 /// A lock key this handle owns in etcd and the name's local mutex, kept until the key is
@@ -447,7 +456,9 @@ impl Shared {
             shared: Arc::clone(self),
             name: name.to_owned(),
             key: None,
+            generation: 0,
             placed: AtomicI64::new(0),
+            unanswered: None,
             local: Some(local),
         };
         let mut not = None;
@@ -461,6 +472,7 @@ impl Shared {
             .await?;
             let key = format!("{dir}{}", lease_hex(lease));
             waiter.key = Some(key.clone());
+            waiter.generation = generation;
             // A lease lost while we wait takes our key with it: queue again on the next one.
             let attempt = async {
                 tokio::select! {
@@ -982,6 +994,120 @@ fn spawn_delete(shared: Arc<Shared>, held: HeldKey) {
     }
 }
 
+/// Starts (or extends) the sweeper of a waiter key whose put went unanswered, on the current
+/// Tokio runtime; without one, a late put stands until the lease ends.
+fn spawn_sweeper(shared: Arc<Shared>, name: String, key: String, generation: u64) {
+    let until = Instant::now() + LATE_PUT_WINDOW;
+    if locked(&shared.lock.sweeping)
+        .insert(key.clone(), until)
+        .is_some()
+    {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move { shared.sweep_late_puts(name, key, generation).await });
+        }
+        Err(_) => {
+            locked(&shared.lock.sweeping).remove(&key);
+        }
+    }
+}
+
+impl Shared {
+    /// The sweeper of a waiter key whose put went unanswered: the put may reach etcd any time
+    /// later (held by a paused member or a slow link), when no participant of this handle
+    /// waits under the key. Whenever the key is there while nobody of this handle has the name
+    /// (the sweeper holds the name's local mutex to know), it is such a put, and is deleted.
+    /// Ends once the window has passed, the lease is no longer the session's (a put on it
+    /// fails, or its key goes with it) or the handle shuts down.
+    async fn sweep_late_puts(self: Arc<Self>, name: String, key: String, generation: u64) {
+        let window_ended = async {
+            loop {
+                let Some(until) = locked(&self.lock.sweeping).get(&key).copied() else {
+                    return;
+                };
+                if Instant::now() >= until {
+                    return;
+                }
+                tokio::time::sleep_until(until.into()).await;
+            }
+        };
+        tokio::select! {
+            () = self.sweep(&name, &key) => {}
+            _ = session_ended(&self, generation) => {}
+            () = window_ended => {}
+        }
+        locked(&self.lock.sweeping).remove(&key);
+    }
+
+    async fn sweep(&self, name: &str, key: &str) {
+        let Some(target) = self.stored_target(key.as_bytes()) else {
+            return;
+        };
+        let request = Request::new("lock", name);
+        let mut shutdown = self.shutdown.subscribe();
+        let mut backoff = Backoff::new();
+        loop {
+            let local = self.lock.local_mutex(name);
+            let looked = {
+                let _nobody_else = local.lock().await;
+                self.delete_late_put(key, request).await
+            };
+            drop(local);
+            self.lock.forget_local_if_unused(name);
+            let watched = match looked {
+                Ok(revision) => self.watch_from(target.clone(), revision + 1, false).await,
+                Err(err) => Err(err),
+            };
+            // Until the key is put: look again then. If the watch breaks, look again too, after
+            // a pause.
+            let put = match watched {
+                Ok(mut stream) => loop {
+                    match stream.next().await {
+                        Some(Ok(WatchEvent::Put { .. })) => break true,
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break false,
+                    }
+                },
+                Err(err) => {
+                    tracing::debug!(error = %err, lock = name, "cannot watch for a late waiter key put; retrying");
+                    false
+                }
+            };
+            if put {
+                backoff.reset();
+            } else if !pause_unless_shut_down(backoff.next_pause(), &mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Deletes our waiter `key` if it is there (nobody of this handle has the name: it is a
+    /// put that arrived late). Returns the revision the key was looked at.
+    async fn delete_late_put(&self, key: &str, request: Request<'_>) -> Result<i64> {
+        let found = self
+            .kv_request(request, async |kv| kv.get(key, None).await)
+            .await?;
+        let revision = revision_of(found.header(), request)?;
+        let Some(created) = found.kvs().first().map(|kv| kv.create_revision()) else {
+            return Ok(revision);
+        };
+        tracing::warn!(
+            lock = request.key,
+            token = created,
+            "a waiter key put reached etcd after its attempt was given up; deleting it"
+        );
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, created)])
+            .and_then([TxnOp::delete(key, None)]);
+        let deleted = self
+            .kv_request(request, async |kv| kv.txn(txn).await)
+            .await?;
+        revision_of(deleted.header(), request)
+    }
+}
+
 /// Our place while we queue: the name's local mutex, and our waiter key once put. An
 /// abandoned attempt (an error, a timeout, a dropped future) retires the key: it is deleted,
 /// now or in the background once etcd answers, and only then is the local mutex released.
@@ -989,8 +1115,12 @@ struct WaiterKey {
     shared: Arc<Shared>,
     name: String,
     key: Option<String>,
+    /// The session generation of the key's lease.
+    generation: u64,
     /// The key's create revision once known, 0 before.
     placed: AtomicI64,
+    /// A key retired before its put was answered, and its generation: to be swept.
+    unanswered: Option<(String, u64)>,
     local: Option<OwnedMutexGuard<()>>,
 }
 
@@ -1028,6 +1158,9 @@ impl WaiterKey {
         if self.shared.is_closed() {
             return;
         }
+        if self.revision().is_none() {
+            self.unanswered = Some((key.clone(), self.generation));
+        }
         match self
             .shared
             .delete_lock_key(&self.name, &key, self.revision())
@@ -1046,16 +1179,25 @@ impl Drop for WaiterKey {
         let Some(local) = self.local.take() else {
             return;
         };
+        if let Some(key) = &self.key {
+            if self.revision().is_none() {
+                self.unanswered = Some((key.clone(), self.generation));
+            }
+        }
+        let name = std::mem::take(&mut self.name);
         let held = HeldKey {
-            name: std::mem::take(&mut self.name),
+            name: name.clone(),
             revision: self.revision(),
             key: self.key.take().unwrap_or_default(),
             _local: local,
         };
         if held.key.is_empty() {
             self.shared.drop_held(held);
-            return;
+        } else {
+            spawn_delete(Arc::clone(&self.shared), held);
         }
-        spawn_delete(Arc::clone(&self.shared), held);
+        if let Some((key, generation)) = self.unanswered.take() {
+            spawn_sweeper(Arc::clone(&self.shared), name, key, generation);
+        }
     }
 }
