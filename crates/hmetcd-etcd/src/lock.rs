@@ -1022,23 +1022,33 @@ impl Shared {
     /// Ends once the window has passed, the lease is no longer the session's (a put on it
     /// fails, or its key goes with it) or the handle shuts down.
     async fn sweep_late_puts(self: Arc<Self>, name: String, key: String, generation: u64) {
+        // Ends the sweep once the window, extended by every later put that went unanswered,
+        // has passed; the entry goes in the same step, so that a later put starts a new one.
         let window_ended = async {
             loop {
-                let Some(until) = locked(&self.lock.sweeping).get(&key).copied() else {
-                    return;
+                let until = {
+                    let mut sweeping = locked(&self.lock.sweeping);
+                    match sweeping.get(&key) {
+                        Some(&until) if Instant::now() < until => until,
+                        _ => {
+                            sweeping.remove(&key);
+                            return;
+                        }
+                    }
                 };
-                if Instant::now() >= until {
-                    return;
-                }
                 tokio::time::sleep_until(until.into()).await;
             }
         };
         tokio::select! {
-            () = self.sweep(&name, &key) => {}
-            _ = session_ended(&self, generation) => {}
             () = window_ended => {}
+            () = self.sweep(&name, &key) => {
+                locked(&self.lock.sweeping).remove(&key);
+            }
+            // The key's lease is gone, or goes: no put on it can stand.
+            _ = session_ended(&self, generation) => {
+                locked(&self.lock.sweeping).remove(&key);
+            }
         }
-        locked(&self.lock.sweeping).remove(&key);
     }
 
     async fn sweep(&self, name: &str, key: &str) {
