@@ -94,6 +94,7 @@ pub fn all() -> Vec<Case> {
         case!(named_locks::max_hold_releases_to_a_waiter),
         case!(named_locks::unlock_before_max_hold_stops_the_timer),
         case!(named_locks::close_releases_every_guard),
+        case!(named_locks::a_foreign_write_of_the_handles_own_lock_key_is_taken_over),
         case!(named_locks::close_ends_every_wait_and_no_wait_queues_again),
         case!(named_locks::dropping_the_handle_releases_its_guards),
         case!(named_locks::lock_name_guard_is_the_handles_lock),

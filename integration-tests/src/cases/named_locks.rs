@@ -612,3 +612,48 @@ pub async fn own_handle_guards_queue_after_other_handles(store: TestStore) {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Someone else writes this handle's own lock key (`<name>/<lease hex>`, with no lease) while
+/// the handle is not queued for the name: the handle's next lock of it takes the key as its
+/// place (its fencing token is the key's create revision), with the lock's own value and bound
+/// to the handle's lease, so that it goes when the handle closes instead of blocking the lock
+/// for everyone for good. The same whether the value written is a lock's (empty) or not.
+pub async fn a_foreign_write_of_the_handles_own_lock_key_is_taken_over(store: TestStore) {
+    let other: Arc<dyn Kvi> = Arc::from(store.open().await);
+    for written_value in ["", "someone else's"] {
+        let kv = store.open().await;
+        let first = take(kv.as_ref(), NAME, "A").await;
+        let key = first.key().to_owned();
+        first.unlock().await.unwrap();
+        other.store(&key, written_value).await.unwrap();
+        let written = other
+            .get_kv(&key)
+            .await
+            .unwrap()
+            .expect("the key just written");
+        assert_eq!(written.lease, 0, "a stored key has no lease");
+
+        let guard = take(kv.as_ref(), NAME, "A over the written key").await;
+        assert_eq!(
+            guard.fencing_token(),
+            written.create_revision,
+            "A's place is the written key ({written_value:?})"
+        );
+        let taken = other.get_kv(&key).await.unwrap().expect("A's lock key");
+        assert_eq!(
+            (taken.value.as_str(), taken.lease != 0),
+            ("", true),
+            "A's lock key once A took it over ({written_value:?}): {taken:?}"
+        );
+        assert_taken(other.as_ref(), NAME, "the other handle").await;
+        let waiting = queue(&other, NAME);
+        let got = assert_handed_over_at_once(waiting, "A's close()", async {
+            kv.close().await.unwrap();
+        })
+        .await;
+        assert!(got.is_held());
+        got.unlock().await.unwrap();
+        drop(guard);
+    }
+    other.close().await.unwrap();
+}
