@@ -596,20 +596,22 @@ impl Shared {
             revision_of(queued.header(), request)?
         } else {
             // The key is already there: a participant of this handle on the same lease let go
-            // of it without deleting it (it counted the lock as lost). Its place in the queue
-            // stands, as in Go's Mutex; nobody held the lock in between.
+            // of it without deleting it (it counted the lock as lost), or its put arrived
+            // late, or someone else wrote it. Its place in the queue stands, as in Go's Mutex;
+            // nobody held the lock in between.
             let found = queued
                 .op_responses()
                 .into_iter()
                 .find_map(|read| match read {
-                    TxnOpResponse::Get(read) => read
-                        .kvs()
-                        .first()
-                        .map(|kv| (kv.create_revision(), kv.value() == value.as_bytes())),
+                    TxnOpResponse::Get(read) => read.kvs().first().map(|kv| {
+                        let ours = kv.value() == value.as_bytes() && kv.lease() == lease;
+                        (kv.create_revision(), ours)
+                    }),
                     _ => None,
                 });
             match found {
-                // A candidate's value is its own, as Go's Campaign proclaims it.
+                // A candidate's value is its own, as Go's Campaign proclaims it; and a key
+                // someone else wrote (with no lease) must go when this handle does.
                 Some((revision, false)) => {
                     let txn = Txn::new()
                         .when([Compare::create_revision(key, CompareOp::Equal, revision)])

@@ -655,12 +655,12 @@ impl Store {
         }
         let revision = match state.values.get(key.as_str()) {
             // As on etcd, whose waiter puts its key only if it is missing: a key already
-            // there keeps its lease and its place in the queue; a candidate's value is its
-            // own, as Go's Campaign proclaims it.
-            Some(entry) if entry.value != value => {
+            // there keeps its place in the queue. It takes this participant's value (a
+            // candidate's value is its own, as Go's Campaign proclaims it) and lease (someone
+            // else may have written it, with none: it must go when this handle does).
+            Some(entry) if entry.value != value || entry.lease != Some(lease) => {
                 let revision = entry.create_revision;
-                let lease = entry.lease;
-                let _ = state.put(key, value, lease);
+                let _ = state.put(key, value, Some(lease));
                 revision
             }
             Some(entry) => entry.create_revision,
