@@ -158,6 +158,15 @@ mod tests {
     }
 
     #[test]
+    fn an_address_given_twice_is_one_member() {
+        assert_eq!(distinct_members(&urls("a:1")), 1);
+        assert_eq!(distinct_members(&urls("a:1,a:1")), 1);
+        assert_eq!(distinct_members(&urls("a:1,http://a:1")), 1);
+        assert_eq!(distinct_members(&urls("a:1,b:1,a:1")), 2);
+        assert_eq!(distinct_members(&urls("a:1,a:2,b:1")), 3);
+    }
+
+    #[test]
     fn missing_tls_file_names_the_option() {
         let options = Options::parse("ca_file=/nonexistent/ca.pem").unwrap();
         let err = connect_arguments(&urls("https://a:1"), &options).err();
