@@ -25,7 +25,8 @@ use futures::StreamExt;
 use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
 use hmetcd_etcd::EtcdKvs;
 use integration_tests::backends::MemOpener;
-use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster};
+use integration_tests::etcd_server::{raw_client, wait_ready, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
@@ -65,6 +66,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             "one_lease_loss_with_3000_temp_keys_recovers_within_ttl_plus_2s",
             60,
             |e, s| Box::pin(many_temp_keys_recover(e, s)),
+        )
+        .add(
+            "temp_keys_come_back_where_etcd_allows_few_operations_per_transaction",
+            60,
+            |_, s| Box::pin(restore_with_few_txn_ops(s)),
         )
         .add(
             "given_up_timed_lock_during_an_outage_leaves_no_waiter_key",
@@ -373,6 +379,69 @@ async fn recover(
         let _ = a.dist_unlock().await;
     }
     recovery
+}
+
+/// On an etcd that allows few operations per transaction (`--max-txn-ops=4`; the default is
+/// 128), the temp keys still come back after a lease loss: the restore makes its transactions
+/// smaller until etcd takes them. A member of its own, from the etcd binary the cluster tests
+/// use (see `integration_tests::cluster`).
+async fn restore_with_few_txn_ops(store: TestStore) {
+    const KEYS: usize = 21;
+    let bin = ok(etcd_binary());
+    let mut spec = ClusterSpec::new(1);
+    spec.extra_args.push("--max-txn-ops=4".to_owned());
+    let server = EtcdCluster::spawn(&bin, spec).expect("start etcd with --max-txn-ops=4");
+    let endpoints = server.endpoints();
+    ok(wait_ready(&endpoints, Duration::from_secs(20)).await);
+    let a = EtcdKvs::connect(
+        &endpoints,
+        &store.options(&format!(
+            "lease_ttl={}s,request_timeout=1s",
+            LEASE_TTL.as_secs()
+        )),
+    )
+    .await
+    .expect("open A");
+    let mut raw = raw(&endpoints).await;
+    for i in 0..KEYS {
+        a.store_temp(&format!("few/{i:02}"), &format!("v{i}"))
+            .await
+            .expect("store_temp");
+    }
+    let dir = format!("{}few/", store.prefix());
+    let keys = prefix_keys(&mut raw, &dir).await;
+    assert_eq!(keys.len(), KEYS, "temp keys written");
+    let lease = keys[0].1;
+    revoke(&mut raw, lease).await;
+    let revoked = Instant::now();
+    let bound = LEASE_TTL + RECOVERY_SLACK;
+    loop {
+        let keys = prefix_keys(&mut raw, &dir).await;
+        let back = keys.iter().filter(|(_, on)| *on != lease).count();
+        if back == KEYS {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < bound,
+            "{back} of {KEYS} temp keys back {} after the revoke, etcd {} with --max-txn-ops=4",
+            secs(revoked.elapsed()),
+            etcd_version(&bin)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..KEYS {
+        assert_eq!(
+            a.get(&format!("few/{i:02}")).await.expect("get").as_deref(),
+            Some(format!("v{i}").as_str()),
+            "temp key {i} came back with its value"
+        );
+    }
+    eprintln!(
+        "lease_loss: {KEYS} temp keys back {} after the revoke on etcd {} with --max-txn-ops=4",
+        secs(revoked.elapsed()),
+        etcd_version(&bin)
+    );
+    a.close().await.expect("close A");
 }
 
 async fn many_temp_keys_recover(endpoints: String, store: TestStore) {
