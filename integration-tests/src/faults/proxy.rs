@@ -189,7 +189,10 @@ async fn relay(
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     // Either pump ending ends the connection: the client's side closes when this returns.
+    // The client-to-server pump first: when an epoch ends by `strand`, both see it in the
+    // same poll, and only that pump keeps what the connection held.
     tokio::select! {
+        biased;
         stranded = pump_up(client_read, server_write, gate.clone(), epoch) => Ok(stranded),
         _ = pump(server_read, client_write, gate, epoch) => Ok(None),
     }
