@@ -1036,21 +1036,77 @@ async fn deliver_late(
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
+/// A behind a proxy that can strand its link, B and a raw client straight to etcd.
+struct Late {
+    proxy: FaultProxy,
+    a: Arc<EtcdKvs>,
+    b: Arc<dyn Kvi>,
+    raw: etcd_client::Client,
+}
+
+impl Late {
+    async fn open(endpoints: &str, store: &TestStore) -> Late {
+        let proxy = ok(FaultProxy::start(endpoints).await);
+        // Longer than each step of the staging, so that only the stranding fails A's requests.
+        let a = Arc::new(
+            EtcdKvs::connect(proxy.endpoint(), &options(store, Duration::from_secs(3)))
+                .await
+                .expect("open A behind the proxy"),
+        );
+        let b = Arc::from(store.open_with("request_timeout=2s").await.expect("open B"));
+        let raw = ok(raw_client(endpoints).await);
+        Late { proxy, a, b, raw }
+    }
+}
+
+/// B's timed lock gives up: A holds the lock.
+async fn assert_lock_taken(b: &dyn Kvi) {
+    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
+    assert!(
+        matches!(taken, Err(Error::LockTimeout { .. })),
+        "B while A holds the lock: {taken:?}"
+    );
+}
+
+/// A proclaims `value` on a link that is then stranded (the marker is `marker/<value>`): the
+/// proclaim fails, and etcd gets it only when it is delivered.
+async fn proclaim_stranded(
+    proxy: &FaultProxy,
+    a: &Arc<EtcdKvs>,
+    leadership: hmetcd_core::Leadership,
+    value: &'static str,
+) -> hmetcd_core::Leadership {
+    let (proclaimed_tx, proclaimed_rx) = tokio::sync::oneshot::channel();
+    strand_after(proxy, a, &format!("marker/{value}"), || {
+        tokio::spawn(async move {
+            let mut leadership = leadership;
+            let proclaimed = leadership.proclaim(value).await;
+            drop(proclaimed_tx.send((leadership, proclaimed)));
+        });
+    })
+    .await;
+    let (leadership, proclaimed) = proclaimed_rx
+        .await
+        .expect("the proclaim ends once stranded");
+    assert!(
+        proclaimed.is_err(),
+        "the proclaim got through a frozen link"
+    );
+    leadership
+}
+
 /// A lock key delete that A gave up on (its link broke) but that reaches etcd later, when A
 /// holds the lock again under the same key (same lease), must not delete that later hold:
 /// once for an unlock's delete, once for the delete of an abandoned wait's key. A release
 /// that failed is retried in the background, so such a late copy is what a link through a
 /// paused member or a slow router delivers.
 async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
-    let proxy = ok(FaultProxy::start(&endpoints).await);
-    // Longer than each step of the staging, so that only the stranding fails A's requests.
-    let a = Arc::new(
-        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
-            .await
-            .expect("open A behind the proxy"),
-    );
-    let b: Arc<dyn Kvi> = Arc::from(store.open_with("request_timeout=2s").await.expect("open B"));
-    let mut raw = ok(raw_client(&endpoints).await);
+    let Late {
+        proxy,
+        a,
+        b,
+        mut raw,
+    } = Late::open(&endpoints, &store).await;
     let spawn_lock = |kv: Arc<dyn Kvi>| tokio::spawn(async move { kv.dist_lock().await });
     let settle = |task: tokio::task::JoinHandle<hmetcd_core::Result<()>>, who: &'static str| async move {
         tokio::time::timeout(Duration::from_secs(10), task)
@@ -1087,11 +1143,7 @@ async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
         Some(again.clone()),
         "the late delete of A's unlock deleted A's later hold"
     );
-    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
-    assert!(
-        matches!(taken, Err(Error::LockTimeout { .. })),
-        "B while A holds the lock: {taken:?}"
-    );
+    assert_lock_taken(b.as_ref()).await;
 
     // 2. The delete of an abandoned wait's key, stranded; A queues and takes the lock again.
     let b_locking = spawn_lock(b.clone());
@@ -1117,11 +1169,7 @@ async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
         Some(again),
         "the late delete of A's abandoned wait deleted A's later hold"
     );
-    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
-    assert!(
-        matches!(taken, Err(Error::LockTimeout { .. })),
-        "B while A holds the lock: {taken:?}"
-    );
+    assert_lock_taken(b.as_ref()).await;
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
@@ -1130,14 +1178,12 @@ async fn late_lock_key_deletes(endpoints: String, store: TestStore) {
 /// put reaches etcd later, when nobody in A waits for the lock. That key of A's must not block
 /// the lock for everyone else until A's lease ends.
 async fn late_waiter_put(endpoints: String, store: TestStore) {
-    let proxy = ok(FaultProxy::start(&endpoints).await);
-    let a = Arc::new(
-        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
-            .await
-            .expect("open A behind the proxy"),
-    );
-    let b = store.open_with("request_timeout=2s").await.expect("open B");
-    let mut raw = ok(raw_client(&endpoints).await);
+    let Late {
+        proxy,
+        a,
+        b,
+        mut raw,
+    } = Late::open(&endpoints, &store).await;
     b.dist_lock().await.expect("B takes the lock");
     let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
     strand_after(&proxy, &a, "marker/wait", || {
@@ -1187,11 +1233,7 @@ async fn late_waiter_put(endpoints: String, store: TestStore) {
         .expect("A takes the lock");
     let held = lock_keys(&mut raw, &store).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let taken = b.dist_timed_lock(Duration::from_millis(500)).await;
-    assert!(
-        matches!(taken, Err(Error::LockTimeout { .. })),
-        "B while A holds the lock: {taken:?}"
-    );
+    assert_lock_taken(b.as_ref()).await;
     assert_eq!(
         lock_keys(&mut raw, &store).await,
         held,
@@ -1206,33 +1248,16 @@ async fn late_waiter_put(endpoints: String, store: TestStore) {
 /// value the leader proclaimed after it: observers would see an older value win. One that
 /// lands before the next proclaim does not stop that one.
 async fn late_proclaim(endpoints: String, store: TestStore) {
-    let proxy = ok(FaultProxy::start(&endpoints).await);
-    let a = Arc::new(
-        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
-            .await
-            .expect("open A behind the proxy"),
-    );
-    let b = store.open_with("request_timeout=2s").await.expect("open B");
-    let mut raw = ok(raw_client(&endpoints).await);
+    let Late {
+        proxy,
+        a,
+        b,
+        mut raw,
+    } = Late::open(&endpoints, &store).await;
     let leadership = a.campaign("late", "v0").await.expect("A campaigns");
-    let (proclaimed_tx, proclaimed_rx) = tokio::sync::oneshot::channel();
-    strand_after(&proxy, &a, "marker/proclaim", || {
-        tokio::spawn(async move {
-            let mut leadership = leadership;
-            let proclaimed = leadership.proclaim("v1").await;
-            drop(proclaimed_tx.send((leadership, proclaimed)));
-        });
-    })
-    .await;
-    let (mut leadership, proclaimed) = proclaimed_rx
-        .await
-        .expect("the proclaim ends once stranded");
-    assert!(
-        proclaimed.is_err(),
-        "the proclaim got through a frozen link"
-    );
+    let mut leadership = proclaim_stranded(&proxy, &a, leadership, "v1").await;
     leadership.proclaim("v2").await.expect("A proclaims again");
-    deliver_late(&proxy, &mut raw, &store, "marker/proclaim").await;
+    deliver_late(&proxy, &mut raw, &store, "marker/v1").await;
     let leader = b.leader("late").await.expect("leader");
     assert_eq!(
         leader.map(|kv| kv.value).as_deref(),
@@ -1248,23 +1273,8 @@ async fn late_proclaim(endpoints: String, store: TestStore) {
     assert_eq!(leader.map(|kv| kv.value).as_deref(), Some("v3"));
 
     // A proclaim counted failed that lands before the next one: the next one still wins.
-    let (proclaimed_tx, proclaimed_rx) = tokio::sync::oneshot::channel();
-    strand_after(&proxy, &a, "marker/proclaim-again", || {
-        tokio::spawn(async move {
-            let mut leadership = leadership;
-            let proclaimed = leadership.proclaim("v4").await;
-            drop(proclaimed_tx.send((leadership, proclaimed)));
-        });
-    })
-    .await;
-    let (mut leadership, proclaimed) = proclaimed_rx
-        .await
-        .expect("the proclaim ends once stranded");
-    assert!(
-        proclaimed.is_err(),
-        "the proclaim got through a frozen link"
-    );
-    deliver_late(&proxy, &mut raw, &store, "marker/proclaim-again").await;
+    let mut leadership = proclaim_stranded(&proxy, &a, leadership, "v4").await;
+    deliver_late(&proxy, &mut raw, &store, "marker/v4").await;
     let leader = b.leader("late").await.expect("leader");
     assert_eq!(
         leader.map(|kv| kv.value).as_deref(),
