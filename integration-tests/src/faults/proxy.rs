@@ -154,12 +154,7 @@ async fn accept_loop(
         let stranded = stranded.clone();
         tokio::spawn(async move {
             let epoch = gate.borrow().epoch;
-            if let Ok(Some(connection)) = relay(client, upstream, gate, epoch).await {
-                stranded
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(connection);
-            }
+            let _ = relay(client, upstream, gate, epoch, stranded).await;
         });
     }
 }
@@ -172,16 +167,17 @@ async fn wait_open(gate: &mut watch::Receiver<Gate>, epoch: u64) -> bool {
     }
 }
 
-/// Relays one connection until either side closes it or its epoch ends; returns its server
-/// side and what it held if the epoch ended by [`FaultProxy::strand`].
+/// Relays one connection until either side closes it or its epoch ends; if the epoch ended by
+/// [`FaultProxy::strand`], its server side and what it held go to `stranded`.
 async fn relay(
     client: TcpStream,
     upstream: String,
     mut gate: watch::Receiver<Gate>,
     epoch: u64,
-) -> std::io::Result<Option<Stranded>> {
+    stranded: Arc<Mutex<Vec<Stranded>>>,
+) -> std::io::Result<()> {
     if !wait_open(&mut gate, epoch).await {
-        return Ok(None);
+        return Ok(());
     }
     let server = TcpStream::connect(upstream.as_str()).await?;
     let _ = client.set_nodelay(true);
@@ -193,42 +189,55 @@ async fn relay(
     // same poll, and only that pump keeps what the connection held.
     tokio::select! {
         biased;
-        stranded = pump_up(client_read, server_write, gate.clone(), epoch) => Ok(stranded),
-        _ = pump(server_read, client_write, gate, epoch) => Ok(None),
+        () = pump_up(client_read, server_write, gate.clone(), epoch, stranded) => {}
+        _ = pump(server_read, client_write, gate, epoch) => {}
     }
+    Ok(())
 }
 
 /// Copies from the client to the server, holding what the client sends while the gate is
-/// closed. When the epoch ends, returns the server side and the held bytes if it was
-/// stranded.
+/// closed. When the epoch ends by a strand, puts the server side and the held bytes in
+/// `stranded` before the client's side closes (so that a client that sees its connection go
+/// finds them there).
 async fn pump_up(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut gate: watch::Receiver<Gate>,
     epoch: u64,
-) -> Option<Stranded> {
+    stranded: Arc<Mutex<Vec<Stranded>>>,
+) {
     let mut buffer = vec![0u8; 16 * 1024];
     let mut held = Vec::new();
     let mut client_open = true;
     loop {
         let now = *gate.borrow_and_update();
         if now.epoch != epoch {
-            return now.strands.then_some(Stranded { server: to, held });
+            if now.strands {
+                stranded
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Stranded { server: to, held });
+            }
+            return;
         }
         if now.open && !held.is_empty() {
-            to.write_all(&held).await.ok()?;
+            if to.write_all(&held).await.is_err() {
+                return;
+            }
             held.clear();
         }
         if !client_open && held.is_empty() {
             let _ = to.shutdown().await;
-            return None;
+            return;
         }
         tokio::select! {
             read = from.read(&mut buffer), if client_open => match read {
                 Ok(0) | Err(_) => client_open = false,
                 Ok(read) => held.extend_from_slice(&buffer[..read]),
             },
-            changed = gate.changed() => changed.ok()?,
+            changed = gate.changed() => if changed.is_err() {
+                return;
+            },
         }
     }
 }
