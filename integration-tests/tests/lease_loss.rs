@@ -126,6 +126,19 @@ fn ok<T>(outcome: Result<T, String>) -> T {
     outcome.unwrap_or_else(|why| panic!("{why}"))
 }
 
+/// A handle straight to etcd with the short [`LEASE_TTL`] and a 1 s request timeout.
+async fn open_a(endpoints: &str, store: &TestStore) -> EtcdKvs {
+    EtcdKvs::connect(
+        endpoints,
+        &store.options(&format!(
+            "lease_ttl={}s,request_timeout=1s",
+            LEASE_TTL.as_secs()
+        )),
+    )
+    .await
+    .expect("open A")
+}
+
 async fn raw(endpoints: &str) -> etcd_client::Client {
     ok(raw_client(endpoints).await)
 }
@@ -393,15 +406,7 @@ async fn restore_with_few_txn_ops(store: TestStore) {
     let server = EtcdCluster::spawn(&bin, spec).expect("start etcd with --max-txn-ops=4");
     let endpoints = server.endpoints();
     ok(wait_ready(&endpoints, Duration::from_secs(20)).await);
-    let a = EtcdKvs::connect(
-        &endpoints,
-        &store.options(&format!(
-            "lease_ttl={}s,request_timeout=1s",
-            LEASE_TTL.as_secs()
-        )),
-    )
-    .await
-    .expect("open A");
+    let a = open_a(&endpoints, &store).await;
     let mut raw = raw(&endpoints).await;
     for i in 0..KEYS {
         a.store_temp(&format!("few/{i:02}"), &format!("v{i}"))
@@ -447,15 +452,7 @@ async fn restore_with_few_txn_ops(store: TestStore) {
 async fn many_temp_keys_recover(endpoints: String, store: TestStore) {
     const KEYS: usize = 3000;
     let bound = LEASE_TTL + RECOVERY_SLACK;
-    let a = EtcdKvs::connect(
-        &endpoints,
-        &store.options(&format!(
-            "lease_ttl={}s,request_timeout=1s",
-            LEASE_TTL.as_secs()
-        )),
-    )
-    .await
-    .expect("open A");
+    let a = open_a(&endpoints, &store).await;
     let mut raw = raw(&endpoints).await;
     let names: Vec<String> = (0..KEYS).map(|i| format!("tk/{i:04}")).collect();
     let began = Instant::now();
@@ -709,15 +706,7 @@ async fn given_up_attempt(endpoints: String, store: TestStore, how: GiveUp) {
 // 3. A temp key's restore never overwrites another client's data
 
 async fn restore_never_overwrites(endpoints: String, store: TestStore) {
-    let a = EtcdKvs::connect(
-        &endpoints,
-        &store.options(&format!(
-            "lease_ttl={}s,request_timeout=1s",
-            LEASE_TTL.as_secs()
-        )),
-    )
-    .await
-    .expect("open A");
+    let a = open_a(&endpoints, &store).await;
     let b = store.open().await;
     let mut raw = raw(&endpoints).await;
     a.temp_key("m").await.expect("A's temp key m");
