@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmetcd_core::{Kvi, LockGuard, LockOptions, LostReason};
+use hmetcd_core::{Kvi, LockGuard, LockOptions, LostReason, Op, Txn};
 use tokio::time::Instant;
 
 use super::lock::{assert_lock_taken, lock};
@@ -404,6 +404,34 @@ pub async fn a_plain_key_under_the_lock_name_does_not_block(store: TestStore) {
     .await
     .unwrap_or_else(|err| panic!("plain keys written under a held lock blocked it: {err}"));
     drop(guard);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// More plain keys under the lock name than one read of the keys ahead takes (some written one
+/// by one, some in one transaction, so that a page can hold a single revision), between the
+/// holder's key and a waiter's: the waiter still waits for the holder.
+pub async fn pages_of_plain_keys_between_holder_and_waiter_keep_the_waiter_waiting(
+    store: TestStore,
+) {
+    let a = store.open().await;
+    let b = store.open().await;
+    let guard = take(a.as_ref(), NAME, "a").await;
+    for i in 0..40 {
+        a.store(&format!("{NAME}/one/{i:02}"), "x").await.unwrap();
+    }
+    let many = (0..40).fold(Txn::new(), |txn, i| {
+        txn.then(Op::put(&format!("{NAME}/all/{i:02}"), "x"))
+    });
+    a.txn(many).await.unwrap();
+    assert_taken(b.as_ref(), NAME, "b behind pages of plain keys").await;
+    let b: Arc<dyn Kvi> = Arc::from(b);
+    let waiting = queue(&b, NAME);
+    let got = assert_handed_over_at_once(waiting, "a's unlock", async {
+        guard.unlock().await.unwrap();
+    })
+    .await;
+    drop(got);
     a.close().await.unwrap();
     b.close().await.unwrap();
 }

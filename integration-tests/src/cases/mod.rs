@@ -113,6 +113,7 @@ pub fn all() -> Vec<Case> {
         case!(fencing::unlock_of_a_lost_guard_releases_nobody),
         case!(fencing::dist_lock_queues_again_after_its_key_was_deleted),
         case!(fencing::a_plain_key_under_the_lock_name_does_not_block),
+        case!(fencing::pages_of_plain_keys_between_holder_and_waiter_keep_the_waiter_waiting),
         case!(fencing::a_lock_named_with_a_longer_path_does_not_block),
         case!(fencing::is_held_false_after_loss),
         case!(fencing::a_key_in_lock_key_form_queues_like_a_participant),
