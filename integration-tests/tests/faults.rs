@@ -82,6 +82,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             "outage_longer_than_lease_ttl_loses_lock_and_restores_temp_keys",
             60,
             |e, s| Box::pin(long_outage(e, s)),
+        )
+        .add(
+            "an_unlock_that_fails_in_an_outage_goes_through_once_the_link_is_back",
+            60,
+            |e, s| Box::pin(unlock_in_an_outage(e, s)),
         );
     trials.add(
         "lock_key_deletes_that_arrive_late_delete_no_later_hold",
@@ -657,6 +662,54 @@ async fn watchers_saw_once_in_order(
         called, expected,
         "watch_with_cb across the outage (none lost, none repeated)"
     );
+}
+
+/// A guard's `unlock` fails while A's link is frozen (shorter than the lease TTL): the key is
+/// deleted in the background, retried until the link is back, and the waiting B gets the lock
+/// then, not when A's lease ends.
+async fn unlock_in_an_outage(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, REQUEST_TIMEOUT))
+        .await
+        .expect("open A behind the proxy");
+    let b: Arc<dyn Kvi> = Arc::from(store.open_with("request_timeout=2s").await.expect("open B"));
+    let guard = a.lock("outage").await.expect("A takes the lock");
+    let b_locking = tokio::spawn({
+        let b = b.clone();
+        async move { b.lock("outage").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.freeze();
+    let unlocked = guard.unlock().await;
+    assert!(
+        matches!(
+            unlocked,
+            Err(Error::Timeout { .. } | Error::Unavailable { .. })
+        ),
+        "A's unlock on a frozen link: {unlocked:?}"
+    );
+    // Long enough for the background delete to fail more than once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !b_locking.is_finished(),
+        "B got the lock while A's link was frozen"
+    );
+    proxy.resume();
+    let resumed = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(LEASE_TTL.as_secs()), b_locking)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("B did not get the lock within {LEASE_TTL:?} of the link coming back")
+        })
+        .expect("B's task")
+        .expect("B's lock");
+    eprintln!(
+        "faults: A's unlock failed on a frozen link; B got the lock {} after the link came back",
+        secs(resumed.elapsed())
+    );
+    got.unlock().await.expect("B unlocks");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
 }
 
 async fn short_outage(endpoints: String, store: TestStore, kind: Outage) {
