@@ -84,7 +84,7 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(long_outage(e, s)),
         )
         .add(
-            "an_unlock_that_fails_in_an_outage_goes_through_once_the_link_is_back",
+            "an_unlock_or_a_lock_wait_in_an_outage_goes_through_once_the_link_is_back",
             60,
             |e, s| Box::pin(unlock_in_an_outage(e, s)),
         );
@@ -666,7 +666,8 @@ async fn watchers_saw_once_in_order(
 
 /// A guard's `unlock` fails while A's link is frozen (shorter than the lease TTL): the key is
 /// deleted in the background, retried until the link is back, and the waiting B gets the lock
-/// then, not when A's lease ends.
+/// then, not when A's lease ends. Then A waits for B's lock while its link is cut: the wait
+/// rides the cut out.
 async fn unlock_in_an_outage(endpoints: String, store: TestStore) {
     let proxy = ok(FaultProxy::start(&endpoints).await);
     let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, REQUEST_TIMEOUT))
@@ -703,11 +704,38 @@ async fn unlock_in_an_outage(endpoints: String, store: TestStore) {
         })
         .expect("B's task")
         .expect("B's lock");
-    eprintln!(
-        "faults: A's unlock failed on a frozen link; B got the lock {} after the link came back",
-        secs(resumed.elapsed())
+    let b_got = resumed.elapsed();
+
+    // A waits for B's lock while its link is cut (its watch of B's key breaks), for less than
+    // the lease TTL: the wait goes on, and A gets the lock when B lets go.
+    let a = Arc::new(a);
+    let a_locking = tokio::spawn({
+        let a = a.clone();
+        async move { a.lock("outage").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    proxy.resume();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !a_locking.is_finished(),
+        "A's wait ended while B held the lock: {:?}",
+        a_locking.await
     );
     got.unlock().await.expect("B unlocks");
+    let unlocked = Instant::now();
+    let a_got = tokio::time::timeout(Duration::from_secs(LEASE_TTL.as_secs()), a_locking)
+        .await
+        .unwrap_or_else(|_| panic!("A did not get the lock within {LEASE_TTL:?} of B's unlock"))
+        .expect("A's task")
+        .expect("A's lock after its link was cut while it waited");
+    eprintln!(
+        "faults: A's unlock failed on a frozen link; B got the lock {} after the link came back; A, cut off while it waited, got it {} after B's unlock",
+        secs(b_got),
+        secs(unlocked.elapsed())
+    );
+    a_got.unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
