@@ -421,7 +421,7 @@ pub async fn pages_of_plain_keys_between_holder_and_waiter_keep_the_waiter_waiti
         a.store(&format!("{NAME}/one/{i:02}"), "x").await.unwrap();
     }
     let many = (0..40).fold(Txn::new(), |txn, i| {
-        txn.then(Op::put(&format!("{NAME}/all/{i:02}"), "x"))
+        txn.then(Op::put(format!("{NAME}/all/{i:02}"), "x"))
     });
     a.txn(many).await.unwrap();
     assert_taken(b.as_ref(), NAME, "b behind pages of plain keys").await;
