@@ -475,9 +475,21 @@ impl Shared {
             waiter.generation = generation;
             // A lease lost while we wait takes our key with it: queue again on the next one.
             let attempt = async {
-                tokio::select! {
+                let attempt = tokio::select! {
                     attempt = self.queue_and_wait(&dir, &key, value, lease, &waiter.placed, request) => attempt,
                     _ = session_ended(self, generation) => Ok(Attempt::LeaseLost),
+                };
+                // Ours, but handed over only while the lease surely stays valid a while: a
+                // lease whose renewal is overdue is about to be counted lost and revoked.
+                match attempt {
+                    Ok(Attempt::Acquired(revision)) => {
+                        if self.session.ready_to_grant(generation).await {
+                            Ok(Attempt::Acquired(revision))
+                        } else {
+                            Ok(Attempt::LeaseLost)
+                        }
+                    }
+                    other => other,
                 }
             };
             match by_deadline(name, deadline, attempt).await {

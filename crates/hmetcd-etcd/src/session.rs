@@ -154,6 +154,31 @@ impl Session {
         state.generation == generation && state.has_lease() && Instant::now() < state.valid_until
     }
 
+    /// Waits until a lock taken under `generation` can be handed to its holder: the lease
+    /// surely stays valid for at least a renewal interval (`true`), or that generation ends
+    /// (`false`: queue again on the next lease). A lease whose renewal is overdue may be
+    /// counted lost any moment, and its keys revoked with it, the lock key among them: a lock
+    /// granted then could pass to the next waiter while its holder has only begun.
+    pub(crate) async fn ready_to_grant(&self, generation: u64) -> bool {
+        let need = renewal_interval(self.ttl());
+        let mut states = self.state.subscribe();
+        loop {
+            {
+                let state = states.borrow_and_update();
+                if state.generation != generation || !state.has_lease() {
+                    return false;
+                }
+                if state.valid_until.saturating_duration_since(Instant::now()) >= need {
+                    return true;
+                }
+            }
+            // The owner renews, or counts the lease lost once its validity runs out.
+            if states.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// A request found `lease` gone: the owner takes a new one.
     pub(crate) fn report_lost(&self, lease: i64) {
         // Fails only once the owner has stopped (closed or dropped): nothing to replace then.
@@ -763,6 +788,38 @@ mod tests {
         assert!(!session.holds(1), "validity ran out unconfirmed");
         session.publish(|state| state.phase = Phase::Closed);
         assert!(!session.holds(1));
+    }
+
+    #[tokio::test]
+    async fn a_lock_is_granted_only_with_a_renewal_interval_of_validity_ahead() {
+        let session = Arc::new(Session::new(1, 3, 3, Instant::now()));
+        assert!(session.ready_to_grant(0).await, "a fresh lease");
+        assert!(
+            !session.ready_to_grant(1).await,
+            "a generation not yet taken"
+        );
+        // The renewal is overdue: less than a third of the TTL of validity is left.
+        session.publish(|state| state.valid_until = Instant::now() + Duration::from_millis(500));
+        let waiting = tokio::spawn({
+            let session = Arc::clone(&session);
+            async move { session.ready_to_grant(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "granted with 500 ms of a 3 s lease left"
+        );
+        session.publish(|state| state.valid_until = valid_until(Instant::now(), 3));
+        assert!(waiting.await.unwrap(), "renewed: granted");
+        session.publish(|state| state.valid_until = Instant::now());
+        let waiting = tokio::spawn({
+            let session = Arc::clone(&session);
+            async move { session.ready_to_grant(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        session.publish(|state| state.phase = Phase::Lost);
+        assert!(!waiting.await.unwrap(), "lost: queue again");
     }
 
     #[test]
