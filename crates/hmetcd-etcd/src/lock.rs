@@ -530,21 +530,41 @@ impl Shared {
     /// same name): it must not delete that later hold. Without a known revision (the put's
     /// answer never came), the incarnation there now is ours: it is read, then deleted.
     async fn delete_lock_key(&self, name: &str, key: &str, revision: Option<i64>) -> Result<()> {
-        let request = Request::new("unlock", name);
-        let revision = match revision {
-            Some(revision) => revision,
-            None => match self.create_revision(key, request).await? {
-                Some(revision) => revision,
-                None => return Ok(()),
-            },
-        };
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, revision)])
-            .and_then([TxnOp::delete(key, None)]);
-        // Not done means that incarnation is gone already.
-        self.kv_request(request, async |kv| kv.txn(txn).await)
+        self.delete_incarnation(key, revision, Request::new("unlock", name))
             .await
             .map(|_| ())
+    }
+
+    /// Deletes lock `key` if it is the incarnation created at `revision`; without one, the
+    /// incarnation there now, read first. Returns the revision etcd answered at last, and the
+    /// create revision of the incarnation deleted (`None`: nothing was there). Not deleted
+    /// although asked means that incarnation is gone already.
+    async fn delete_incarnation(
+        &self,
+        key: &str,
+        revision: Option<i64>,
+        request: Request<'_>,
+    ) -> Result<(i64, Option<i64>)> {
+        let created = match revision {
+            Some(revision) => revision,
+            None => {
+                let found = self
+                    .kv_request(request, async |kv| kv.get(key, None).await)
+                    .await?;
+                let read_at = revision_of(found.header(), request)?;
+                match found.kvs().first() {
+                    Some(kv) => kv.create_revision(),
+                    None => return Ok((read_at, None)),
+                }
+            }
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, created)])
+            .and_then([TxnOp::delete(key, None)]);
+        let deleted = self
+            .kv_request(request, async |kv| kv.txn(txn).await)
+            .await?;
+        Ok((revision_of(deleted.header(), request)?, Some(created)))
     }
 
     async fn delete_held(&self, held: &HeldKey) -> Result<()> {
@@ -1110,25 +1130,15 @@ impl Shared {
     /// Deletes our waiter `key` if it is there (nobody of this handle has the name: it is a
     /// put that arrived late). Returns the revision the key was looked at.
     async fn delete_late_put(&self, key: &str, request: Request<'_>) -> Result<i64> {
-        let found = self
-            .kv_request(request, async |kv| kv.get(key, None).await)
-            .await?;
-        let revision = revision_of(found.header(), request)?;
-        let Some(created) = found.kvs().first().map(|kv| kv.create_revision()) else {
-            return Ok(revision);
-        };
-        tracing::warn!(
-            lock = request.key,
-            token = created,
-            "a waiter key put reached etcd after its attempt was given up; deleting it"
-        );
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, created)])
-            .and_then([TxnOp::delete(key, None)]);
-        let deleted = self
-            .kv_request(request, async |kv| kv.txn(txn).await)
-            .await?;
-        revision_of(deleted.header(), request)
+        let (revision, deleted) = self.delete_incarnation(key, None, request).await?;
+        if let Some(created) = deleted {
+            tracing::warn!(
+                lock = request.key,
+                token = created,
+                "a waiter key put reached etcd after its attempt was given up; deleted it"
+            );
+        }
+        Ok(revision)
     }
 }
 
