@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use etcd_client::{GetOptions, SortOrder, SortTarget};
 use futures::StreamExt;
 use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
-use hmetcd_etcd::EtcdKvs;
+use hmetcd_etcd::{EtcdKvs, PausePoint};
 use hmetcd_mem::MemKvs;
 use integration_tests::backends::EtcdOpener;
 use integration_tests::etcd_server::{raw_client, EtcdPauser, EtcdServer};
@@ -102,6 +102,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         "a_proclaim_that_arrives_late_undoes_no_later_one",
         60,
         |e, s| Box::pin(late_proclaim(e, s)),
+    );
+    trials.add(
+        "a_temp_key_restore_that_arrives_late_brings_back_no_deleted_key",
+        60,
+        |e, s| Box::pin(late_restore(e, s)),
     );
     let endpoints = server.endpoints().to_owned();
     let store = TestStore::new(Arc::new(EtcdOpener::on(server)));
@@ -1323,6 +1328,101 @@ async fn late_waiter_put(endpoints: String, store: TestStore) {
     a.dist_unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
+}
+
+/// A restore of temp keys (after a lost lease) whose transaction A gave up on but that reaches
+/// etcd later, after A deleted one of those keys, must not bring the key back: A no longer
+/// counts it a temp key, so nothing of A would ever delete it again. Staged with a pause point:
+/// A's restore is held until the link is frozen, so that its transaction, and nothing before
+/// it, goes into the stranded link.
+async fn late_restore(endpoints: String, store: TestStore) {
+    let Late {
+        proxy, a, mut raw, ..
+    } = Late::open(&endpoints, &store).await;
+    a.store_temp("late/gone", "mine")
+        .await
+        .expect("A's temp key");
+    a.store_temp("late/kept", "mine")
+        .await
+        .expect("A's temp key");
+    let gone = format!("{}late/gone", store.prefix());
+    let kept = format!("{}late/kept", store.prefix());
+    let points = a.pause_points();
+    points.hold(PausePoint::RestoreTempKeys);
+    let lease = lease_of(&mut raw, &gone)
+        .await
+        .expect("A's temp key has a lease");
+    raw.lease_revoke(lease)
+        .await
+        .unwrap_or_else(|err| panic!("revoke A's lease: {err}"));
+    // A sees its lease gone, takes a new one, and is about to put the temp keys back.
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::RestoreTempKeys, 1),
+    )
+    .await
+    .expect("A's restore began after the revoke");
+    proxy.freeze();
+    points.pass_one(PausePoint::RestoreTempKeys);
+    // The restore transaction goes into the frozen link; the marker after it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    strand_after(&proxy, &a, "marker/restore", || {}).await;
+    // The restore failed on the stranded link; A tries again. Meanwhile A deletes a temp key.
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::RestoreTempKeys, 2),
+    )
+    .await
+    .expect("A tried the restore again");
+    a.delete("late/gone").await.expect("A deletes a temp key");
+    points.open(PausePoint::RestoreTempKeys);
+    wait_until_present(&mut raw, &kept).await;
+    // The first restore transaction arrives now.
+    deliver_late(&proxy, &mut raw, &store, "marker/restore").await;
+    let back = raw
+        .get(gone.as_str(), None)
+        .await
+        .unwrap_or_else(|err| panic!("raw get of {gone}: {err}"));
+    assert!(
+        back.kvs().is_empty(),
+        "the late restore brought back the temp key A deleted: {:?}",
+        back.kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
+            .collect::<Vec<_>>()
+    );
+    // A's other temp key is back, on A's current lease, and goes with A.
+    let now = lease_of(&mut raw, &kept)
+        .await
+        .expect("A's other temp key is back");
+    a.close().await.expect("close A");
+    assert!(
+        !lease_exists(&mut raw, now).await,
+        "A's lease outlived close()"
+    );
+    assert!(
+        raw.get(kept.as_str(), None)
+            .await
+            .map(|found| found.kvs().is_empty())
+            .unwrap_or(false),
+        "A's temp key outlived close()"
+    );
+}
+
+async fn lease_of(raw: &mut etcd_client::Client, key: &str) -> Option<i64> {
+    let found = raw
+        .get(key, None)
+        .await
+        .unwrap_or_else(|err| panic!("raw get of {key}: {err}"));
+    found.kvs().first().map(|kv| kv.lease())
+}
+
+async fn wait_until_present(raw: &mut etcd_client::Client, key: &str) {
+    let deadline = Instant::now() + LEASE_TTL * 2;
+    while lease_of(raw, key).await.is_none() {
+        assert!(Instant::now() < deadline, "{key} never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A leader's proclaim that failed (its link broke) but reaches etcd later must not undo the

@@ -59,6 +59,7 @@ mod election;
 mod error;
 mod lock;
 mod members;
+mod pause;
 mod pool;
 mod range;
 mod retry;
@@ -68,6 +69,9 @@ mod watch;
 
 #[doc(hidden)]
 pub use coalesce::CoalesceStats;
+#[cfg(feature = "pause-points")]
+#[doc(hidden)]
+pub use pause::{PausePoint, PausePoints};
 
 use std::fmt;
 use std::future::Future;
@@ -127,6 +131,8 @@ pub(crate) struct Shared {
     coalescer: Option<coalesce::Coalescer>,
     /// Whether the servers survive a read-only transaction cancelled in flight.
     read_only_txns: server_version::ReadOnlyTxns,
+    /// Where tests can hold the background work (empty without the `pause-points` feature).
+    pauses: pause::PausePoints,
 }
 
 impl EtcdKvs {
@@ -231,6 +237,7 @@ impl EtcdKvs {
             kv_pool: pool::KvPool::new(),
             coalescer,
             read_only_txns,
+            pauses: pause::PausePoints::new(),
         });
         let owner = tokio::spawn(session::run(Arc::clone(&shared)));
         let background = members::spawn_health_task(
@@ -247,6 +254,13 @@ impl EtcdKvs {
             session_owner: Mutex::new(Some(owner)),
             background: Mutex::new(background),
         })
+    }
+
+    /// The handle's pause points, for tests that stage a fault at an exact step.
+    #[cfg(feature = "pause-points")]
+    #[doc(hidden)]
+    pub fn pause_points(&self) -> &PausePoints {
+        &self.shared.pauses
     }
 
     /// What coalescing has done on this handle so far; all zero with `coalesce=off`.

@@ -22,7 +22,9 @@
 //! of up to [`RESTORE_BATCH`] keys (fewer where the server says a transaction is too big), each
 //! key put back with the value it was last written with (`"1"` for `temp_key`, the caller's for
 //! `store_temp` and a transaction's `Op::put_temp`), and only if it is absent: a key that
-//! someone else wrote since is theirs, and the handle stops treating it as a temp key.
+//! someone else wrote since is theirs, and the handle stops treating it as a temp key. A
+//! restore transaction that gets no answer may still land later, after a key was deleted: the
+//! restore then gives its lease up (revoked, and a new one taken) rather than try again on it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::{is_lease_not_found, Request};
+use crate::pause::PausePoint;
 use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff};
 use crate::{lease_hex, Shared};
 
@@ -93,9 +96,9 @@ pub(crate) struct Session {
     /// Lease TTL in seconds.
     ttl: i64,
     state: watch::Sender<SessionState>,
-    /// Leases that a request found gone, for the owner.
-    reports: mpsc::UnboundedSender<i64>,
-    reports_inbox: Mutex<Option<mpsc::UnboundedReceiver<i64>>>,
+    /// Leases that a request found gone or that the handle gives up, for the owner.
+    reports: mpsc::UnboundedSender<(i64, LeaseEnd)>,
+    reports_inbox: Mutex<Option<mpsc::UnboundedReceiver<(i64, LeaseEnd)>>>,
     /// Leases counted lost without etcd saying so, not yet revoked: etcd may still keep them,
     /// and our keys on them. Revoked before the temp keys are put back, and by `close()`.
     unconfirmed: Mutex<Vec<i64>>,
@@ -182,7 +185,14 @@ impl Session {
     /// A request found `lease` gone: the owner takes a new one.
     pub(crate) fn report_lost(&self, lease: i64) {
         // Fails only once the owner has stopped (closed or dropped): nothing to replace then.
-        let _ = self.reports.send(lease);
+        let _ = self.reports.send((lease, LeaseEnd::Gone));
+    }
+
+    /// The handle gives `lease` up: a request on it may still reach etcd (its answer never
+    /// came), and what it would write is no longer wanted. The owner revokes it, so that such
+    /// a request fails once it arrives, or its writes go with the lease, and takes a new one.
+    fn give_up(&self, lease: i64) {
+        let _ = self.reports.send((lease, LeaseEnd::GivenUp));
     }
 
     /// No lease will be taken again: said by `close()` once the owner has stopped. Returns
@@ -324,6 +334,8 @@ enum LeaseEnd {
     Gone,
     /// Not confirmed in time: etcd may have expired it, or may still keep it.
     Unconfirmed,
+    /// The handle gave it up (see [`Session::give_up`]): etcd still keeps it.
+    GivenUp,
     /// The handle is closed or dropped.
     Shutdown,
 }
@@ -377,7 +389,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 phase: Phase::Restoring,
             };
         });
-        if end == LeaseEnd::Unconfirmed {
+        if matches!(end, LeaseEnd::Unconfirmed | LeaseEnd::GivenUp) {
             locked(&session.unconfirmed).push(lease);
         }
         restore = Some(AbortOnDrop(tokio::spawn(restore_session(
@@ -442,7 +454,7 @@ async fn keep_alive(
     shared: &Shared,
     lease: i64,
     first_pause: Option<Duration>,
-    reports: &mut mpsc::UnboundedReceiver<i64>,
+    reports: &mut mpsc::UnboundedReceiver<(i64, LeaseEnd)>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> LeaseEnd {
     let renewing = async {
@@ -454,7 +466,7 @@ async fn keep_alive(
     let reported = async {
         loop {
             match reports.recv().await {
-                Some(gone) if gone == lease => return,
+                Some((reported, end)) if reported == lease => return end,
                 Some(_) => {}
                 // Unreachable: the session holds a sender.
                 None => std::future::pending::<()>().await,
@@ -476,7 +488,7 @@ async fn keep_alive(
     tokio::select! {
         () = shut_down(shutdown) => LeaseEnd::Shutdown,
         end = renewing => end,
-        () = reported => LeaseEnd::Gone,
+        end = reported => end,
         () = expired => LeaseEnd::Unconfirmed,
     }
 }
@@ -528,6 +540,7 @@ async fn renew_until_broken(
     // another member) while the lease still has two thirds of its TTL left beats waiting.
     let answer_timeout = shared.options.request_timeout.min(interval / 2);
     loop {
+        shared.pauses.reached(PausePoint::KeepAliveRenewal).await;
         let sent_at = Instant::now();
         if keeper.keep_alive().await.is_err() {
             return false;
@@ -588,12 +601,24 @@ async fn restore_session(shared: Arc<Shared>, lease: i64, generation: u64) {
         }
     }
     loop {
+        shared.pauses.reached(PausePoint::RestoreTempKeys).await;
         match restore_temp_keys(&shared, lease).await {
             Ok(restored) => {
                 tracing::info!(lease = %lease_hex(lease), restored, "temp keys are back on the new lease");
                 break;
             }
             Err(Error::Closed) => return,
+            // A restore transaction whose answer never came may still reach etcd, any time
+            // later (a paused member, a slow link): after this handle deleted or rewrote one
+            // of its keys, it would put the key back on this lease, where nothing of the
+            // handle would ever delete it again. The lease is given up instead: revoked
+            // before the keys go back on the next one, so such a transaction fails when it
+            // arrives, or its keys go with the lease.
+            Err(err @ (Error::Timeout { .. } | Error::Unavailable { .. })) => {
+                tracing::warn!(error = %err, lease = %lease_hex(lease), "putting the temp keys back got no answer; giving the lease up for a new one");
+                shared.session.give_up(lease);
+                return;
+            }
             Err(err) => {
                 tracing::debug!(error = %err, "cannot put the temp keys back yet; retrying");
                 tokio::time::sleep(backoff.next_pause()).await;

@@ -31,6 +31,10 @@ pub fn leader_binary() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// The features the examples are built with: the etcd backend, with the pause points this
+/// package turns on (inactive unless a test holds one).
+const EXAMPLE_FEATURES: &str = "etcd,hmetcd-etcd/pause-points";
+
 /// Builds the example `example` of `hmetcd` with the `etcd` feature, unless the variable
 /// `prebuilt` names a binary.
 fn build_example(example: &str, prebuilt: &str) -> Result<PathBuf, String> {
@@ -61,7 +65,16 @@ fn build_example(example: &str, prebuilt: &str) -> Result<PathBuf, String> {
     let mut build = std::process::Command::new(&cargo);
     build
         .current_dir(&workspace)
-        .args(["build", "--quiet", "-p", "hmetcd", "--features", "etcd"])
+        // hmetcd-etcd with the features this package builds it with, so that its build is
+        // reused rather than made again with other features.
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "hmetcd",
+            "--features",
+            EXAMPLE_FEATURES,
+        ])
         .args(["--example", example, "--message-format=json"])
         .arg("--profile")
         .arg(&profile)
@@ -71,7 +84,7 @@ fn build_example(example: &str, prebuilt: &str) -> Result<PathBuf, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let what = format!(
-        "building the {example} example ({} build -p hmetcd --features etcd --example {example} --profile {profile} --target-dir {})",
+        "building the {example} example ({} build -p hmetcd --features {EXAMPLE_FEATURES} --example {example} --profile {profile} --target-dir {})",
         Path::new(&cargo).display(),
         target_dir.display()
     );
