@@ -104,6 +104,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         |e, s| Box::pin(late_proclaim(e, s)),
     );
     trials.add(
+        "a_lock_is_not_granted_on_a_lease_whose_renewal_is_overdue",
+        60,
+        |e, s| Box::pin(grant_on_overdue_lease(e, s)),
+    );
+    trials.add(
         "a_temp_key_restore_that_arrives_late_brings_back_no_deleted_key",
         60,
         |e, s| Box::pin(late_restore(e, s)),
@@ -1326,6 +1331,75 @@ async fn late_waiter_put(endpoints: String, store: TestStore) {
         "A's lock key alone"
     );
     a.dist_unlock().await.expect("A unlocks");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// A lock must not be granted on a lease whose renewal is overdue: such a lease may be counted
+/// lost any moment and revoked, its lock key with it, and the next waiter would take the lock
+/// while its holder had only begun. Staged with the pause point `KeepAliveRenewal`: A's
+/// renewals stop while its other requests go through, and B lets go of the lock when A's
+/// lease has about half a second of sure validity left (a renewal is overdue after two
+/// thirds of that). A must then hold the lock it gets for longer than that.
+async fn grant_on_overdue_lease(endpoints: String, store: TestStore) {
+    let a = Arc::new(
+        EtcdKvs::connect(&endpoints, &options(&store, Duration::from_secs(2)))
+            .await
+            .expect("open A"),
+    );
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let held = b.lock("overdue").await.expect("B takes the lock");
+    let waiting = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.lock("overdue").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "A got the lock while B held it");
+    let points = a.pause_points();
+    points.hold(PausePoint::KeepAliveRenewal);
+    // A renewal is due a renewal interval (a third of the TTL, 1 s) after the last one was
+    // sent: that one was confirmed valid until 2.75 s after it was sent.
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::KeepAliveRenewal, 1),
+    )
+    .await
+    .expect("A's next renewal");
+    let due = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // About 0.55 s of validity left.
+    held.unlock().await.expect("B unlocks");
+    let unlocked = Instant::now();
+    let guard = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("A never got the lock")
+        .expect("lock task")
+        .expect("A's lock");
+    let granted = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let still = guard.is_held();
+    let taken = b
+        .lock_with(
+            "overdue",
+            hmetcd_core::LockOptions::new().timeout(Duration::from_millis(300)),
+        )
+        .await;
+    eprintln!(
+        "faults: B unlocked {:.2} s after A's renewal was due (renewals held); A got the lock {:.2} s later, held it 0.8 s later: {still}",
+        (unlocked - due).as_secs_f64(),
+        (granted - unlocked).as_secs_f64(),
+    );
+    assert!(
+        still,
+        "A's lock, granted {:.2} s after B's unlock on a lease whose renewal was overdue, was lost within 0.8 s",
+        (granted - unlocked).as_secs_f64()
+    );
+    assert!(
+        matches!(taken, Err(Error::LockTimeout { .. })),
+        "B took the lock while A held it: {taken:?}"
+    );
+    points.open(PausePoint::KeepAliveRenewal);
+    guard.unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
