@@ -26,7 +26,7 @@ use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
 use hmetcd_etcd::{EtcdKvs, PausePoint};
 use hmetcd_mem::MemKvs;
 use integration_tests::backends::EtcdOpener;
-use integration_tests::etcd_server::{raw_client, EtcdPauser, EtcdServer};
+use integration_tests::etcd_server::{lease_of, raw_client, EtcdPauser, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
@@ -1481,14 +1481,6 @@ async fn late_restore(endpoints: String, store: TestStore) {
             .unwrap_or(false),
         "A's temp key outlived close()"
     );
-}
-
-async fn lease_of(raw: &mut etcd_client::Client, key: &str) -> Option<i64> {
-    let found = raw
-        .get(key, None)
-        .await
-        .unwrap_or_else(|err| panic!("raw get of {key}: {err}"));
-    found.kvs().first().map(|kv| kv.lease())
 }
 
 async fn wait_until_present(raw: &mut etcd_client::Client, key: &str) {

@@ -26,7 +26,7 @@ use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
 use hmetcd_etcd::EtcdKvs;
 use integration_tests::backends::MemOpener;
 use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster};
-use integration_tests::etcd_server::{raw_client, wait_ready, EtcdServer};
+use integration_tests::etcd_server::{lease_of, raw_client, wait_ready, EtcdServer};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
@@ -157,15 +157,6 @@ async fn prefix_keys(raw: &mut etcd_client::Client, prefix: &str) -> Vec<(String
         .iter()
         .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
         .collect()
-}
-
-/// The lease `key` (stored form) is bound to; `None` when the key is missing.
-async fn lease_of(raw: &mut etcd_client::Client, key: &str) -> Option<i64> {
-    let answer = raw
-        .get(key, None)
-        .await
-        .unwrap_or_else(|err| panic!("raw get of {key:?}: {err}"));
-    answer.kvs().first().map(|kv| kv.lease())
 }
 
 /// Revokes `lease` as another client (an operator, a test) would.

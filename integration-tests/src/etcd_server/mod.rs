@@ -401,6 +401,16 @@ pub async fn raw_client(endpoints: &str) -> Result<etcd_client::Client, String> 
     .map_err(|err| format!("connecting to {endpoints}: {err}"))
 }
 
+/// The lease `key` (stored form) is bound to, read with a raw client; `None` when the key is
+/// missing, 0 for a key without a lease. Panics (failing the test) if etcd cannot be read.
+pub async fn lease_of(raw: &mut etcd_client::Client, key: &str) -> Option<i64> {
+    let answer = raw
+        .get(key, None)
+        .await
+        .unwrap_or_else(|err| panic!("raw get of {key:?}: {err}"));
+    answer.kvs().first().map(|kv| kv.lease())
+}
+
 /// The static etcd binary to build a container image from: `HMETCD_ETCD_BIN`, or a known
 /// install path that `scripts/install-etcd.sh` fills.
 fn container_binary() -> Option<PathBuf> {
