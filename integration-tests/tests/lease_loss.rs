@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchOptions};
 use futures::StreamExt;
 use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
-use hmetcd_etcd::EtcdKvs;
+use hmetcd_etcd::{EtcdKvs, PausePoint};
 use integration_tests::backends::MemOpener;
 use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster};
 use integration_tests::etcd_server::{lease_of, raw_client, wait_ready, EtcdServer};
@@ -96,6 +96,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             "a_temp_put_etcd_refuses_fails_alone_and_loses_no_lease",
             30,
             |e, s| Box::pin(refused_temp_put(e, s)),
+        )
+        .add(
+            "temp_puts_and_lock_waits_wait_for_the_new_lease_while_a_lost_one_is_replaced",
+            30,
+            |e, s| Box::pin(calls_during_a_lease_change(e, s)),
         )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
@@ -806,6 +811,81 @@ async fn refused_temp_put(endpoints: String, store: TestStore) {
     );
     assert!(lease_alive(&mut raw, lease).await, "A's lease is gone");
     assert_eq!(a.get("big").await.expect("get big"), None);
+    a.close().await.expect("close A");
+}
+
+/// While the handle replaces a lost lease, a temp put and a lock wait wait for the new lease:
+/// neither goes out on the lost one, which etcd may still keep (its renewals were not
+/// confirmed in time) but which the handle revokes before it puts the temp keys back, so that
+/// what went on it would vanish after the call said it was done. Staged with pause points:
+/// A's renewals stop (the lease's validity runs out unconfirmed) and its grant of a new lease
+/// is held while the test calls.
+async fn calls_during_a_lease_change(endpoints: String, store: TestStore) {
+    let a = Arc::new(
+        EtcdKvs::connect(
+            &endpoints,
+            &store.options(&format!(
+                "lease_ttl={}s,request_timeout=3s",
+                LEASE_TTL.as_secs()
+            )),
+        )
+        .await
+        .expect("open A"),
+    );
+    let mut raw = raw(&endpoints).await;
+    a.store_temp("change/before", "1")
+        .await
+        .expect("A's temp key");
+    let before = format!("{}change/before", store.prefix());
+    let lost = lease_of(&mut raw, &before)
+        .await
+        .expect("A's temp key is there");
+    let points = a.pause_points();
+    points.hold(PausePoint::LeaseGrant);
+    points.hold(PausePoint::KeepAliveRenewal);
+    tokio::time::timeout(LEASE_TTL * 2, points.arrivals(PausePoint::LeaseGrant, 1))
+        .await
+        .expect("A counted its lease lost once its validity ran out");
+    assert!(
+        lease_alive(&mut raw, lost).await,
+        "etcd still keeps A's lease (counted lost, not yet revoked)"
+    );
+    let put = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.store_temp("change/during", "2").await }
+    });
+    let locked = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.lock("change").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = (put.is_finished(), locked.is_finished());
+    let lock_keys = prefix_keys(&mut raw, &format!("{}change/", store.prefix())).await;
+    points.open(PausePoint::LeaseGrant);
+    points.open(PausePoint::KeepAliveRenewal);
+    assert_eq!(
+        early,
+        (false, false),
+        "(temp put, lock) done while A had no live lease; keys: {lock_keys:?}"
+    );
+    put.await.expect("put task").expect("A's temp put");
+    let guard = locked.await.expect("lock task").expect("A's lock");
+    let during = format!("{}change/during", store.prefix());
+    let now = lease_of(&mut raw, &during)
+        .await
+        .expect("A's temp put is there");
+    assert_ne!(now, lost, "A's temp put went on the lost lease");
+    let back = wait_keys(&mut raw, &before, 1).await;
+    assert_eq!(
+        back[0].1, now,
+        "A's earlier temp key is back on the new lease"
+    );
+    assert!(guard.is_held(), "A's lock");
+    assert!(
+        !lease_alive(&mut raw, lost).await,
+        "A revoked the lost lease"
+    );
+    guard.unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
 }
 

@@ -16,6 +16,8 @@ pub enum PausePoint {
     RestoreTempKeys,
     /// The lease owner, before each keep-alive request it sends on an open stream.
     KeepAliveRenewal,
+    /// The lease owner, before each request for a new lease once it counts one lost.
+    LeaseGrant,
 }
 
 #[cfg(feature = "pause-points")]
