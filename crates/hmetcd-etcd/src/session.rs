@@ -417,6 +417,7 @@ async fn grant(
         if *shutdown.borrow() {
             return None;
         }
+        shared.pauses.reached(PausePoint::LeaseGrant).await;
         let sent_at = Instant::now();
         let mut leases = shared.client.lease_client();
         // Not raced with the shutdown: a grant that etcd performs must be seen, to revoke it.
