@@ -102,6 +102,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             30,
             |e, s| Box::pin(calls_during_a_lease_change(e, s)),
         )
+        .add(
+            "a_lease_granted_while_the_handle_closes_is_revoked",
+            30,
+            |e, s| Box::pin(grant_racing_close(e, s)),
+        )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
         })
@@ -1096,6 +1101,53 @@ async fn is_held_conservative(endpoints: String, store: TestStore) {
     a.close().await.expect("close A");
     b.close().await.expect("close B");
     assert!(failures.is_empty(), "{}", failures.join("; "));
+}
+
+/// A lease the owner asks for while the handle closes (its lease was just lost) is revoked
+/// once granted: nothing the handle took outlives `close()`. Staged with the pause point
+/// `LeaseGrant`: the grant is held until `close()` has begun, then sent.
+async fn grant_racing_close(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let before = all_leases(&mut raw).await;
+    // A long lease: one taken after close lives on long enough to be seen.
+    let a = Arc::new(
+        EtcdKvs::connect(
+            &endpoints,
+            &store.options("lease_ttl=10s,request_timeout=2s"),
+        )
+        .await
+        .expect("open A"),
+    );
+    a.temp_key("racing/grant").await.expect("A's temp key");
+    let lease = lease_of(&mut raw, &format!("{}racing/grant", store.prefix()))
+        .await
+        .expect("A's temp key is there");
+    let points = a.pause_points();
+    points.hold(PausePoint::LeaseGrant);
+    revoke(&mut raw, lease).await;
+    // A's next keep-alive (a third of the TTL) finds the lease gone.
+    tokio::time::timeout(
+        Duration::from_secs(8),
+        points.arrivals(PausePoint::LeaseGrant, 1),
+    )
+    .await
+    .expect("A took its lease for lost");
+    let closing = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.close().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    points.open(PausePoint::LeaseGrant);
+    closing.await.expect("close task").expect("A's close");
+    let left: Vec<_> = all_leases(&mut raw)
+        .await
+        .difference(&before)
+        .copied()
+        .collect();
+    assert!(
+        left.is_empty(),
+        "leases A took that outlived its close(): {left:x?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
