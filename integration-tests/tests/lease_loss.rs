@@ -107,6 +107,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             30,
             |e, s| Box::pin(grant_racing_close(e, s)),
         )
+        .add(
+            "a_request_that_finds_the_lease_gone_has_it_replaced_at_once",
+            30,
+            |e, s| Box::pin(reported_loss(e, s)),
+        )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
         })
@@ -1148,6 +1153,54 @@ async fn grant_racing_close(endpoints: String, store: TestStore) {
         left.is_empty(),
         "leases A took that outlived its close(): {left:x?}"
     );
+}
+
+/// A request that finds the lease gone has it replaced at once, without waiting for the
+/// keep-alive to notice: a temp put right after an outside revoke goes through on a new lease
+/// within its request timeout. Staged with the pause point `KeepAliveRenewal`: A's renewals
+/// are held, so only the put's "lease not found" can tell A (its lease stays valid in its own
+/// eyes for over a second more, longer than the put's 1 s timeout).
+async fn reported_loss(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let a = open_a(&endpoints, &store).await;
+    a.temp_key("reported/first").await.expect("A's temp key");
+    let lease = lease_of(&mut raw, &format!("{}reported/first", store.prefix()))
+        .await
+        .expect("A's temp key is there");
+    let points = a.pause_points();
+    points.hold(PausePoint::KeepAliveRenewal);
+    // The renewal is due: A's lease is valid for 1.75 s more in A's eyes.
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::KeepAliveRenewal, 1),
+    )
+    .await
+    .expect("A's renewal");
+    revoke(&mut raw, lease).await;
+    let began = Instant::now();
+    let put = a.temp_key("reported/second").await;
+    let took = began.elapsed();
+    points.open(PausePoint::KeepAliveRenewal);
+    eprintln!(
+        "lease_loss: a temp put after an outside revoke (renewals held): {put:?} after {}",
+        secs(took)
+    );
+    put.unwrap_or_else(|err| {
+        panic!(
+            "A's temp put after its lease was revoked: {err} after {}",
+            secs(took)
+        )
+    });
+    let now = lease_of(&mut raw, &format!("{}reported/second", store.prefix()))
+        .await
+        .expect("A's second temp key is there");
+    assert_ne!(now, lease, "A's temp put on the revoked lease");
+    let back = wait_keys(&mut raw, &format!("{}reported/first", store.prefix()), 1).await;
+    assert_eq!(
+        back[0].1, now,
+        "A's first temp key is back on the new lease"
+    );
+    a.close().await.expect("close A");
 }
 
 // ---------------------------------------------------------------------------------------------
