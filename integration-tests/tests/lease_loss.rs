@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchOptions};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hmetcd_core::{Error, Kvi, LockOptions, LostReason};
 use hmetcd_etcd::{EtcdKvs, PausePoint};
 use integration_tests::backends::MemOpener;
@@ -111,6 +111,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             "a_request_that_finds_the_lease_gone_has_it_replaced_at_once",
             30,
             |e, s| Box::pin(reported_loss(e, s)),
+        )
+        .add(
+            "a_keep_alive_stream_broken_by_a_short_cut_is_reopened_and_keeps_the_lease",
+            30,
+            |e, s| Box::pin(keep_alive_reopened_after_a_cut(e, s)),
         )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
@@ -1200,6 +1205,51 @@ async fn reported_loss(endpoints: String, store: TestStore) {
         back[0].1, now,
         "A's first temp key is back on the new lease"
     );
+    a.close().await.expect("close A");
+}
+
+/// A keep-alive stream that a short network cut breaks is reopened once the link is back; a
+/// reopen that fails during the cut (the connection refused or reset, not "lease not found")
+/// is no lost lease: the lease, its temp key and its lock are all kept. Staged with the pause
+/// point `KeepAliveRenewal`: the cut begins while a renewal is held, so that the renewal finds
+/// the stream broken and the reopen happens during the cut.
+async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = open_a(proxy.endpoint(), &store).await;
+    a.temp_key("reopen/key").await.expect("A's temp key");
+    let key = format!("{}reopen/key", store.prefix());
+    let lease = lease_of(&mut raw, &key)
+        .await
+        .expect("A's temp key is there");
+    let guard = a.lock("reopen").await.expect("A takes the lock");
+    let points = a.pause_points();
+    points.hold(PausePoint::KeepAliveRenewal);
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::KeepAliveRenewal, 1),
+    )
+    .await
+    .expect("A's renewal");
+    // 1.75 s of validity left: a cut of 0.8 s, during which the renewal finds the stream
+    // broken and the stream is opened again (and again).
+    proxy.cut();
+    points.open(PausePoint::KeepAliveRenewal);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.resume();
+    tokio::time::sleep(LEASE_TTL).await;
+    assert!(
+        guard.is_held(),
+        "A lost its lock in a cut shorter than its lease's validity: {:?}",
+        guard.lost().now_or_never()
+    );
+    assert_eq!(
+        lease_of(&mut raw, &key).await,
+        Some(lease),
+        "A's temp key is on another lease after a short cut"
+    );
+    assert!(lease_alive(&mut raw, lease).await, "A's lease is gone");
+    guard.unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
 }
 
