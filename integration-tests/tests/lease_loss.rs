@@ -113,7 +113,7 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(reported_loss(e, s)),
         )
         .add(
-            "a_keep_alive_stream_broken_by_a_short_cut_is_reopened_and_keeps_the_lease",
+            "a_keep_alive_stream_broken_by_a_short_outage_is_reopened_and_keeps_the_lease",
             30,
             |e, s| Box::pin(keep_alive_reopened_after_a_cut(e, s)),
         )
@@ -1208,11 +1208,11 @@ async fn reported_loss(endpoints: String, store: TestStore) {
     a.close().await.expect("close A");
 }
 
-/// A keep-alive stream that a short network cut breaks is reopened once the link is back; a
-/// reopen that fails during the cut (the connection refused or reset, not "lease not found")
-/// is no lost lease: the lease, its temp key and its lock are all kept. Staged with the pause
-/// point `KeepAliveRenewal`: the cut begins while a renewal is held, so that the renewal finds
-/// the stream broken and the reopen happens during the cut.
+/// A keep-alive stream broken by a short outage (the member down: connections refused) is
+/// reopened once the member is back; a reopen that fails meanwhile (a transport error, not
+/// "lease not found") is no lost lease: the lease, its temp key and its lock are all kept.
+/// Staged with the pause point `KeepAliveRenewal`: the outage begins while a renewal is held,
+/// so that the renewal finds the stream broken and the reopens happen during the outage.
 async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
     let mut raw = raw(&endpoints).await;
     let proxy = ok(FaultProxy::start(&endpoints).await);
@@ -1231,22 +1231,22 @@ async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
     )
     .await
     .expect("A's renewal");
-    // 1.75 s of validity left: a cut of 0.8 s, during which the renewal finds the stream
+    // 1.75 s of validity left: an outage of 0.8 s, during which the renewal finds the stream
     // broken and the stream is opened again (and again).
-    proxy.cut();
+    proxy.refuse();
     points.open(PausePoint::KeepAliveRenewal);
     tokio::time::sleep(Duration::from_millis(800)).await;
     proxy.resume();
     tokio::time::sleep(LEASE_TTL).await;
     assert!(
         guard.is_held(),
-        "A lost its lock in a cut shorter than its lease's validity: {:?}",
+        "A lost its lock in an outage shorter than its lease's validity: {:?}",
         guard.lost().now_or_never()
     );
     assert_eq!(
         lease_of(&mut raw, &key).await,
         Some(lease),
-        "A's temp key is on another lease after a short cut"
+        "A's temp key is on another lease after a short outage"
     );
     assert!(lease_alive(&mut raw, lease).await, "A's lease is gone");
     guard.unlock().await.expect("A unlocks");

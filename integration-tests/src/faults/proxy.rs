@@ -21,6 +21,8 @@ struct Gate {
     /// The last cut strands its connections instead of closing them (see
     /// [`FaultProxy::strand`]).
     strands: bool,
+    /// New connections are closed as soon as they are accepted (see [`FaultProxy::refuse`]).
+    refuses: bool,
 }
 
 /// The server side of a stranded connection and the bytes the client had sent on it that
@@ -59,6 +61,7 @@ impl FaultProxy {
             open: true,
             epoch: 0,
             strands: false,
+            refuses: false,
         });
         let gate = Arc::new(gate);
         let stranded = Arc::new(Mutex::new(Vec::new()));
@@ -92,6 +95,19 @@ impl FaultProxy {
             gate.open = false;
             gate.epoch += 1;
             gate.strands = false;
+            gate.refuses = false;
+        });
+    }
+
+    /// A member that is down: closes every open connection, and closes each new one as soon as
+    /// it is accepted, until [`Self::resume`]. Unlike [`Self::cut`], where new connections
+    /// hang, every request fails at once with a transport error.
+    pub fn refuse(&self) {
+        self.gate.send_modify(|gate| {
+            gate.open = false;
+            gate.epoch += 1;
+            gate.strands = false;
+            gate.refuses = true;
         });
     }
 
@@ -130,7 +146,10 @@ impl FaultProxy {
 
     /// Lets bytes flow again.
     pub fn resume(&self) {
-        self.gate.send_modify(|gate| gate.open = true);
+        self.gate.send_modify(|gate| {
+            gate.open = true;
+            gate.refuses = false;
+        });
     }
 }
 
@@ -149,6 +168,10 @@ async fn accept_loop(
     stranded: Arc<Mutex<Vec<Stranded>>>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
+        if gate.borrow().refuses {
+            drop(client);
+            continue;
+        }
         let upstream = upstream.clone();
         let gate = gate.subscribe();
         let stranded = stranded.clone();
