@@ -117,6 +117,14 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             30,
             |e, s| Box::pin(keep_alive_reopened_after_a_cut(e, s)),
         )
+        .add("a_revoke_is_noticed_at_the_next_keep_alive", 30, |e, s| {
+            Box::pin(revoke_noticed_at_the_next_keep_alive(e, s))
+        })
+        .add(
+            "a_restore_that_finds_its_new_lease_gone_has_it_replaced_at_once",
+            30,
+            |e, s| Box::pin(restore_finds_its_lease_gone(e, s)),
+        )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
         })
@@ -1250,6 +1258,115 @@ async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
     );
     assert!(lease_alive(&mut raw, lease).await, "A's lease is gone");
     guard.unlock().await.expect("A unlocks");
+    a.close().await.expect("close A");
+}
+
+/// A lease revoked from outside is noticed at the handle's next keep-alive (etcd answers it
+/// with TTL 0), not only when the lease's validity runs out: the temp keys are back on a new
+/// lease moments after that keep-alive. Staged with the pause point `KeepAliveRenewal`: the
+/// revoke comes while a renewal is held, with 1.75 s of validity left in A's eyes, and the
+/// renewal goes out right after it.
+async fn revoke_noticed_at_the_next_keep_alive(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let a = open_a(&endpoints, &store).await;
+    a.temp_key("noticed/key").await.expect("A's temp key");
+    let key = format!("{}noticed/key", store.prefix());
+    let lease = lease_of(&mut raw, &key)
+        .await
+        .expect("A's temp key is there");
+    let points = a.pause_points();
+    points.hold(PausePoint::KeepAliveRenewal);
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::KeepAliveRenewal, 1),
+    )
+    .await
+    .expect("A's renewal");
+    revoke(&mut raw, lease).await;
+    let revoked = Instant::now();
+    points.open(PausePoint::KeepAliveRenewal);
+    let deadline = revoked + Duration::from_secs(5);
+    let back = loop {
+        match lease_of(&mut raw, &key).await {
+            Some(now) if now != lease => break now,
+            _ => {
+                assert!(Instant::now() < deadline, "A's temp key never came back");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let took = revoked.elapsed();
+    eprintln!(
+        "lease_loss: temp key back on a new lease {} after an outside revoke, the keep-alive sent right after it",
+        secs(took)
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the revoke was noticed only after {} (the keep-alive right after it says TTL 0; A's \
+         lease was valid 1.75 s more in its eyes)",
+        secs(took)
+    );
+    assert_ne!(back, 0);
+    a.close().await.expect("close A");
+}
+
+/// A new lease revoked while the handle puts its temp keys back on it: the restore hears
+/// "lease not found" and has the owner take another lease at once, rather than retry on the
+/// lost one until its validity runs out. Staged with pause points: the restore is held while
+/// the test revokes the new lease, and A's renewals are held, so that only the restore can
+/// tell A.
+async fn restore_finds_its_lease_gone(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let a = open_a(&endpoints, &store).await;
+    a.temp_key("regone/key").await.expect("A's temp key");
+    let key = format!("{}regone/key", store.prefix());
+    let first = lease_of(&mut raw, &key)
+        .await
+        .expect("A's temp key is there");
+    let points = a.pause_points();
+    points.hold(PausePoint::RestoreTempKeys);
+    revoke(&mut raw, first).await;
+    tokio::time::timeout(
+        LEASE_TTL * 2,
+        points.arrivals(PausePoint::RestoreTempKeys, 1),
+    )
+    .await
+    .expect("A's restore after the first revoke");
+    points.hold(PausePoint::KeepAliveRenewal);
+    // A's new lease: the one a temp put of A's goes on now.
+    a.temp_key("regone/probe")
+        .await
+        .expect("A's probe temp key");
+    let second = lease_of(&mut raw, &format!("{}regone/probe", store.prefix()))
+        .await
+        .expect("A's probe temp key is there");
+    assert_ne!(second, first);
+    revoke(&mut raw, second).await;
+    let revoked = Instant::now();
+    points.open(PausePoint::RestoreTempKeys);
+    let deadline = revoked + Duration::from_secs(5);
+    let third = loop {
+        match lease_of(&mut raw, &key).await {
+            Some(now) if now != first && now != second => break now,
+            _ => {
+                assert!(Instant::now() < deadline, "A's temp key never came back");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let took = revoked.elapsed();
+    points.open(PausePoint::KeepAliveRenewal);
+    eprintln!(
+        "lease_loss: temp key back {} after the new lease was revoked under the restore",
+        secs(took)
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the restore on a revoked lease took {} to have it replaced (renewals held: only the \
+         restore's \"lease not found\" can tell)",
+        secs(took)
+    );
+    assert_ne!(third, 0);
     a.close().await.expect("close A");
 }
 
