@@ -125,6 +125,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             30,
             |e, s| Box::pin(restore_finds_its_lease_gone(e, s)),
         )
+        .add(
+            "a_lock_attempt_that_fails_on_a_down_member_costs_no_lease",
+            30,
+            |e, s| Box::pin(failed_lock_attempt_costs_no_lease(e, s)),
+        )
         .add("lock_name_that_prefixes_other_keys", 30, |_, s| {
             Box::pin(lock_name_that_prefixes_other_keys(s))
         })
@@ -1367,6 +1372,43 @@ async fn restore_finds_its_lease_gone(endpoints: String, store: TestStore) {
         secs(took)
     );
     assert_ne!(third, 0);
+    a.close().await.expect("close A");
+}
+
+/// A lock attempt that fails because its member is down (every connection refused: a
+/// transport error, not "lease not found") fails alone: it is not taken for a lost lease, so
+/// the handle keeps its lease, its other lock and its temp key.
+async fn failed_lock_attempt_costs_no_lease(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = open_a(proxy.endpoint(), &store).await;
+    a.temp_key("attempt/key").await.expect("A's temp key");
+    let key = format!("{}attempt/key", store.prefix());
+    let lease = lease_of(&mut raw, &key)
+        .await
+        .expect("A's temp key is there");
+    let kept = a.lock("attempt/kept").await.expect("A takes a lock");
+    proxy.refuse();
+    let attempt = a
+        .lock_with("attempt/other", lock_timeout(Duration::from_millis(500)))
+        .await;
+    proxy.resume();
+    assert!(
+        attempt.is_err(),
+        "A took a lock with every connection refused: {attempt:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        kept.is_held(),
+        "A lost its other lock after a lock attempt failed on a down member ({attempt:?}): {:?}",
+        kept.lost().now_or_never()
+    );
+    assert_eq!(
+        lease_of(&mut raw, &key).await,
+        Some(lease),
+        "A's temp key moved to another lease after a failed lock attempt ({attempt:?})"
+    );
+    kept.unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
 }
 
