@@ -868,6 +868,8 @@ async fn calls_during_a_lease_change(endpoints: String, store: TestStore) {
     let lost = lease_of(&mut raw, &before)
         .await
         .expect("A's temp key is there");
+    // A holds the handle's lock; its key stays in etcd while the lost lease is not revoked.
+    a.dist_lock().await.expect("A's dist_lock");
     let points = a.pause_points();
     points.hold(PausePoint::LeaseGrant);
     points.hold(PausePoint::KeepAliveRenewal);
@@ -886,18 +888,27 @@ async fn calls_during_a_lease_change(endpoints: String, store: TestStore) {
         let a = Arc::clone(&a);
         async move { a.lock("change").await }
     });
+    // "Already holds it" only while the lease is sure: A queues again for its lock.
+    let again = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.dist_lock().await }
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let early = (put.is_finished(), locked.is_finished());
+    let early = (put.is_finished(), locked.is_finished(), again.is_finished());
     let lock_keys = prefix_keys(&mut raw, &format!("{}change/", store.prefix())).await;
     points.open(PausePoint::LeaseGrant);
     points.open(PausePoint::KeepAliveRenewal);
     assert_eq!(
         early,
-        (false, false),
-        "(temp put, lock) done while A had no live lease; keys: {lock_keys:?}"
+        (false, false, false),
+        "(temp put, lock, dist_lock again) done while A had no live lease; keys: {lock_keys:?}"
     );
     put.await.expect("put task").expect("A's temp put");
     let guard = locked.await.expect("lock task").expect("A's lock");
+    again
+        .await
+        .expect("dist_lock task")
+        .expect("A's dist_lock again");
     let during = format!("{}change/during", store.prefix());
     let now = lease_of(&mut raw, &during)
         .await
@@ -914,6 +925,7 @@ async fn calls_during_a_lease_change(endpoints: String, store: TestStore) {
         "A revoked the lost lease"
     );
     guard.unlock().await.expect("A unlocks");
+    a.dist_unlock().await.expect("A's dist_unlock");
     a.close().await.expect("close A");
 }
 
