@@ -122,6 +122,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         move || Box::pin(etcd_paused(endpoints, store, pauser)),
     );
     // Last: compaction concerns the whole store.
+    trials.add(
+        "a_lock_waiter_cut_off_while_the_holder_lets_go_and_history_is_compacted_gets_the_lock",
+        60,
+        |e, s| Box::pin(lock_wait_behind_compaction(e, s)),
+    );
     trials.add("watch_behind_compaction_reports_compacted", 60, |e, s| {
         Box::pin(watch_behind_compaction(e, s))
     });
@@ -1535,6 +1540,50 @@ async fn late_proclaim(endpoints: String, store: TestStore) {
     let leader = b.leader("late").await.expect("leader");
     assert_eq!(leader.map(|kv| kv.value).as_deref(), Some("v5"));
     leadership.resign().await.expect("resign");
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
+}
+
+/// A lock waiter cut off while the holder lets go, and while etcd compacts the history that
+/// holds the delete: its watch of the key ahead can no longer be resumed (etcd refuses it as
+/// compacted, and the key is gone), so the waiter looks at the queue again and takes the lock.
+/// It must not give up: nothing is wrong with its place in the queue.
+async fn lock_wait_behind_compaction(endpoints: String, store: TestStore) {
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = Arc::new(
+        EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(2)))
+            .await
+            .expect("open A behind the proxy"),
+    );
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let mut raw = ok(raw_client(&endpoints).await);
+    let held = b.lock("compacted").await.expect("B takes the lock");
+    let waiting = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.lock("compacted").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "A got the lock while B held it");
+    proxy.cut();
+    held.unlock().await.expect("B unlocks");
+    let last = raw_put(&mut raw, &store, "compacted-marker", "1").await;
+    raw.compact(last, None).await.expect("raw compact");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.resume();
+    let resumed = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("A neither got the lock nor gave up within 10 s of the link coming back")
+        .expect("lock task");
+    let guard = got.unwrap_or_else(|err| {
+        panic!("A gave up its lock wait after the cut and the compaction: {err}")
+    });
+    eprintln!(
+        "faults: A, cut off while B let go and the history was compacted, got the lock {:.2} s after the link came back",
+        resumed.elapsed().as_secs_f64()
+    );
+    assert!(guard.is_held());
+    guard.unlock().await.expect("A unlocks");
     a.close().await.expect("close A");
     b.close().await.expect("close B");
 }
