@@ -791,6 +791,10 @@ mod tests {
         assert_eq!(batch_len(&big, RESTORE_BATCH), 2);
         let huge = [temp("a", 1 << 20), temp("b", 1)];
         assert_eq!(batch_len(&huge, RESTORE_BATCH), 1);
+        // A batch that reaches the byte budget exactly is full.
+        let half = RESTORE_BATCH_BYTES / 2 - 1;
+        let exact = [temp("a", half), temp("b", half), temp("c", 1)];
+        assert_eq!(batch_len(&exact, RESTORE_BATCH), 2);
     }
 
     #[test]
