@@ -27,6 +27,7 @@ use hmetcd_etcd::{EtcdKvs, PausePoint};
 use hmetcd_mem::MemKvs;
 use integration_tests::backends::EtcdOpener;
 use integration_tests::etcd_server::{lease_of, raw_client, EtcdPauser, EtcdServer};
+use integration_tests::faults::pause::{arrivals, hold_renewals};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
@@ -1361,15 +1362,9 @@ async fn grant_on_overdue_lease(endpoints: String, store: TestStore) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "A got the lock while B held it");
     let points = a.pause_points();
-    points.hold(PausePoint::KeepAliveRenewal);
     // A renewal is due a renewal interval (a third of the TTL, 1 s) after the last one was
     // sent: that one was confirmed valid until 2.75 s after it was sent.
-    tokio::time::timeout(
-        LEASE_TTL * 2,
-        points.arrivals(PausePoint::KeepAliveRenewal, 1),
-    )
-    .await
-    .expect("A's next renewal");
+    hold_renewals(&a, LEASE_TTL).await;
     let due = Instant::now();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // About 0.55 s of validity left.
@@ -1435,24 +1430,28 @@ async fn late_restore(endpoints: String, store: TestStore) {
         .await
         .unwrap_or_else(|err| panic!("revoke A's lease: {err}"));
     // A sees its lease gone, takes a new one, and is about to put the temp keys back.
-    tokio::time::timeout(
+    arrivals(
+        &a,
+        PausePoint::RestoreTempKeys,
+        1,
         LEASE_TTL * 2,
-        points.arrivals(PausePoint::RestoreTempKeys, 1),
+        "A's restore after the revoke",
     )
-    .await
-    .expect("A's restore began after the revoke");
+    .await;
     proxy.freeze();
     points.pass_one(PausePoint::RestoreTempKeys);
     // The restore transaction goes into the frozen link; the marker after it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     strand_after(&proxy, &a, "marker/restore", || {}).await;
     // The restore failed on the stranded link; A tries again. Meanwhile A deletes a temp key.
-    tokio::time::timeout(
+    arrivals(
+        &a,
+        PausePoint::RestoreTempKeys,
+        2,
         LEASE_TTL * 2,
-        points.arrivals(PausePoint::RestoreTempKeys, 2),
+        "A's restore tried again",
     )
-    .await
-    .expect("A tried the restore again");
+    .await;
     a.delete("late/gone").await.expect("A deletes a temp key");
     points.open(PausePoint::RestoreTempKeys);
     wait_until_present(&mut raw, &kept).await;

@@ -27,6 +27,7 @@ use hmetcd_etcd::{EtcdKvs, PausePoint};
 use integration_tests::backends::MemOpener;
 use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster};
 use integration_tests::etcd_server::{lease_of, raw_client, wait_ready, EtcdServer};
+use integration_tests::faults::pause::{arrivals, hold_renewals};
 use integration_tests::faults::process::{lock_worker_binary, ChildProcess};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
@@ -170,6 +171,19 @@ async fn open_a(endpoints: &str, store: &TestStore) -> EtcdKvs {
     )
     .await
     .expect("open A")
+}
+
+/// Puts A's temp key `name` and returns its stored form and the lease etcd has it on.
+async fn temp_key_on_lease(
+    a: &EtcdKvs,
+    raw: &mut etcd_client::Client,
+    store: &TestStore,
+    name: &str,
+) -> (String, i64) {
+    a.temp_key(name).await.expect("A's temp key");
+    let key = format!("{}{name}", store.prefix());
+    let lease = lease_of(raw, &key).await.expect("A's temp key is there");
+    (key, lease)
 }
 
 async fn raw(endpoints: &str) -> etcd_client::Client {
@@ -821,11 +835,7 @@ async fn refused_temp_put(endpoints: String, store: TestStore) {
     .await
     .expect("open A");
     let mut raw = raw(&endpoints).await;
-    a.temp_key("kept").await.expect("A's temp key");
-    let kept = format!("{}kept", store.prefix());
-    let lease = lease_of(&mut raw, &kept)
-        .await
-        .expect("A's temp key is there");
+    let (kept, lease) = temp_key_on_lease(&a, &mut raw, &store, "kept").await;
     let big = "x".repeat(2 * 1024 * 1024);
     let refused = tokio::time::timeout(Duration::from_secs(10), a.store_temp("big", &big)).await;
     let refused = refused.expect("a refused temp put must fail, not retry for ever");
@@ -873,9 +883,14 @@ async fn calls_during_a_lease_change(endpoints: String, store: TestStore) {
     let points = a.pause_points();
     points.hold(PausePoint::LeaseGrant);
     points.hold(PausePoint::KeepAliveRenewal);
-    tokio::time::timeout(LEASE_TTL * 2, points.arrivals(PausePoint::LeaseGrant, 1))
-        .await
-        .expect("A counted its lease lost once its validity ran out");
+    arrivals(
+        &a,
+        PausePoint::LeaseGrant,
+        1,
+        LEASE_TTL * 2,
+        "A counted its lease lost once its validity ran out",
+    )
+    .await;
     assert!(
         lease_alive(&mut raw, lost).await,
         "etcd still keeps A's lease (counted lost, not yet revoked)"
@@ -1153,20 +1168,19 @@ async fn grant_racing_close(endpoints: String, store: TestStore) {
         .await
         .expect("open A"),
     );
-    a.temp_key("racing/grant").await.expect("A's temp key");
-    let lease = lease_of(&mut raw, &format!("{}racing/grant", store.prefix()))
-        .await
-        .expect("A's temp key is there");
+    let (_, lease) = temp_key_on_lease(&a, &mut raw, &store, "racing/grant").await;
     let points = a.pause_points();
     points.hold(PausePoint::LeaseGrant);
     revoke(&mut raw, lease).await;
     // A's next keep-alive (a third of the TTL) finds the lease gone.
-    tokio::time::timeout(
+    arrivals(
+        &a,
+        PausePoint::LeaseGrant,
+        1,
         Duration::from_secs(8),
-        points.arrivals(PausePoint::LeaseGrant, 1),
+        "A took its lease for lost",
     )
-    .await
-    .expect("A took its lease for lost");
+    .await;
     let closing = tokio::spawn({
         let a = Arc::clone(&a);
         async move { a.close().await }
@@ -1193,19 +1207,10 @@ async fn grant_racing_close(endpoints: String, store: TestStore) {
 async fn reported_loss(endpoints: String, store: TestStore) {
     let mut raw = raw(&endpoints).await;
     let a = open_a(&endpoints, &store).await;
-    a.temp_key("reported/first").await.expect("A's temp key");
-    let lease = lease_of(&mut raw, &format!("{}reported/first", store.prefix()))
-        .await
-        .expect("A's temp key is there");
+    let (_, lease) = temp_key_on_lease(&a, &mut raw, &store, "reported/first").await;
     let points = a.pause_points();
-    points.hold(PausePoint::KeepAliveRenewal);
     // The renewal is due: A's lease is valid for 1.75 s more in A's eyes.
-    tokio::time::timeout(
-        LEASE_TTL * 2,
-        points.arrivals(PausePoint::KeepAliveRenewal, 1),
-    )
-    .await
-    .expect("A's renewal");
+    hold_renewals(&a, LEASE_TTL).await;
     revoke(&mut raw, lease).await;
     let began = Instant::now();
     let put = a.temp_key("reported/second").await;
@@ -1242,20 +1247,10 @@ async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
     let mut raw = raw(&endpoints).await;
     let proxy = ok(FaultProxy::start(&endpoints).await);
     let a = open_a(proxy.endpoint(), &store).await;
-    a.temp_key("reopen/key").await.expect("A's temp key");
-    let key = format!("{}reopen/key", store.prefix());
-    let lease = lease_of(&mut raw, &key)
-        .await
-        .expect("A's temp key is there");
+    let (key, lease) = temp_key_on_lease(&a, &mut raw, &store, "reopen/key").await;
     let guard = a.lock("reopen").await.expect("A takes the lock");
     let points = a.pause_points();
-    points.hold(PausePoint::KeepAliveRenewal);
-    tokio::time::timeout(
-        LEASE_TTL * 2,
-        points.arrivals(PausePoint::KeepAliveRenewal, 1),
-    )
-    .await
-    .expect("A's renewal");
+    hold_renewals(&a, LEASE_TTL).await;
     // 1.75 s of validity left: an outage of 0.8 s, during which the renewal finds the stream
     // broken and the stream is opened again (and again).
     proxy.refuse();
@@ -1286,19 +1281,9 @@ async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
 async fn revoke_noticed_at_the_next_keep_alive(endpoints: String, store: TestStore) {
     let mut raw = raw(&endpoints).await;
     let a = open_a(&endpoints, &store).await;
-    a.temp_key("noticed/key").await.expect("A's temp key");
-    let key = format!("{}noticed/key", store.prefix());
-    let lease = lease_of(&mut raw, &key)
-        .await
-        .expect("A's temp key is there");
+    let (key, lease) = temp_key_on_lease(&a, &mut raw, &store, "noticed/key").await;
     let points = a.pause_points();
-    points.hold(PausePoint::KeepAliveRenewal);
-    tokio::time::timeout(
-        LEASE_TTL * 2,
-        points.arrivals(PausePoint::KeepAliveRenewal, 1),
-    )
-    .await
-    .expect("A's renewal");
+    hold_renewals(&a, LEASE_TTL).await;
     revoke(&mut raw, lease).await;
     let revoked = Instant::now();
     points.open(PausePoint::KeepAliveRenewal);
@@ -1335,20 +1320,18 @@ async fn revoke_noticed_at_the_next_keep_alive(endpoints: String, store: TestSto
 async fn restore_finds_its_lease_gone(endpoints: String, store: TestStore) {
     let mut raw = raw(&endpoints).await;
     let a = open_a(&endpoints, &store).await;
-    a.temp_key("regone/key").await.expect("A's temp key");
-    let key = format!("{}regone/key", store.prefix());
-    let first = lease_of(&mut raw, &key)
-        .await
-        .expect("A's temp key is there");
+    let (key, first) = temp_key_on_lease(&a, &mut raw, &store, "regone/key").await;
     let points = a.pause_points();
     points.hold(PausePoint::RestoreTempKeys);
     revoke(&mut raw, first).await;
-    tokio::time::timeout(
+    arrivals(
+        &a,
+        PausePoint::RestoreTempKeys,
+        1,
         LEASE_TTL * 2,
-        points.arrivals(PausePoint::RestoreTempKeys, 1),
+        "A's restore after the first revoke",
     )
-    .await
-    .expect("A's restore after the first revoke");
+    .await;
     points.hold(PausePoint::KeepAliveRenewal);
     // A's new lease: the one a temp put of A's goes on now.
     a.temp_key("regone/probe")
@@ -1394,11 +1377,7 @@ async fn failed_lock_attempt_costs_no_lease(endpoints: String, store: TestStore)
     let mut raw = raw(&endpoints).await;
     let proxy = ok(FaultProxy::start(&endpoints).await);
     let a = open_a(proxy.endpoint(), &store).await;
-    a.temp_key("attempt/key").await.expect("A's temp key");
-    let key = format!("{}attempt/key", store.prefix());
-    let lease = lease_of(&mut raw, &key)
-        .await
-        .expect("A's temp key is there");
+    let (key, lease) = temp_key_on_lease(&a, &mut raw, &store, "attempt/key").await;
     let kept = a.lock("attempt/kept").await.expect("A takes a lock");
     proxy.refuse();
     let attempt = a
