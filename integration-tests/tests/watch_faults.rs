@@ -25,7 +25,7 @@ use futures::StreamExt;
 use hmetcd_core::watch::WatchEnd;
 use hmetcd_core::{Error, KeyChange, Kvi, WatchEvent, WatchStream};
 use hmetcd_etcd::EtcdKvs;
-use integration_tests::etcd_server::{raw_client, EtcdServer};
+use integration_tests::etcd_server::{raw_client, server_metric, EtcdServer};
 use integration_tests::faults::proxy::FaultProxy;
 use integration_tests::faults::runner::{run_fault_binary, EtcdTrials};
 use integration_tests::TestStore;
@@ -94,6 +94,16 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             "quiet_key_watch_resumes_after_reconnect_past_compaction",
             40,
             |e, s| Box::pin(quiet_key_resumes(e, s)),
+        )
+        .add(
+            "key_put_while_watched_resumes_after_reconnect_past_compaction",
+            40,
+            |e, s| Box::pin(put_key_resumes(e, s)),
+        )
+        .add(
+            "a_watch_given_up_before_etcd_confirms_it_is_cancelled_on_the_server",
+            30,
+            |e, s| Box::pin(abandoned_watch_cancelled(e, s)),
         )
         .add(
             "absent_key_watch_behind_compaction_reports_compacted_and_why",
@@ -283,6 +293,95 @@ async fn quiet_key_resumes(endpoints: String, store: TestStore) {
         resumed.elapsed().as_millis()
     );
     assert!(reconnects >= 1, "the reconnect was not counted");
+    kv.close().await.expect("close");
+}
+
+/// A watched key that was absent when the watch began and has been put since (the watch
+/// delivered the put), then left alone while the link is cut and the store compacted past the
+/// watch's next revision: the watch knows the key is present, so a read proves nothing was
+/// missed, and it goes on to deliver the key's next change instead of failing with
+/// `Compacted`.
+async fn put_key_resumes(endpoints: String, store: TestStore) {
+    let (proxy, kv, mut raw) = behind_proxy(&endpoints, &store).await;
+    let mut stream = kv.watch_stream("late").await.expect("watch_stream");
+    let first = raw_put(&mut raw, &store, "late", "1").await;
+    match next_item(&mut stream, Duration::from_secs(10)).await {
+        Ok(event) => assert_eq!((event.value(), event.revision()), (Some("1"), first)),
+        Err(err) => panic!("the watch of an absent key failed at its first put: {err}"),
+    }
+    cut_while(&proxy, async {
+        for i in 0..3 {
+            raw_put(&mut raw, &store, format!("other/{i}"), "x").await;
+        }
+        compact_now(&mut raw).await;
+    })
+    .await;
+    // Time for the watch stream to come back (reconnects back off up to 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = raw_put(&mut raw, &store, "late", "2").await;
+    match next_item(&mut stream, Duration::from_secs(10)).await {
+        Ok(event) => assert_eq!((event.value(), event.revision()), (Some("2"), second)),
+        Err(err) => panic!(
+            "the watch of a key it saw put failed after a reconnect past a compaction \
+             although the key did not change: {err}"
+        ),
+    }
+    kv.close().await.expect("close");
+}
+
+/// etcd's gauge of the watchers it keeps, over all its watch streams.
+const ETCD_WATCHERS: &str = "etcd_debugging_mvcc_watcher_total";
+
+/// Watches whose callers gave up (their futures dropped) after the create requests were sent
+/// but before etcd's confirmations came back, on a link frozen in between: when the
+/// confirmations arrive, the handle cancels those watches, so etcd keeps no watcher (and
+/// sends no events) for a watch nobody reads. etcd's own watcher gauge comes back to where it
+/// was.
+async fn abandoned_watch_cancelled(endpoints: String, store: TestStore) {
+    let (proxy, kv, mut raw) = behind_proxy(&endpoints, &store).await;
+    let revision = raw_put(&mut raw, &store, "abandoned/0", "x").await;
+    // The handle's watch stream is open before the freeze, so the creates go out on it.
+    let anchor = kv
+        .watch_prefix_from("anchor/", revision)
+        .await
+        .expect("watch_prefix_from");
+    let before = ok(server_metric(&endpoints, ETCD_WATCHERS).await);
+    proxy.freeze();
+    for i in 0..3 {
+        let prefix = format!("abandoned/{i}");
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(200),
+            kv.watch_prefix_from(&prefix, revision),
+        )
+        .await;
+        assert!(
+            given_up.is_err(),
+            "a watch was confirmed through a frozen link"
+        );
+    }
+    proxy.resume();
+    // etcd answers creates in order: once a later watch is confirmed, the three given up have
+    // been confirmed and handled before it.
+    let later = kv
+        .watch_prefix_from("later/", revision)
+        .await
+        .expect("a watch after the link came back");
+    drop(later);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = ok(server_metric(&endpoints, ETCD_WATCHERS).await);
+        if now <= before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd keeps {} more watchers than before the watches given up (3) and the later \
+             one: they were never cancelled",
+            now - before
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(anchor);
     kv.close().await.expect("close");
 }
 

@@ -411,6 +411,43 @@ pub async fn lease_of(raw: &mut etcd_client::Client, key: &str) -> Option<i64> {
     answer.kvs().first().map(|kv| kv.lease())
 }
 
+/// The value of one of etcd's own Prometheus figures (a gauge or a counter without labels,
+/// e.g. `etcd_debugging_mvcc_watcher_total`), read from `/metrics` on the first of
+/// `endpoints` (comma-separated `http://host:port`) with a plain HTTP/1.0 request.
+pub async fn server_metric(endpoints: &str, name: &str) -> Result<f64, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let first = endpoints.split(',').next().unwrap_or_default().trim();
+    let address = first
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("server_metric needs an http:// endpoint, not {first:?}"))?
+        .trim_end_matches('/');
+    let scrape = async {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|err| format!("connecting to {address} for /metrics: {err}"))?;
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|err| format!("asking {address} for /metrics: {err}"))?;
+        let mut body = Vec::new();
+        stream
+            .read_to_end(&mut body)
+            .await
+            .map_err(|err| format!("reading /metrics from {address}: {err}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&body).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), scrape)
+        .await
+        .map_err(|_| format!("reading /metrics from {address} timed out"))??;
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.trim().parse::<f64>().ok()
+        })
+        .ok_or_else(|| format!("{address}/metrics has no figure {name}"))
+}
+
 /// The static etcd binary to build a container image from: `HMETCD_ETCD_BIN`, or a known
 /// install path that `scripts/install-etcd.sh` fills.
 fn container_binary() -> Option<PathBuf> {
