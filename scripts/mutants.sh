@@ -27,8 +27,9 @@
 #                                                   at /opt/etcd-3.5/etcd): first against
 #                                                   its unit tests and the conformance
 #                                                   suite, then what they missed against the
-#                                                   lease-loss, fault, watch-fault and
-#                                                   test-kit tests; 501 mutants, so split
+#                                                   lease-loss, fault, watch-fault,
+#                                                   test-kit and auth/TLS tests; 501
+#                                                   mutants, so split
 #                                                   the first pass with --shard k/n or --re
 #                                                   (the second takes exactly its misses)
 #   scripts/mutants.sh all                          mem, core and etcd, one after the other
@@ -202,7 +203,10 @@ run_etcd_live() {
     local first=(--lib --test=conformance)
     local first_args=(--skip update_loses_no_write_under_contention
         --skip concurrent_plain_calls_are_linearizable --test-threads 16)
-    local second=(--test=lease_loss --test=faults --test=watch_faults --test=test_kit)
+    # etcd_auth_tls starts members of its own (auth with a short token TTL, TLS): the watch
+    # and lock code's token refresh runs only there.
+    local second=(--test=lease_loss --test=faults --test=watch_faults --test=test_kit
+        --test=etcd_auth_tls)
     local second_args=(--skip fenced_increments_by_4_processes --skip lock_excludes_4_processes)
     if listing "$@"; then
         cargo mutants "${files[@]}" "$@"
