@@ -106,6 +106,16 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(abandoned_watch_cancelled(e, s)),
         )
         .add(
+            "a_watch_stream_reconnects_at_a_measured_pace_while_the_member_is_down",
+            30,
+            |e, s| Box::pin(reconnect_pace(e, s)),
+        )
+        .add(
+            "prefix_watch_that_saw_its_own_prefix_key_put_still_reports_compacted",
+            40,
+            |e, s| Box::pin(prefix_with_its_own_key_compacted(e, s)),
+        )
+        .add(
             "absent_key_watch_behind_compaction_reports_compacted_and_why",
             40,
             |e, s| Box::pin(absent_key_compacted(e, s)),
@@ -382,6 +392,73 @@ async fn abandoned_watch_cancelled(endpoints: String, store: TestStore) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(anchor);
+    kv.close().await.expect("close");
+}
+
+/// How long the member stays down in [`reconnect_pace`].
+const DOWN: Duration = Duration::from_secs(3);
+/// The most connections one handle with one watch may open in [`DOWN`] while every attempt
+/// is refused at once. Its watch stream backs off (doubling pauses up to 2 s); so do its
+/// lease's keep-alives. A client that retried without pausing would open thousands.
+const MOST_ATTEMPTS_WHILE_DOWN: u64 = 40;
+
+/// A member that is down (every connection closed as soon as it is opened) for [`DOWN`]: the
+/// handle's watch stream tries again at a measured pace, not in a tight loop, and once the
+/// member is back the watch reconnects and delivers the next change.
+async fn reconnect_pace(endpoints: String, store: TestStore) {
+    let (proxy, kv, mut raw) = behind_proxy(&endpoints, &store).await;
+    let mut stream = kv.watch_stream("paced").await.expect("watch_stream");
+    let before = proxy.connections();
+    proxy.refuse();
+    tokio::time::sleep(DOWN).await;
+    let attempts = proxy.connections() - before;
+    proxy.resume();
+    eprintln!(
+        "watch_faults: the handle opened {attempts} connections in {} s of a member refusing them",
+        DOWN.as_secs()
+    );
+    assert!(
+        attempts <= MOST_ATTEMPTS_WHILE_DOWN,
+        "{attempts} connection attempts in {DOWN:?} of a member that is down: no backoff"
+    );
+    assert!(
+        attempts >= 1,
+        "the watch stream never noticed the member was down"
+    );
+    let revision = raw_put(&mut raw, &store, "paced", "1").await;
+    match next_item(&mut stream, Duration::from_secs(10)).await {
+        Ok(event) => assert_eq!((event.value(), event.revision()), (Some("1"), revision)),
+        Err(err) => panic!("the watch failed after the member came back: {err}"),
+    }
+    kv.close().await.expect("close");
+}
+
+/// A prefix watch whose last event put the key named exactly as the prefix, behind a
+/// compaction that hides the put of another key under the prefix: that one key's read proves
+/// nothing about the others, so the watch reports `Compacted` rather than resuming past the
+/// lost put.
+async fn prefix_with_its_own_key_compacted(endpoints: String, store: TestStore) {
+    let (proxy, kv, mut raw) = behind_proxy(&endpoints, &store).await;
+    let mut stream = kv.watch_prefix("p3/").await.expect("watch_prefix");
+    let own = raw_put(&mut raw, &store, "p3/", "the prefix key").await;
+    match next_item(&mut stream, Duration::from_secs(10)).await {
+        Ok(event) => assert_eq!((event.key(), event.revision()), ("p3/", own)),
+        Err(err) => panic!("the prefix watch failed at its first put: {err}"),
+    }
+    cut_while(&proxy, async {
+        raw_put(&mut raw, &store, "p3/other", "lost to compaction").await;
+        raw_put(&mut raw, &store, "elsewhere", "x").await;
+        compact_now(&mut raw).await;
+    })
+    .await;
+    match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(Err(Error::Compacted { key, .. }))) => assert_eq!(key, "p3/"),
+        Ok(other) => panic!("expected Compacted, got {other:?}"),
+        Err(_) => panic!(
+            "the prefix watch resumed past a compaction that hid the put of p3/other, \
+             reporting nothing"
+        ),
+    }
     kv.close().await.expect("close");
 }
 

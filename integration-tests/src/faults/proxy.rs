@@ -3,6 +3,7 @@
 //! client gave up on it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,6 +38,8 @@ pub struct FaultProxy {
     endpoint: String,
     gate: Arc<watch::Sender<Gate>>,
     stranded: Arc<Mutex<Vec<Stranded>>>,
+    /// Connections accepted so far, refused ones included.
+    accepted: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -65,16 +68,19 @@ impl FaultProxy {
         });
         let gate = Arc::new(gate);
         let stranded = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicU64::new(0));
         let accept = tokio::spawn(accept_loop(
             listener,
             upstream,
             gate.clone(),
             stranded.clone(),
+            accepted.clone(),
         ));
         Ok(FaultProxy {
             endpoint: format!("http://{local}"),
             gate,
             stranded,
+            accepted,
             accept,
         })
     }
@@ -82,6 +88,12 @@ impl FaultProxy {
     /// The endpoint a client behind the proxy connects to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// How many connections clients have opened through the proxy so far, those closed at once
+    /// by [`Self::refuse`] included: how hard a client tries to reconnect.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Stops moving bytes; connections stay open and new ones are accepted but held.
@@ -166,8 +178,10 @@ async fn accept_loop(
     upstream: String,
     gate: Arc<watch::Sender<Gate>>,
     stranded: Arc<Mutex<Vec<Stranded>>>,
+    accepted: Arc<AtomicU64>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
+        accepted.fetch_add(1, Ordering::SeqCst);
         if gate.borrow().refuses {
             drop(client);
             continue;
