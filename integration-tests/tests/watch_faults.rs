@@ -116,6 +116,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(prefix_with_its_own_key_compacted(e, s)),
         )
         .add(
+            "key_changed_at_the_first_revision_the_watch_had_not_seen_reports_compacted",
+            40,
+            |e, s| Box::pin(changed_at_next_compacted(e, s)),
+        )
+        .add(
             "absent_key_watch_behind_compaction_reports_compacted_and_why",
             40,
             |e, s| Box::pin(absent_key_compacted(e, s)),
@@ -457,6 +462,37 @@ async fn prefix_with_its_own_key_compacted(endpoints: String, store: TestStore) 
         Err(_) => panic!(
             "the prefix watch resumed past a compaction that hid the put of p3/other, \
              reporting nothing"
+        ),
+    }
+    kv.close().await.expect("close");
+}
+
+/// A watched key changed while the link is cut, by the very first write after the last
+/// revision the watch had seen, then the store compacted past it: the read after the reconnect
+/// finds the key changed at the first revision the watch still needed, so the watch reports
+/// `Compacted` rather than resuming past the change.
+async fn changed_at_next_compacted(endpoints: String, store: TestStore) {
+    let (proxy, kv, mut raw) = behind_proxy(&endpoints, &store).await;
+    raw_put(&mut raw, &store, "edge", "0").await;
+    let mut stream = kv.watch_stream("edge").await.expect("watch_stream");
+    let mut changed = 0;
+    cut_while(&proxy, async {
+        // Nobody else writes to this store: this put takes the revision right after the
+        // watch's start.
+        changed = raw_put(&mut raw, &store, "edge", "1").await;
+        raw_put(&mut raw, &store, "elsewhere", "x").await;
+        compact_now(&mut raw).await;
+    })
+    .await;
+    match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(Err(Error::Compacted { key, revision, .. }))) => {
+            assert_eq!(key, "edge");
+            assert_eq!(revision, changed, "the first revision the watch needed");
+        }
+        Ok(other) => panic!("expected Compacted, got {other:?}"),
+        Err(_) => panic!(
+            "the watch resumed past a compaction that hid the change of its key at revision \
+             {changed}, reporting nothing"
         ),
     }
     kv.close().await.expect("close");
