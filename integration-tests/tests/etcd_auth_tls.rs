@@ -301,6 +301,23 @@ async fn authentication(bin: PathBuf) {
             panic!("watch_stream outside the prefix: expected PermissionDenied, got {other:?}")
         }
     }
+    // watch_prefix_from reads nothing first: etcd refuses the watch itself. The handle
+    // refreshes its token once (the refusal may be an expired token's) and then fails the
+    // watch, instead of retrying for ever.
+    let from_history = tokio::time::timeout(Duration::from_secs(5), async {
+        match outside.watch_prefix_from("other/", 1).await {
+            Ok(mut stream) => stream.next().await.map(|event| event.map(|_| ())),
+            Err(err) => Some(Err(err)),
+        }
+    })
+    .await
+    .expect("a refused watch_prefix_from neither failed nor ended within 5 s");
+    match from_history {
+        Some(Err(Error::PermissionDenied { .. })) => {}
+        other => {
+            panic!("watch_prefix_from outside the prefix: expected PermissionDenied, got {other:?}")
+        }
+    }
     eprintln!("auth: every request outside {ALLOWED} is PermissionDenied naming its key");
     let _ = outside.close().await;
     refused_call_in_a_batch_fails_alone(&endpoint, base).await;
