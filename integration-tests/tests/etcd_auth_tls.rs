@@ -347,6 +347,17 @@ async fn authentication(bin: PathBuf) {
     let expired = Duration::from_secs(TOKEN_TTL_SECONDS * 2 + 1);
     tokio::time::sleep(expired).await;
     assert!(!waiter.is_finished(), "the lock had two holders");
+    // A new watch before any other request refreshes the token: etcd refuses its create on
+    // the watch stream opened with the expired token, and the handle refreshes the token and
+    // creates it again on a new stream. (watch_prefix_from reads nothing first.)
+    let replayed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut from_history = kv.watch_prefix_from("a", 1).await?;
+        from_history.next().await.unwrap_or(Err(Error::Closed))
+    })
+    .await
+    .expect("a watch created after the token expired: no answer within 5 s")
+    .expect("a watch created after the token expired");
+    assert_eq!(replayed.value(), Some("1"), "{replayed:?}");
 
     assert_eq!(
         kv.get("a").await.expect("get after expiry").as_deref(),
