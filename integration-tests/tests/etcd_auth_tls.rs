@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, ConnectOptions, Identity, Permission, TlsOptions};
 use futures::StreamExt;
-use hmetcd_core::{CompareOp, Error, KeyChange, Kvi, WatchEvent};
+use hmetcd_core::{CompareOp, Error, KeyChange, Kvi, WatchEvent, WatchStream};
 use hmetcd_etcd::EtcdKvs;
 use integration_tests::cluster::{etcd_binary, etcd_version, ClusterSpec, EtcdCluster, ServerTls};
 use integration_tests::run_limited;
@@ -174,6 +174,25 @@ fn assert_denied<T: std::fmt::Debug>(what: &str, key: &str, outcome: hmetcd_core
     }
 }
 
+/// A watch outside the role's prefix fails with `PermissionDenied` within 5 s: from the call
+/// that opens it, or as its stream's first item.
+async fn assert_watch_denied(
+    what: &str,
+    opening: impl std::future::Future<Output = hmetcd_core::Result<WatchStream>>,
+) {
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        match opening.await {
+            Ok(mut stream) => stream.next().await.map(|event| event.map(|_| ())),
+            Err(err) => Some(Err(err)),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a refused {what} neither failed nor ended within 5 s"));
+    if !matches!(first, Some(Err(Error::PermissionDenied { .. }))) {
+        panic!("{what} outside the prefix: expected PermissionDenied, got {first:?}");
+    }
+}
+
 async fn authentication(bin: PathBuf) {
     let spec = ClusterSpec {
         extra_args: vec![format!("--auth-token-ttl={TOKEN_TTL_SECONDS}")],
@@ -287,37 +306,11 @@ async fn authentication(bin: PathBuf) {
         outside.dist_timed_lock(Duration::from_secs(2)).await,
     );
     // A refused watch ends with the error instead of waiting forever.
-    let watched = tokio::time::timeout(Duration::from_secs(5), async {
-        match outside.watch_stream(key).await {
-            Ok(mut stream) => stream.next().await.map(|event| event.map(|_| ())),
-            Err(err) => Some(Err(err)),
-        }
-    })
-    .await
-    .expect("a refused watch_stream neither failed nor ended within 5 s");
-    match watched {
-        Some(Err(Error::PermissionDenied { .. })) => {}
-        other => {
-            panic!("watch_stream outside the prefix: expected PermissionDenied, got {other:?}")
-        }
-    }
+    assert_watch_denied("watch_stream", outside.watch_stream(key)).await;
     // watch_prefix_from reads nothing first: etcd refuses the watch itself. The handle
     // refreshes its token once (the refusal may be an expired token's) and then fails the
     // watch, instead of retrying for ever.
-    let from_history = tokio::time::timeout(Duration::from_secs(5), async {
-        match outside.watch_prefix_from("other/", 1).await {
-            Ok(mut stream) => stream.next().await.map(|event| event.map(|_| ())),
-            Err(err) => Some(Err(err)),
-        }
-    })
-    .await
-    .expect("a refused watch_prefix_from neither failed nor ended within 5 s");
-    match from_history {
-        Some(Err(Error::PermissionDenied { .. })) => {}
-        other => {
-            panic!("watch_prefix_from outside the prefix: expected PermissionDenied, got {other:?}")
-        }
-    }
+    assert_watch_denied("watch_prefix_from", outside.watch_prefix_from("other/", 1)).await;
     eprintln!("auth: every request outside {ALLOWED} is PermissionDenied naming its key");
     let _ = outside.close().await;
     refused_call_in_a_batch_fails_alone(&endpoint, base).await;
