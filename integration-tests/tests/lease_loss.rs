@@ -122,6 +122,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             Box::pin(revoke_noticed_at_the_next_keep_alive(e, s))
         })
         .add(
+            "a_revoke_while_the_keep_alive_stream_is_down_is_noticed_when_it_is_reopened",
+            30,
+            |e, s| Box::pin(revoke_noticed_when_the_keep_alive_stream_is_reopened(e, s)),
+        )
+        .add(
             "a_restore_that_finds_its_new_lease_gone_has_it_replaced_at_once",
             30,
             |e, s| Box::pin(restore_finds_its_lease_gone(e, s)),
@@ -1306,6 +1311,54 @@ async fn revoke_noticed_at_the_next_keep_alive(endpoints: String, store: TestSto
         took < Duration::from_secs(1),
         "the revoke was noticed only after {} (the keep-alive right after it says TTL 0; A's \
          lease was valid 1.75 s more in its eyes)",
+        secs(took)
+    );
+    assert_ne!(back, 0);
+    a.close().await.expect("close A");
+}
+
+/// A lease revoked from outside while the handle's keep-alive stream is down is noticed when
+/// the stream is opened again (etcd answers the reopen "lease not found"), not only when the
+/// lease's validity runs out. Staged with the pause point `KeepAliveRenewal`: while a renewal
+/// is held, with 1.75 s of validity left in A's eyes, the member goes down for A (its
+/// connections refused) and the lease is revoked; the renewal then finds the stream broken,
+/// and the first reopen after the member is back finds the lease gone.
+async fn revoke_noticed_when_the_keep_alive_stream_is_reopened(
+    endpoints: String,
+    store: TestStore,
+) {
+    let mut raw = raw(&endpoints).await;
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = open_a(proxy.endpoint(), &store).await;
+    let (key, lease) = temp_key_on_lease(&a, &mut raw, &store, "reopened/key").await;
+    let points = a.pause_points();
+    hold_renewals(&a, LEASE_TTL).await;
+    let held = Instant::now();
+    proxy.refuse();
+    revoke(&mut raw, lease).await;
+    points.open(PausePoint::KeepAliveRenewal);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.resume();
+    let deadline = held + Duration::from_secs(5);
+    let back = loop {
+        match lease_of(&mut raw, &key).await {
+            Some(now) if now != lease => break now,
+            _ => {
+                assert!(Instant::now() < deadline, "A's temp key never came back");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let took = held.elapsed();
+    eprintln!(
+        "lease_loss: temp key back on a new lease {} after the renewal was held, the lease \
+         revoked while the keep-alive stream was down for 0.30 s",
+        secs(took)
+    );
+    assert!(
+        took < Duration::from_millis(1400),
+        "the revoke was noticed only after {} (the reopened keep-alive stream says \"lease not \
+         found\"; A's lease was valid 1.75 s more in its eyes)",
         secs(took)
     );
     assert_ne!(back, 0);
