@@ -1099,6 +1099,18 @@ async fn strand_after(proxy: &FaultProxy, a: &Arc<EtcdKvs>, marker: &str, send: 
         marked.is_err(),
         "the marker store got through a frozen link: {marked:?}"
     );
+    // A request that A hands to its old connection while that connection is closing fails as
+    // well, before it is sent (`Unavailable`: "operation was canceled", hyper's "connection
+    // closed"), as the contract allows for a call meeting a broken link. Wait until A's
+    // requests get through again, so that what the test does next meets the new connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(err) = a.get(marker).await {
+        assert!(
+            Instant::now() < deadline,
+            "A's requests do not get through after the strand: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Delivers what A sent on its stranded link and waits until etcd has applied it (the marker
