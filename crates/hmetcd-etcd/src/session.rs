@@ -869,4 +869,19 @@ mod tests {
         session.forget_temp_key("q");
         assert!(!session.has_temp_keys.load(Ordering::Acquire));
     }
+
+    #[test]
+    fn forgetting_one_temp_key_keeps_the_others() {
+        let session = Session::new(1, 10, 10, Instant::now());
+        session.remember_temp_key("a", "1");
+        session.remember_temp_key("b", "2");
+        session.forget_temp_key("a");
+        assert!(!session.is_temp_key("a"));
+        assert!(session.is_temp_key("b"), "b was forgotten with a");
+        session.forget_temp_key("never");
+        assert!(session.is_temp_key("b"), "b was forgotten with a key never put");
+        session.forget_temp_key("b");
+        assert!(!session.is_temp_key("b"));
+        assert!(!session.has_temp_keys.load(Ordering::Acquire));
+    }
 }
