@@ -74,6 +74,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |_, s| Box::pin(restore_with_few_txn_ops(s)),
         )
         .add(
+            "temp_keys_come_back_past_one_too_big_to_put_back",
+            60,
+            |_, s| Box::pin(restore_past_a_key_too_big_to_restore(s)),
+        )
+        .add(
             "given_up_timed_lock_during_an_outage_leaves_no_waiter_key",
             60,
             |e, s| Box::pin(given_up_attempt(e, s, GiveUp::Timed)),
@@ -488,6 +493,91 @@ async fn restore_with_few_txn_ops(store: TestStore) {
         "lease_loss: {KEYS} temp keys back {} after the revoke on etcd {} with --max-txn-ops=4",
         secs(revoked.elapsed()),
         etcd_version(&bin)
+    );
+    a.close().await.expect("close A");
+}
+
+/// A temp key whose put just fits etcd's request limit cannot come back after a lease loss: the
+/// guarded put that restores it is a little bigger, and etcd refuses it even alone. The temp
+/// keys after it must still come back. A member of its own with a small request limit
+/// (`--max-request-bytes=16384`); the value's size is found by trying puts on a lease.
+async fn restore_past_a_key_too_big_to_restore(store: TestStore) {
+    const LIMIT: usize = 16 * 1024;
+    let bin = ok(etcd_binary());
+    let mut spec = ClusterSpec::new(1);
+    spec.extra_args.push(format!("--max-request-bytes={LIMIT}"));
+    let server = EtcdCluster::spawn(&bin, spec).expect("start etcd with a small request limit");
+    let endpoints = server.endpoints();
+    ok(wait_ready(&endpoints, Duration::from_secs(20)).await);
+    let mut raw = raw(&endpoints).await;
+    // The largest value a leased put of a key of the same length takes.
+    let probe_lease = raw
+        .lease_grant(60, None)
+        .await
+        .expect("raw lease grant")
+        .id();
+    let probe = format!("{}big/x", store.prefix());
+    let (mut fits, mut refused) = (0, LIMIT);
+    while refused - fits > 1 {
+        let size = (fits + refused) / 2;
+        let options = etcd_client::PutOptions::new().with_lease(probe_lease);
+        match raw.put(probe.as_str(), "v".repeat(size), Some(options)).await {
+            Ok(_) => fits = size,
+            Err(_) => refused = size,
+        }
+    }
+    revoke(&mut raw, probe_lease).await;
+    let a = open_a(&endpoints, &store).await;
+    a.store_temp("big/0", &"v".repeat(fits))
+        .await
+        .expect("a temp key that just fits the request limit");
+    for i in 1..=3 {
+        a.store_temp(&format!("big/{i}"), &format!("v{i}"))
+            .await
+            .expect("store_temp");
+    }
+    let dir = format!("{}big/", store.prefix());
+    let keys = prefix_keys(&mut raw, &dir).await;
+    assert_eq!(keys.len(), 4, "temp keys written: {keys:?}");
+    let lease = keys[0].1;
+    revoke(&mut raw, lease).await;
+    let revoked = Instant::now();
+    let bound = LEASE_TTL + RECOVERY_SLACK;
+    let back = loop {
+        let keys = prefix_keys(&mut raw, &dir).await;
+        let back: Vec<String> = keys
+            .iter()
+            .filter(|(_, on)| *on != lease)
+            .map(|(key, _)| key.trim_start_matches(dir.as_str()).to_owned())
+            .collect();
+        if back.len() == 3 {
+            break back;
+        }
+        assert!(
+            revoked.elapsed() < bound,
+            "temp keys back {} after the revoke: {back:?}; those after a key too big to put back \
+             must come back (etcd {} with --max-request-bytes={LIMIT}, a value of {fits} bytes)",
+            secs(revoked.elapsed()),
+            etcd_version(&bin)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(back, ["1", "2", "3"], "the temp keys back");
+    eprintln!(
+        "lease_loss: 3 temp keys back {} after the revoke, past one of {fits} bytes that etcd {} \
+         with --max-request-bytes={LIMIT} refuses to put back",
+        secs(revoked.elapsed()),
+        etcd_version(&bin)
+    );
+    // The handle goes on: a new temp key, and one more loss, all come back.
+    a.temp_key("big/4").await.expect("a temp key after the restore");
+    let keys = prefix_keys(&mut raw, &dir).await;
+    let lease = keys[0].1;
+    revoke(&mut raw, lease).await;
+    let keys = wait_keys(&mut raw, &dir, 4).await;
+    assert!(
+        keys.iter().all(|(_, on)| *on != lease),
+        "temp keys after a second loss: {keys:?}"
     );
     a.close().await.expect("close A");
 }

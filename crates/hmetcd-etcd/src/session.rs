@@ -635,7 +635,8 @@ async fn restore_session(shared: Arc<Shared>, lease: i64, generation: u64) {
 
 /// Puts every temp key back on `lease` where it is absent, in batches; returns how many it put.
 /// A key present on `lease` is already back (a `temp_key` call did it); a key present otherwise
-/// was written by someone else since, and is theirs.
+/// was written by someone else since, and is theirs. A key etcd refuses to put back even alone
+/// (its value fills the request limit) is given up, with a warning.
 async fn restore_temp_keys(shared: &Shared, lease: i64) -> Result<usize> {
     let keys: Vec<(String, String)> = shared
         .session
@@ -662,11 +663,18 @@ async fn restore_temp_keys(shared: &Shared, lease: i64) -> Result<usize> {
                 );
             }
             None => {
-                return Err(Error::Backend {
-                    operation: "put temp keys back".to_owned(),
-                    reason: "etcd refuses a transaction of a single key".to_owned(),
-                    source: None,
-                })
+                // The key's own put fit etcd's request limit, the guarded put around it does
+                // not: it cannot come back on any lease, and must not keep the keys after it
+                // from coming back.
+                let (key, value) = &batch[0];
+                tracing::warn!(
+                    key = %key,
+                    value_bytes = value.len(),
+                    "etcd refuses to put this temp key back even alone (the request is too large); it stays gone"
+                );
+                shared.session.forget_temp_key(key);
+                rest = after;
+                size = RESTORE_BATCH;
             }
         }
     }
