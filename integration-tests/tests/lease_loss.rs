@@ -119,6 +119,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(reported_loss(e, s)),
         )
         .add(
+            "requests_that_find_the_lease_gone_at_once_cost_one_new_lease",
+            30,
+            |e, s| Box::pin(reports_of_one_loss(e, s)),
+        )
+        .add(
             "a_keep_alive_stream_broken_by_a_short_outage_is_reopened_and_keeps_the_lease",
             30,
             |e, s| Box::pin(keep_alive_reopened_after_a_cut(e, s)),
@@ -1330,6 +1335,47 @@ async fn reported_loss(endpoints: String, store: TestStore) {
         back[0].1, now,
         "A's first temp key is back on the new lease"
     );
+    a.close().await.expect("close A");
+}
+
+/// Several requests that find the lease gone at once each report it: the handle takes one new
+/// lease for them all. A report of a lease already replaced must not cost the new one: its
+/// temp keys would then be taken for someone else's by the next restore, and go with it when
+/// it expires. Staged like the test above, with four temp puts at once.
+async fn reports_of_one_loss(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let a = Arc::new(open_a(&endpoints, &store).await);
+    let (_, lease) = temp_key_on_lease(&a, &mut raw, &store, "reports/first").await;
+    let points = a.pause_points();
+    hold_renewals(&a, LEASE_TTL).await;
+    revoke(&mut raw, lease).await;
+    let puts: Vec<_> = (0..4)
+        .map(|i| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.temp_key(&format!("reports/{i}")).await })
+        })
+        .collect();
+    for put in puts {
+        put.await
+            .expect("temp put task")
+            .expect("A's temp put after the revoke");
+    }
+    points.open(PausePoint::KeepAliveRenewal);
+    // Past the TTL of any lease A took and let go: what is left is what A keeps.
+    tokio::time::sleep(LEASE_TTL + Duration::from_secs(1)).await;
+    let keys = prefix_keys(&mut raw, &format!("{}reports/", store.prefix())).await;
+    assert_eq!(
+        keys.len(),
+        5,
+        "A's temp keys {} after four temp puts found its lease gone: {keys:?}",
+        secs(LEASE_TTL + Duration::from_secs(1))
+    );
+    let now = keys[0].1;
+    assert!(
+        keys.iter().all(|(_, on)| *on == now) && now != lease,
+        "A's temp keys are not all on one new lease: {keys:?}"
+    );
+    assert!(lease_alive(&mut raw, now).await, "A's new lease is gone");
     a.close().await.expect("close A");
 }
 
