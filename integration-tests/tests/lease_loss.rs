@@ -526,7 +526,10 @@ async fn restore_past_a_key_too_big_to_restore(store: TestStore) {
     while refused - fits > 1 {
         let size = (fits + refused) / 2;
         let options = etcd_client::PutOptions::new().with_lease(probe_lease);
-        match raw.put(probe.as_str(), "v".repeat(size), Some(options)).await {
+        match raw
+            .put(probe.as_str(), "v".repeat(size), Some(options))
+            .await
+        {
             Ok(_) => fits = size,
             Err(_) => refused = size,
         }
@@ -575,7 +578,9 @@ async fn restore_past_a_key_too_big_to_restore(store: TestStore) {
         etcd_version(&bin)
     );
     // The handle goes on: a new temp key, and one more loss, all come back.
-    a.temp_key("big/4").await.expect("a temp key after the restore");
+    a.temp_key("big/4")
+        .await
+        .expect("a temp key after the restore");
     let keys = prefix_keys(&mut raw, &dir).await;
     let lease = keys[0].1;
     revoke(&mut raw, lease).await;

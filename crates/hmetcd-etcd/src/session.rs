@@ -887,7 +887,10 @@ mod tests {
         assert!(!session.is_temp_key("a"));
         assert!(session.is_temp_key("b"), "b was forgotten with a");
         session.forget_temp_key("never");
-        assert!(session.is_temp_key("b"), "b was forgotten with a key never put");
+        assert!(
+            session.is_temp_key("b"),
+            "b was forgotten with a key never put"
+        );
         session.forget_temp_key("b");
         assert!(!session.is_temp_key("b"));
         assert!(!session.has_temp_keys.load(Ordering::Acquire));
