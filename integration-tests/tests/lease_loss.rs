@@ -1419,6 +1419,26 @@ async fn keep_alive_reopened_after_a_cut(endpoints: String, store: TestStore) {
     a.close().await.expect("close A");
 }
 
+/// Waits until `key` is on a lease other than `lease` (A put its temp key back on a new one)
+/// and returns that lease; panics 5 s after `since`.
+async fn back_on_another_lease(
+    raw: &mut etcd_client::Client,
+    key: &str,
+    lease: i64,
+    since: Instant,
+) -> i64 {
+    let deadline = since + Duration::from_secs(5);
+    loop {
+        match lease_of(raw, key).await {
+            Some(now) if now != lease => return now,
+            _ => {
+                assert!(Instant::now() < deadline, "A's temp key never came back");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// A lease revoked from outside is noticed at the handle's next keep-alive (etcd answers it
 /// with TTL 0), not only when the lease's validity runs out: the temp keys are back on a new
 /// lease moments after that keep-alive. Staged with the pause point `KeepAliveRenewal`: the
@@ -1433,16 +1453,7 @@ async fn revoke_noticed_at_the_next_keep_alive(endpoints: String, store: TestSto
     revoke(&mut raw, lease).await;
     let revoked = Instant::now();
     points.open(PausePoint::KeepAliveRenewal);
-    let deadline = revoked + Duration::from_secs(5);
-    let back = loop {
-        match lease_of(&mut raw, &key).await {
-            Some(now) if now != lease => break now,
-            _ => {
-                assert!(Instant::now() < deadline, "A's temp key never came back");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let back = back_on_another_lease(&mut raw, &key, lease, revoked).await;
     let took = revoked.elapsed();
     eprintln!(
         "lease_loss: temp key back on a new lease {} after an outside revoke, the keep-alive sent right after it",
@@ -1480,16 +1491,7 @@ async fn revoke_noticed_when_the_keep_alive_stream_is_reopened(
     points.open(PausePoint::KeepAliveRenewal);
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.resume();
-    let deadline = held + Duration::from_secs(5);
-    let back = loop {
-        match lease_of(&mut raw, &key).await {
-            Some(now) if now != lease => break now,
-            _ => {
-                assert!(Instant::now() < deadline, "A's temp key never came back");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let back = back_on_another_lease(&mut raw, &key, lease, held).await;
     let took = held.elapsed();
     eprintln!(
         "lease_loss: temp key back on a new lease {} after the renewal was held, the lease \
