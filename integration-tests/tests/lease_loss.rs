@@ -15,6 +15,7 @@
 //! one worker off.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -447,18 +448,26 @@ async fn recover(
     recovery
 }
 
+/// A one-member etcd of its own, from the etcd binary the cluster tests use (see
+/// `integration_tests::cluster`), started with `flag` and ready; and that binary.
+async fn member_with(flag: String) -> (EtcdCluster, PathBuf) {
+    let bin = ok(etcd_binary());
+    let mut spec = ClusterSpec::new(1);
+    spec.extra_args.push(flag.clone());
+    let server = EtcdCluster::spawn(&bin, spec)
+        .unwrap_or_else(|err| panic!("start etcd with {flag}: {err}"));
+    ok(wait_ready(&server.endpoints(), Duration::from_secs(20)).await);
+    (server, bin)
+}
+
 /// On an etcd that allows few operations per transaction (`--max-txn-ops=4`; the default is
 /// 128), the temp keys still come back after a lease loss: the restore makes its transactions
 /// smaller until etcd takes them. A member of its own, from the etcd binary the cluster tests
 /// use (see `integration_tests::cluster`).
 async fn restore_with_few_txn_ops(store: TestStore) {
     const KEYS: usize = 21;
-    let bin = ok(etcd_binary());
-    let mut spec = ClusterSpec::new(1);
-    spec.extra_args.push("--max-txn-ops=4".to_owned());
-    let server = EtcdCluster::spawn(&bin, spec).expect("start etcd with --max-txn-ops=4");
+    let (server, bin) = member_with("--max-txn-ops=4".to_owned()).await;
     let endpoints = server.endpoints();
-    ok(wait_ready(&endpoints, Duration::from_secs(20)).await);
     let a = open_a(&endpoints, &store).await;
     let mut raw = raw(&endpoints).await;
     for i in 0..KEYS {
@@ -508,12 +517,8 @@ async fn restore_with_few_txn_ops(store: TestStore) {
 /// (`--max-request-bytes=16384`); the value's size is found by trying puts on a lease.
 async fn restore_past_a_key_too_big_to_restore(store: TestStore) {
     const LIMIT: usize = 16 * 1024;
-    let bin = ok(etcd_binary());
-    let mut spec = ClusterSpec::new(1);
-    spec.extra_args.push(format!("--max-request-bytes={LIMIT}"));
-    let server = EtcdCluster::spawn(&bin, spec).expect("start etcd with a small request limit");
+    let (server, bin) = member_with(format!("--max-request-bytes={LIMIT}")).await;
     let endpoints = server.endpoints();
-    ok(wait_ready(&endpoints, Duration::from_secs(20)).await);
     let mut raw = raw(&endpoints).await;
     // The largest value a leased put of a key of the same length takes.
     let probe_lease = raw
@@ -1367,13 +1372,14 @@ async fn reports_of_one_loss(endpoints: String, store: TestStore) {
     }
     points.open(PausePoint::KeepAliveRenewal);
     // Past the TTL of any lease A took and let go: what is left is what A keeps.
-    tokio::time::sleep(LEASE_TTL + Duration::from_secs(1)).await;
+    let settle = LEASE_TTL + Duration::from_secs(1);
+    tokio::time::sleep(settle).await;
     let keys = prefix_keys(&mut raw, &format!("{}reports/", store.prefix())).await;
     assert_eq!(
         keys.len(),
         5,
         "A's temp keys {} after four temp puts found its lease gone: {keys:?}",
-        secs(LEASE_TTL + Duration::from_secs(1))
+        secs(settle)
     );
     let now = keys[0].1;
     assert!(
