@@ -143,6 +143,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             |e, s| Box::pin(restore_finds_its_lease_gone(e, s)),
         )
         .add(
+            "a_failed_revoke_of_a_lease_counted_lost_is_tried_again_before_the_temp_keys_go_back",
+            30,
+            |e, s| Box::pin(failed_revoke_of_a_lost_lease(e, s)),
+        )
+        .add(
             "a_lock_attempt_that_fails_on_a_down_member_costs_no_lease",
             30,
             |e, s| Box::pin(failed_lock_attempt_costs_no_lease(e, s)),
@@ -1569,6 +1574,75 @@ async fn restore_finds_its_lease_gone(endpoints: String, store: TestStore) {
         secs(took)
     );
     assert_ne!(third, 0);
+    a.close().await.expect("close A");
+}
+
+/// A lease the handle counted lost without etcd saying so may still hold its temp keys in
+/// etcd: it is revoked before they go back on the new lease, and a revoke that fails is tried
+/// again, not counted done. Counted done, the restore would find each temp key on the old
+/// lease, take it for someone else's write, and let it go with that lease. Staged with pause
+/// points: A's renewals are held, so that A counts its lease lost while the test keeps it
+/// alive in etcd (a link that drops only A's keep-alives); A's first revoke of it is let go
+/// while A's member is down for it (every connection refused), and its restore is held until
+/// the member is back.
+async fn failed_revoke_of_a_lost_lease(endpoints: String, store: TestStore) {
+    let mut raw = raw(&endpoints).await;
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = open_a(proxy.endpoint(), &store).await;
+    let (key, lost) = temp_key_on_lease(&a, &mut raw, &store, "unrevoked/key").await;
+    let (mut keeper, mut answers) = raw
+        .lease_keep_alive(lost)
+        .await
+        .unwrap_or_else(|err| panic!("raw keep-alive of lease {lost:x}: {err}"));
+    let kept_alive = tokio::spawn(async move {
+        loop {
+            if keeper.keep_alive().await.is_err() {
+                return;
+            }
+            match answers.message().await {
+                Ok(Some(answer)) if answer.ttl() > 0 => {}
+                _ => return,
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let points = a.pause_points();
+    points.hold(PausePoint::LostLeaseRevoke);
+    points.hold(PausePoint::RestoreTempKeys);
+    hold_renewals(&a, LEASE_TTL).await;
+    arrivals(
+        &a,
+        PausePoint::LostLeaseRevoke,
+        1,
+        LEASE_TTL * 2,
+        "A's revoke of the lease it counted lost",
+    )
+    .await;
+    // A's new lease is renewed from now on.
+    points.open(PausePoint::KeepAliveRenewal);
+    proxy.refuse();
+    points.pass_one(PausePoint::LostLeaseRevoke);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        lease_alive(&mut raw, lost).await,
+        "A revoked its lost lease with every connection refused: the test staged nothing"
+    );
+    proxy.resume();
+    let resumed = Instant::now();
+    points.open(PausePoint::LostLeaseRevoke);
+    points.open(PausePoint::RestoreTempKeys);
+    let back = back_on_another_lease(&mut raw, &key, lost, resumed).await;
+    eprintln!(
+        "lease_loss: temp key back on a new lease {} after the member was back, A's first revoke \
+         of the lease it counted lost having failed",
+        secs(resumed.elapsed())
+    );
+    assert!(
+        !lease_alive(&mut raw, lost).await,
+        "the lease A counted lost is still alive: A's revoke of it was never tried again"
+    );
+    assert_ne!(back, 0);
+    kept_alive.abort();
     a.close().await.expect("close A");
 }
 

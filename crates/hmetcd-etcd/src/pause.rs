@@ -18,6 +18,9 @@ pub enum PausePoint {
     KeepAliveRenewal,
     /// The lease owner, before each request for a new lease once it counts one lost.
     LeaseGrant,
+    /// The session's restore, before each attempt to revoke a lease it counted lost without
+    /// etcd saying so, or gave up (etcd may still keep it, with the temp keys on it).
+    LostLeaseRevoke,
 }
 
 #[cfg(feature = "pause-points")]

@@ -582,6 +582,7 @@ async fn restore_session(shared: Arc<Shared>, lease: i64, generation: u64) {
         let Some(&old) = locked(&shared.session.unconfirmed).first() else {
             break;
         };
+        shared.pauses.reached(PausePoint::LostLeaseRevoke).await;
         let mut leases = shared.client.lease_client();
         let revoked = match shared.bounded(request, leases.revoke(old)).await {
             Ok(Ok(_)) => true,
