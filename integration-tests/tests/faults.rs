@@ -105,6 +105,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         |e, s| Box::pin(late_proclaim(e, s)),
     );
     trials.add(
+        "a_read_right_after_its_connection_breaks_is_sent_again_and_a_write_only_if_it_never_went_out",
+        60,
+        |e, s| Box::pin(calls_right_after_a_break(e, s)),
+    );
+    trials.add(
         "a_lock_is_not_granted_on_a_lease_whose_renewal_is_overdue",
         60,
         |e, s| Box::pin(grant_on_overdue_lease(e, s)),
@@ -1654,4 +1659,97 @@ async fn watch_behind_compaction(endpoints: String, store: TestStore) {
     let called = values(&seen.lock().map(|seen| seen.clone()).unwrap_or_default());
     assert_eq!(called, first, "the callback saw events past the compaction");
     a.close().await.expect("close");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls right after a connection breaks
+
+/// How the test breaks A's connection in one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Break {
+    /// Closes A's side, keeps what A sent (`strand`).
+    Strand,
+    /// Closes every connection, then lets new ones through (`cut`, `resume`).
+    Cut,
+    /// Closes every connection and refuses new ones, then lets them through.
+    Refuse,
+}
+
+/// The first call after A's connection breaks meets the dying connection: hyper drops a
+/// request handed to it before it goes out ("operation was canceled"), and the connection's
+/// broken pipe fails a request that may have gone out. A read is sent again on the new
+/// connection, so it succeeds; a write is sent again only when it never went out (one that may
+/// have gone out could be applied twice, or over a later write), so it may fail, but never for
+/// want of being sent. Rounds of each kind of break, each followed at once by one call: a
+/// `get`, a `get_range` or a `store`, in turn. Without resending, most of these calls failed.
+async fn calls_right_after_a_break(endpoints: String, store: TestStore) {
+    const ROUNDS: usize = 36;
+    let proxy = ok(FaultProxy::start(&endpoints).await);
+    let a = EtcdKvs::connect(proxy.endpoint(), &options(&store, Duration::from_secs(3)))
+        .await
+        .expect("open A behind the proxy");
+    a.store("resent/k", "v").await.expect("A stores");
+    let mut failed_reads = Vec::new();
+    let mut unsent_writes = Vec::new();
+    let mut failed_writes = 0;
+    for round in 0..ROUNDS {
+        let how = [Break::Strand, Break::Cut, Break::Refuse][round % 3];
+        match how {
+            Break::Strand => proxy.strand(),
+            Break::Cut => {
+                proxy.cut();
+                proxy.resume();
+            }
+            Break::Refuse => {
+                proxy.refuse();
+                proxy.resume();
+            }
+        }
+        match round / 3 % 3 {
+            0 => {
+                if let Err(err) = a.get("resent/k").await {
+                    failed_reads.push(format!("{how:?} get: {err}"));
+                }
+            }
+            1 => {
+                if let Err(err) = a.get_range("resent/", "resent/z").await {
+                    failed_reads.push(format!("{how:?} get_range: {err}"));
+                }
+            }
+            _ => {
+                if let Err(err) = a.store("resent/k", "v").await {
+                    failed_writes += 1;
+                    if err.to_string().contains("operation was canceled") {
+                        unsent_writes.push(format!("{how:?} store: {err}"));
+                    }
+                }
+            }
+        }
+        // The next round breaks a connection in use.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(err) = a.get("resent/k").await {
+            assert!(
+                Instant::now() < deadline,
+                "A's requests do not get through after the break: {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!(
+        "faults: {} of {} reads right after a break failed; {failed_writes} of {} writes (sent \
+         perhaps), {} never sent",
+        failed_reads.len(),
+        ROUNDS * 2 / 3,
+        ROUNDS / 3,
+        unsent_writes.len()
+    );
+    assert!(
+        failed_reads.is_empty(),
+        "reads right after A's connection broke failed: {failed_reads:#?}"
+    );
+    assert!(
+        unsent_writes.is_empty(),
+        "writes right after A's connection broke failed without being sent: {unsent_writes:#?}"
+    );
+    a.close().await.expect("close A");
 }

@@ -41,6 +41,7 @@ use tokio::sync::oneshot;
 use tonic::Code;
 
 use crate::pool::KvPool;
+use crate::retry::{resending, Resend};
 use crate::server_version::ReadOnlyTxns;
 
 /// Requests of one kind (reads or writes) in flight at once before further ones queue.
@@ -103,13 +104,31 @@ impl PlainOp {
         }
     }
 
-    /// Sends the operation as a request of its own.
-    pub(crate) async fn send_alone(self, kv: &mut KvClient) -> Answer {
-        match self {
-            PlainOp::Get(key) => kv.get(key, None).await.map(TxnOpResponse::Get),
-            PlainOp::Put(key, value) => kv.put(key, value, None).await.map(TxnOpResponse::Put),
-            PlainOp::Delete(key) => kv.delete(key, None).await.map(TxnOpResponse::Delete),
+    /// When the operation may be sent again after its connection failed (see [`resending!`]).
+    pub(crate) fn resend(&self) -> Resend {
+        match self.kind() {
+            Kind::Read => Resend::Read,
+            Kind::Write => Resend::Write,
         }
+    }
+
+    /// Sends the operation as a request of its own, and again if its connection fails under
+    /// it where [`PlainOp::resend`] allows.
+    pub(crate) async fn send_alone(&self, kv: &mut KvClient) -> Answer {
+        resending!(
+            self.resend(),
+            match self {
+                PlainOp::Get(key) => kv.get(key.as_slice(), None).await.map(TxnOpResponse::Get),
+                PlainOp::Put(key, value) => kv
+                    .put(key.as_slice(), value.as_slice(), None)
+                    .await
+                    .map(TxnOpResponse::Put),
+                PlainOp::Delete(key) => kv
+                    .delete(key.as_slice(), None)
+                    .await
+                    .map(TxnOpResponse::Delete),
+            }
+        )
     }
 }
 
@@ -307,9 +326,17 @@ async fn send_batch(inner: Arc<Inner>, batch: Vec<Pending>, lane: Lane) {
     inner
         .batched_ops
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    let ops: Vec<TxnOp> = batch.iter().map(|pending| pending.op.txn_op()).collect();
-    let txn = Txn::new().and_then(ops);
-    let outcome = bounded(&inner, kv.txn(txn)).await;
+    // A batch holds one kind of operation: sent again as a read or a write would be.
+    let resend = batch
+        .first()
+        .map_or(Resend::Write, |pending| pending.op.resend());
+    let sending = async {
+        resending!(resend, {
+            let ops: Vec<TxnOp> = batch.iter().map(|pending| pending.op.txn_op()).collect();
+            kv.txn(Txn::new().and_then(ops)).await
+        })
+    };
+    let outcome = bounded(&inner, sending).await;
     inner.pool.give_back(kv);
     match outcome {
         // Timed out: every caller times out on its own clock, its outcome unknown.

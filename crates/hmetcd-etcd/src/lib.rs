@@ -90,7 +90,7 @@ use hmetcd_core::{
 };
 
 use crate::error::{ErrorContext, Request};
-use crate::retry::AbortOnDrop;
+use crate::retry::{resending, AbortOnDrop, Resend};
 use crate::session::Session;
 
 /// A handle on an etcd cluster, implementing [`Kvi`].
@@ -392,10 +392,15 @@ impl Shared {
         txn: etcd_client::Txn,
     ) -> Result<Result<etcd_client::TxnResponse, etcd_client::Error>> {
         if self.read_only_txns.cancel_safe() {
-            return self.kv_bounded(request, async |kv| kv.txn(txn).await).await;
+            return self
+                .kv_bounded(request, async |kv| {
+                    resending!(Resend::Read, kv.txn(txn.clone()).await)
+                })
+                .await;
         }
         let mut kv = self.kv_pool.take(&self.client);
-        let finishing = tokio::spawn(async move { kv.txn(txn).await });
+        let finishing =
+            tokio::spawn(async move { resending!(Resend::Read, kv.txn(txn.clone()).await) });
         match tokio::time::timeout(self.options.request_timeout, finishing).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(join)) => Err(Error::Backend {
@@ -645,7 +650,7 @@ impl Kvi for EtcdKvs {
                     .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
                 let answer = shared
                     .kv_request(Request::new("transaction on", key), async |kv| {
-                        kv.txn(txn).await
+                        resending!(Resend::Write, kv.txn(txn.clone()).await)
                     })
                     .await?;
                 let written = if answer.succeeded() {
@@ -676,7 +681,7 @@ impl Kvi for EtcdKvs {
                     .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
                 let answer = shared
                     .kv_request(Request::new("test-and-set", key), async |kv| {
-                        kv.txn(txn).await
+                        resending!(Resend::Write, kv.txn(txn.clone()).await)
                     })
                     .await?;
                 if answer.succeeded() {

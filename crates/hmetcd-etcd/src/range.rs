@@ -23,6 +23,7 @@ use tonic::Code;
 
 use crate::error::{revision_of, Request};
 use crate::pool::MAX_RESPONSE_BYTES;
+use crate::retry::{resending, Resend};
 use crate::Shared;
 
 /// Keys the first page asks for: ranges up to this size take one request, as a raw range
@@ -337,7 +338,9 @@ impl Shared {
     async fn count_keys(&self, request: Request<'_>, from: &[u8], end: &[u8]) -> Result<i64> {
         let options = GetOptions::new().with_range(end.to_vec()).with_count_only();
         let answer = self
-            .kv_request(request, async |kv| kv.get(from, Some(options)).await)
+            .kv_request(request, async |kv| {
+                resending!(Resend::Read, kv.get(from, Some(options.clone())).await)
+            })
             .await?;
         Ok(answer.count())
     }
@@ -361,9 +364,8 @@ impl Shared {
             .kv_pool
             .take(&self.client)
             .max_decoding_message_size(decode_limit);
-        let answer = self
-            .bounded(request, Box::pin(kv.get(from, Some(options))))
-            .await;
+        let reading = async { resending!(Resend::Read, kv.get(from, Some(options.clone())).await) };
+        let answer = self.bounded(request, Box::pin(reading)).await;
         // A timed-out request leaves the client fit for the next one.
         self.kv_pool
             .give_back(kv.max_decoding_message_size(MAX_RESPONSE_BYTES));

@@ -1,9 +1,110 @@
-//! Small helpers for background work: backoff between retries, abort-on-drop tasks, shutdown.
+//! Small helpers for retries and background work: sending a request again when its connection
+//! failed under it, backoff between retries, abort-on-drop tasks, shutdown.
 
+use std::error::Error as StdError;
 use std::time::Duration;
 
+use etcd_client::Error as EtcdError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// How many times one call's request is sent again at most (see [`resending!`]).
+const MAX_RESENDS: u32 = 2;
+/// The pause before a request is sent a second time again (the first goes at once).
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
+
+/// When a request that failed before etcd answered may be sent again (see [`resending!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// A read: again whenever the connection failed under it. A read sent twice does no harm.
+    Read,
+    /// A write: again only when it never went out (hyper dropped it before sending it, its
+    /// connection closing). A write whose connection broke after it went out may have been
+    /// applied, and sent again it could be applied twice, or over a later write.
+    Write,
+}
+
+impl Resend {
+    /// Whether a request of this kind that failed with `err` may be sent again.
+    pub(crate) fn allows(self, err: &EtcdError) -> bool {
+        match self {
+            Resend::Read => failed_in_transport(err),
+            Resend::Write => never_sent(err),
+        }
+    }
+}
+
+/// What caused `err`, outermost first (etcd-client's error does not name its source itself).
+fn causes(err: &EtcdError) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+    let first: Option<&(dyn StdError + 'static)> = match err {
+        EtcdError::GRpcStatus(status) => Some(status),
+        EtcdError::TransportError(transport) => Some(transport),
+        EtcdError::IoError(io) => Some(io),
+        _ => None,
+    };
+    std::iter::successors(first, |&cause| cause.source())
+}
+
+/// Whether the request failed in the connection (broken, closed, not made), not by etcd's
+/// answer: a gRPC status that etcd sent has no transport error behind it.
+fn failed_in_transport(err: &EtcdError) -> bool {
+    causes(err).any(|cause| cause.is::<hyper::Error>() || cause.is::<std::io::Error>())
+}
+
+/// Whether hyper dropped the request before it went out on a connection: its connection was
+/// closing ("connection closed") or not ready. etcd never saw it.
+fn never_sent(err: &EtcdError) -> bool {
+    causes(err).any(|cause| {
+        cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+    })
+}
+
+/// Evaluates `$send` (an awaited etcd request, `Result<_, etcd_client::Error>`), and again while
+/// [`Resends::again`] allows for a request of kind `$resend` ([`Resend`]).
+macro_rules! resending {
+    ($resend:expr, $send:expr) => {{
+        let mut resends = $crate::retry::Resends::new($resend);
+        loop {
+            match $send {
+                Err(err) if resends.again(&err).await => {}
+                outcome => break outcome,
+            }
+        }
+    }};
+}
+pub(crate) use resending;
+
+/// One call's budget of resends (see [`resending!`]): the first request after a connection
+/// breaks typically meets the dying connection, and sent again it goes out on a new one. A
+/// member that stays down fails each attempt at once, so the call still fails fast; the caller
+/// bounds the whole by its `request_timeout`.
+#[derive(Debug)]
+pub(crate) struct Resends {
+    resend: Resend,
+    used: u32,
+}
+
+impl Resends {
+    pub(crate) fn new(resend: Resend) -> Self {
+        Resends { resend, used: 0 }
+    }
+
+    /// Whether the request that failed with `err` is to be sent again (at most
+    /// [`MAX_RESENDS`] times, as `resend` allows); pauses first when it is not the first resend.
+    pub(crate) async fn again(&mut self, err: &EtcdError) -> bool {
+        if self.used >= MAX_RESENDS || !self.resend.allows(err) {
+            return false;
+        }
+        tracing::debug!(error = %err, resend = ?self.resend, "the request failed before etcd answered; sending it again");
+        if self.used > 0 {
+            tokio::time::sleep(RESEND_PAUSE).await;
+        }
+        self.used += 1;
+        true
+    }
+}
 
 /// The first pause after a failure.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);

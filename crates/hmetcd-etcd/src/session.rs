@@ -41,7 +41,8 @@ use tokio::time::Instant;
 
 use crate::error::{is_lease_not_found, Request};
 use crate::pause::PausePoint;
-use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff};
+use crate::retry::resending;
+use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff, Resend};
 use crate::{lease_hex, Shared};
 
 /// The value of a `temp_key`, as in the Go package.
@@ -309,7 +310,12 @@ impl Shared {
                 Err(err) => break Err(err),
             };
             let options = PutOptions::new().with_lease(lease);
-            let put = async |kv: &mut KvClient| kv.put(stored.as_str(), value, Some(options)).await;
+            let put = async |kv: &mut KvClient| {
+                resending!(
+                    Resend::Write,
+                    kv.put(stored.as_str(), value, Some(options.clone())).await
+                )
+            };
             match self.kv_bounded(request, put).await {
                 Ok(Ok(_)) => break Ok(()),
                 Ok(Err(err)) if is_lease_not_found(&err) && not.is_none() => {
