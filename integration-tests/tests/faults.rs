@@ -1104,10 +1104,10 @@ async fn strand_after(proxy: &FaultProxy, a: &Arc<EtcdKvs>, marker: &str, send: 
         marked.is_err(),
         "the marker store got through a frozen link: {marked:?}"
     );
-    // A request that A hands to its old connection while that connection is closing fails as
-    // well, before it is sent (`Unavailable`: "operation was canceled", hyper's "connection
-    // closed"), as the contract allows for a call meeting a broken link. Wait until A's
-    // requests get through again, so that what the test does next meets the new connection.
+    // A write that A hands to its old connection while that connection is closing can fail as
+    // well (a broken pipe: it may have gone out, so A does not send it again), as the contract
+    // allows for a call meeting a broken link. Wait until A's requests get through again, so
+    // that what the test does next meets the new connection.
     let deadline = Instant::now() + Duration::from_secs(5);
     while let Err(err) = a.get(marker).await {
         assert!(
@@ -1682,6 +1682,8 @@ enum Break {
 /// have gone out could be applied twice, or over a later write), so it may fail, but never for
 /// want of being sent. Rounds of each kind of break, each followed at once by one call: a
 /// `get`, a `get_range` or a `store`, in turn. Without resending, most of these calls failed.
+/// Why a write that may have gone out is not sent again: the late tests above strand a write
+/// that did go out; sent again, it went through at once and arrived a second time later.
 async fn calls_right_after_a_break(endpoints: String, store: TestStore) {
     const ROUNDS: usize = 36;
     let proxy = ok(FaultProxy::start(&endpoints).await);

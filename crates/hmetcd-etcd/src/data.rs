@@ -22,6 +22,7 @@ use hmetcd_core::{
 
 use crate::error::{is_lease_not_found, revision_of, Request};
 use crate::range::{ReadShape, StoredRange};
+use crate::retry::{resending, Resend};
 use crate::{compare_op, watch, Shared};
 
 /// etcd's refusals of a transaction as a whole, as its error messages say them.
@@ -201,11 +202,14 @@ impl Shared {
             let key = self.prefix.stored("\0");
             let answer = self
                 .kv_request(what, async |kv| {
-                    kv.get(
-                        key.as_bytes(),
-                        Some(etcd_client::GetOptions::new().with_count_only()),
+                    resending!(
+                        Resend::Read,
+                        kv.get(
+                            key.as_bytes(),
+                            Some(etcd_client::GetOptions::new().with_count_only()),
+                        )
+                        .await
                     )
-                    .await
                 })
                 .await?;
             return Ok(ListPage::new(
@@ -235,8 +239,11 @@ impl Shared {
         self.session.forget_temp_prefix(&stored);
         let answer = self
             .kv_request(Request::new("delete prefix", prefix), async |kv| {
-                kv.delete(stored.as_str(), Some(DeleteOptions::new().with_prefix()))
-                    .await
+                resending!(
+                    Resend::Write,
+                    kv.delete(stored.as_str(), Some(DeleteOptions::new().with_prefix()))
+                        .await
+                )
             })
             .await?;
         Ok(answer.deleted().max(0).unsigned_abs())
@@ -268,8 +275,10 @@ impl Shared {
             let answer = if reads_only(&txn) {
                 self.read_only_txn(request, sent).await?
             } else {
-                self.kv_bounded(request, async |kv| kv.txn(sent).await)
-                    .await?
+                self.kv_bounded(request, async |kv| {
+                    resending!(Resend::Write, kv.txn(sent.clone()).await)
+                })
+                .await?
             };
             match answer {
                 Ok(answer) => break (answer, generation),

@@ -169,6 +169,66 @@ pub(crate) async fn pause_unless_shut_down(
 mod tests {
     use super::*;
 
+    fn io(kind: std::io::ErrorKind) -> std::io::Error {
+        std::io::Error::new(kind, "stream closed because of a broken pipe")
+    }
+
+    #[test]
+    fn only_a_read_is_sent_again_after_a_broken_connection() {
+        let broken = [
+            EtcdError::IoError(io(std::io::ErrorKind::BrokenPipe)),
+            // How tonic reports a transport failure: a status with the failure as its source.
+            EtcdError::GRpcStatus(tonic::Status::from_error(Box::new(io(
+                std::io::ErrorKind::BrokenPipe,
+            )))),
+        ];
+        for err in &broken {
+            assert!(Resend::Read.allows(err), "{err}");
+            assert!(!Resend::Write.allows(err), "{err}");
+        }
+        // etcd's own answers are not transport failures, whatever their code.
+        let answered = [
+            EtcdError::GRpcStatus(tonic::Status::unavailable("etcdserver: leader changed")),
+            EtcdError::GRpcStatus(tonic::Status::not_found(
+                "etcdserver: requested lease not found",
+            )),
+            EtcdError::InvalidArgs("bad".to_owned()),
+        ];
+        for err in &answered {
+            assert!(!Resend::Read.allows(err), "{err}");
+            assert!(!Resend::Write.allows(err), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn resends_are_bounded_and_only_the_first_goes_at_once() {
+        let broken = EtcdError::IoError(io(std::io::ErrorKind::BrokenPipe));
+        let mut resends = Resends::new(Resend::Read);
+        let began = std::time::Instant::now();
+        assert!(resends.again(&broken).await);
+        assert!(began.elapsed() < RESEND_PAUSE, "the first resend waited");
+        assert!(resends.again(&broken).await);
+        assert!(
+            began.elapsed() >= RESEND_PAUSE,
+            "the second resend did not wait"
+        );
+        assert!(!resends.again(&broken).await, "a third resend");
+        let mut attempts = 0;
+        let outcome: Result<(), EtcdError> = resending!(Resend::Read, {
+            attempts += 1;
+            Err(EtcdError::IoError(io(std::io::ErrorKind::BrokenPipe)))
+        });
+        assert!(outcome.is_err());
+        assert_eq!(attempts, 1 + MAX_RESENDS);
+        let mut attempts = 0;
+        let outcome: Result<(), EtcdError> = resending!(Resend::Write, {
+            attempts += 1;
+            Err(EtcdError::IoError(io(std::io::ErrorKind::BrokenPipe)))
+        });
+        assert!(outcome.is_err());
+        assert_eq!(attempts, 1, "a write that may have gone out, sent again");
+    }
+
     #[test]
     fn pauses_grow_within_their_bounds_and_vary() {
         let mut pauses = Vec::new();

@@ -41,8 +41,7 @@ use tokio::time::Instant;
 
 use crate::error::{is_lease_not_found, Request};
 use crate::pause::PausePoint;
-use crate::retry::resending;
-use crate::retry::{pause_unless_shut_down, shut_down, AbortOnDrop, Backoff, Resend};
+use crate::retry::{pause_unless_shut_down, resending, shut_down, AbortOnDrop, Backoff, Resend};
 use crate::{lease_hex, Shared};
 
 /// The value of a `temp_key`, as in the Go package.

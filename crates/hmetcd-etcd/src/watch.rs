@@ -79,7 +79,7 @@ use tokio::time::Instant;
 
 use crate::error::{revision_of, ErrorContext, Request};
 use crate::pool::MAX_RESPONSE_BYTES;
-use crate::retry::{shut_down, AbortOnDrop, Backoff};
+use crate::retry::{resending, shut_down, AbortOnDrop, Backoff, Resend};
 use crate::Shared;
 
 /// What a stream watches.
@@ -167,7 +167,10 @@ impl Shared {
         // The count also tells whether the key exists, the watcher's first known state.
         let now = self
             .kv_request(request, async |kv| {
-                kv.get(key, Some(GetOptions::new().with_count_only())).await
+                resending!(
+                    Resend::Read,
+                    kv.get(key, Some(GetOptions::new().with_count_only())).await
+                )
             })
             .await?;
         let present = now.count() > 0;
