@@ -110,6 +110,11 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
         |e, s| Box::pin(calls_right_after_a_break(e, s)),
     );
     trials.add(
+        "a_handle_keeps_no_lock_name_once_its_guards_and_waits_are_gone",
+        60,
+        |e, s| Box::pin(lock_names_return_to_zero(e, s)),
+    );
+    trials.add(
         "a_lock_is_not_granted_on_a_lease_whose_renewal_is_overdue",
         60,
         |e, s| Box::pin(grant_on_overdue_lease(e, s)),
@@ -1754,4 +1759,58 @@ async fn calls_right_after_a_break(endpoints: String, store: TestStore) {
         "writes right after A's connection broke failed without being sent: {unsent_writes:#?}"
     );
     a.close().await.expect("close A");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bookkeeping
+
+/// What a handle keeps per lock name (a local mutex) goes once no guard, lock wait or
+/// background delete of the handle needs it: after an unlock, a dropped guard, `dist_unlock`,
+/// a timed-out wait and an aborted one. A leak there grows with every lock name a service ever
+/// uses, and no call shows it.
+async fn lock_names_return_to_zero(endpoints: String, store: TestStore) {
+    let a = Arc::new(
+        EtcdKvs::connect(&endpoints, &options(&store, Duration::from_secs(2)))
+            .await
+            .expect("open A"),
+    );
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    a.lock("names/unlocked")
+        .await
+        .expect("A locks")
+        .unlock()
+        .await
+        .expect("A unlocks");
+    drop(a.lock("names/dropped").await.expect("A locks"));
+    a.dist_lock().await.expect("A's dist_lock");
+    a.dist_unlock().await.expect("A's dist_unlock");
+    let held = b.lock("names/busy").await.expect("B locks");
+    let timed_out = a
+        .lock_with(
+            "names/busy",
+            hmetcd_core::LockOptions::new().timeout(Duration::from_millis(300)),
+        )
+        .await;
+    assert!(timed_out.is_err(), "A took a lock B holds: {timed_out:?}");
+    let waiting = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.lock("names/busy").await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.lock_names_in_use(), 1, "A waits for one lock name");
+    waiting.abort();
+    drop(waiting.await);
+    held.unlock().await.expect("B unlocks");
+    // Background deletes (a dropped guard's key, an abandoned wait's) end within a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while a.lock_names_in_use() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "A still keeps {} lock names 3 s after its last guard and wait were gone",
+            a.lock_names_in_use()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.close().await.expect("close A");
+    b.close().await.expect("close B");
 }

@@ -263,6 +263,14 @@ impl EtcdKvs {
         &self.shared.pauses
     }
 
+    /// How many lock names the handle keeps a local mutex for: none once no guard, lock wait
+    /// or background delete of the handle needs one (for tests of its bookkeeping).
+    #[cfg(feature = "pause-points")]
+    #[doc(hidden)]
+    pub fn lock_names_in_use(&self) -> usize {
+        self.shared.lock.local_names()
+    }
+
     /// What coalescing has done on this handle so far; all zero with `coalesce=off`.
     #[doc(hidden)]
     pub fn coalesce_stats(&self) -> CoalesceStats {

@@ -212,6 +212,12 @@ impl LockState {
         Arc::clone(locked(&self.local).entry(name.to_owned()).or_default())
     }
 
+    /// How many names have a local mutex now.
+    #[cfg(feature = "pause-points")]
+    pub(crate) fn local_names(&self) -> usize {
+        locked(&self.local).len()
+    }
+
     /// Drops the local mutex of `name` if nobody holds or waits for it.
     fn forget_local_if_unused(&self, name: &str) {
         let mut local = locked(&self.local);
