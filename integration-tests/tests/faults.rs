@@ -1363,6 +1363,15 @@ async fn late_waiter_put(endpoints: String, store: TestStore) {
     b.close().await.expect("close B");
 }
 
+/// A (an `EtcdKvs`, straight to etcd) and B, both with a 2 s request timeout.
+async fn open_a_and_b(endpoints: &str, store: &TestStore) -> (Arc<EtcdKvs>, Box<dyn Kvi>) {
+    let a = EtcdKvs::connect(endpoints, &options(store, Duration::from_secs(2)))
+        .await
+        .expect("open A");
+    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    (Arc::new(a), b)
+}
+
 /// A lock must not be granted on a lease whose renewal is overdue: such a lease may be counted
 /// lost any moment and revoked, its lock key with it, and the next waiter would take the lock
 /// while its holder had only begun. Staged with the pause point `KeepAliveRenewal`: A's
@@ -1370,12 +1379,7 @@ async fn late_waiter_put(endpoints: String, store: TestStore) {
 /// lease has about half a second of sure validity left (a renewal is overdue after two
 /// thirds of that). A must then hold the lock it gets for longer than that.
 async fn grant_on_overdue_lease(endpoints: String, store: TestStore) {
-    let a = Arc::new(
-        EtcdKvs::connect(&endpoints, &options(&store, Duration::from_secs(2)))
-            .await
-            .expect("open A"),
-    );
-    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let (a, b) = open_a_and_b(&endpoints, &store).await;
     let held = b.lock("overdue").await.expect("B takes the lock");
     let waiting = tokio::spawn({
         let a = Arc::clone(&a);
@@ -1769,12 +1773,7 @@ async fn calls_right_after_a_break(endpoints: String, store: TestStore) {
 /// a timed-out wait and an aborted one. A leak there grows with every lock name a service ever
 /// uses, and no call shows it.
 async fn lock_names_return_to_zero(endpoints: String, store: TestStore) {
-    let a = Arc::new(
-        EtcdKvs::connect(&endpoints, &options(&store, Duration::from_secs(2)))
-            .await
-            .expect("open A"),
-    );
-    let b = store.open_with("request_timeout=2s").await.expect("open B");
+    let (a, b) = open_a_and_b(&endpoints, &store).await;
     a.lock("names/unlocked")
         .await
         .expect("A locks")
