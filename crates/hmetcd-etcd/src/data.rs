@@ -271,12 +271,16 @@ impl Shared {
             } else {
                 (0, 0)
             };
-            let sent = etcd_txn(&txn, &self.prefix, lease);
             let answer = if reads_only(&txn) {
-                self.read_only_txn(request, sent).await?
+                self.read_only_txn(request, etcd_txn(&txn, &self.prefix, lease))
+                    .await?
             } else {
+                // Built for each attempt: a resend needs its own, and the first costs no copy.
                 self.kv_bounded(request, async |kv| {
-                    resending!(Resend::Write, kv.txn(sent.clone()).await)
+                    resending!(
+                        Resend::Write,
+                        kv.txn(etcd_txn(&txn, &self.prefix, lease)).await
+                    )
                 })
                 .await?
             };

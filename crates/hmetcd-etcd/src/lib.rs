@@ -652,13 +652,16 @@ impl Kvi for EtcdKvs {
                     (shared.prefix.apply(then_key), shared.prefix.apply(else_key));
                 // etcd's value comparison on a missing key is false for every operator (there is no
                 // value to compare), which is the contract's rule: one comparison says it all.
-                let txn = Txn::new()
-                    .when([Compare::value(stored.as_str(), compare_op(op), value)])
-                    .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
-                    .or_else([TxnOp::put(else_stored.as_str(), else_value, None)]);
+                // Built for each attempt: a resend needs its own, and the first costs no copy.
+                let txn = || {
+                    Txn::new()
+                        .when([Compare::value(stored.as_str(), compare_op(op), value)])
+                        .and_then([TxnOp::put(then_stored.as_str(), then_value, None)])
+                        .or_else([TxnOp::put(else_stored.as_str(), else_value, None)])
+                };
                 let answer = shared
                     .kv_request(Request::new("transaction on", key), async |kv| {
-                        resending!(Resend::Write, kv.txn(txn.clone()).await)
+                        resending!(Resend::Write, kv.txn(txn()).await)
                     })
                     .await?;
                 let written = if answer.succeeded() {
@@ -680,16 +683,18 @@ impl Kvi for EtcdKvs {
                 check_key("key", key)?;
                 let stored = shared.prefix.apply(key);
                 // A missing key fails the value comparison: test-and-set on it is false.
-                let txn = Txn::new()
-                    .when([Compare::value(
-                        stored.as_str(),
-                        etcd_client::CompareOp::Equal,
-                        test_value,
-                    )])
-                    .and_then([TxnOp::put(stored.as_str(), set_value, None)]);
+                let txn = || {
+                    Txn::new()
+                        .when([Compare::value(
+                            stored.as_str(),
+                            etcd_client::CompareOp::Equal,
+                            test_value,
+                        )])
+                        .and_then([TxnOp::put(stored.as_str(), set_value, None)])
+                };
                 let answer = shared
                     .kv_request(Request::new("test-and-set", key), async |kv| {
-                        resending!(Resend::Write, kv.txn(txn.clone()).await)
+                        resending!(Resend::Write, kv.txn(txn()).await)
                     })
                     .await?;
                 if answer.succeeded() {
