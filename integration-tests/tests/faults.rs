@@ -88,42 +88,42 @@ fn etcd_trials(server: &EtcdServer) -> Vec<Trial> {
             "an_unlock_or_a_lock_wait_in_an_outage_goes_through_once_the_link_is_back",
             60,
             |e, s| Box::pin(unlock_in_an_outage(e, s)),
+        )
+        .add(
+            "lock_key_deletes_that_arrive_late_delete_no_later_hold",
+            60,
+            |e, s| Box::pin(late_lock_key_deletes(e, s)),
+        )
+        .add(
+            "a_lock_wait_given_up_whose_put_arrives_late_blocks_nobody",
+            60,
+            |e, s| Box::pin(late_waiter_put(e, s)),
+        )
+        .add(
+            "a_proclaim_that_arrives_late_undoes_no_later_one",
+            60,
+            |e, s| Box::pin(late_proclaim(e, s)),
+        )
+        .add(
+            "a_read_right_after_its_connection_breaks_is_sent_again_and_a_write_only_if_it_never_went_out",
+            60,
+            |e, s| Box::pin(calls_right_after_a_break(e, s)),
+        )
+        .add(
+            "a_handle_keeps_no_lock_name_once_its_guards_and_waits_are_gone",
+            60,
+            |e, s| Box::pin(lock_names_return_to_zero(e, s)),
+        )
+        .add(
+            "a_lock_is_not_granted_on_a_lease_whose_renewal_is_overdue",
+            60,
+            |e, s| Box::pin(grant_on_overdue_lease(e, s)),
+        )
+        .add(
+            "a_temp_key_restore_that_arrives_late_brings_back_no_deleted_key",
+            60,
+            |e, s| Box::pin(late_restore(e, s)),
         );
-    trials.add(
-        "lock_key_deletes_that_arrive_late_delete_no_later_hold",
-        60,
-        |e, s| Box::pin(late_lock_key_deletes(e, s)),
-    );
-    trials.add(
-        "a_lock_wait_given_up_whose_put_arrives_late_blocks_nobody",
-        60,
-        |e, s| Box::pin(late_waiter_put(e, s)),
-    );
-    trials.add(
-        "a_proclaim_that_arrives_late_undoes_no_later_one",
-        60,
-        |e, s| Box::pin(late_proclaim(e, s)),
-    );
-    trials.add(
-        "a_read_right_after_its_connection_breaks_is_sent_again_and_a_write_only_if_it_never_went_out",
-        60,
-        |e, s| Box::pin(calls_right_after_a_break(e, s)),
-    );
-    trials.add(
-        "a_handle_keeps_no_lock_name_once_its_guards_and_waits_are_gone",
-        60,
-        |e, s| Box::pin(lock_names_return_to_zero(e, s)),
-    );
-    trials.add(
-        "a_lock_is_not_granted_on_a_lease_whose_renewal_is_overdue",
-        60,
-        |e, s| Box::pin(grant_on_overdue_lease(e, s)),
-    );
-    trials.add(
-        "a_temp_key_restore_that_arrives_late_brings_back_no_deleted_key",
-        60,
-        |e, s| Box::pin(late_restore(e, s)),
-    );
     let endpoints = server.endpoints().to_owned();
     let store = TestStore::new(Arc::new(EtcdOpener::on(server)));
     let pauser = server.pauser();
